@@ -1,0 +1,4 @@
+//! The `mail-oauth-exporter` binary: argument parsing, tracing, exit codes.
+#![forbid(unsafe_code)]
+
+fn main() {}
