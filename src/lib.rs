@@ -2,8 +2,10 @@
 //! classified into the contract's reasons, and exported for Prometheus.
 #![forbid(unsafe_code)]
 
+pub mod protocol;
 pub mod reason;
 pub mod secret;
 
+pub use protocol::{Mechanism, Protocol, TlsMode};
 pub use reason::{Reason, Stage};
 pub use secret::Secret;
