@@ -2,6 +2,8 @@
 //! classified into the contract's reasons, and exported for Prometheus.
 #![forbid(unsafe_code)]
 
+pub mod classify;
+pub mod probe;
 pub mod protocol;
 pub mod reason;
 pub mod secret;

@@ -1,0 +1,35 @@
+//! Classification: the one place where a failure becomes a contract [`Reason`].
+//!
+//! Matching is on reply codes and stable words, never on whole lines: real servers vary
+//! the bracketed host names, case and line splitting (../shared/FAILURES.md).
+
+pub mod probe;
+
+use crate::reason::Reason;
+
+/// A reason and the human detail behind it (server reply, challenge JSON, AADSTS code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Classified {
+    pub fn ok() -> Self {
+        Classified {
+            reason: Reason::Ok,
+            detail: String::new(),
+        }
+    }
+}
+
+/// Classifies a probe's outcome.
+pub fn probe_outcome(outcome: &Result<(), crate::probe::ProbeError>) -> Classified {
+    match outcome {
+        Ok(()) => Classified::ok(),
+        Err(e) => Classified {
+            reason: probe::reason(e),
+            detail: e.detail(),
+        },
+    }
+}

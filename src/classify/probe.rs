@@ -1,0 +1,380 @@
+//! Probe failures → reasons of the connect, protocol, auth and post_auth stages.
+
+use crate::probe::{Phase, ProbeError};
+use crate::reason::Reason;
+
+/// The contract reason for a failed probe.
+pub fn reason(e: &ProbeError) -> Reason {
+    match e {
+        ProbeError::Resolve { .. } => Reason::DnsError,
+        ProbeError::Connect { .. } => Reason::ConnectRefused,
+        ProbeError::ConnectTimeout { .. } => Reason::ConnectTimeout,
+        ProbeError::Tls {
+            certificate: true, ..
+        } => Reason::TlsCertificateInvalid,
+        ProbeError::Tls { .. } => Reason::TlsHandshakeFailed,
+        ProbeError::StarttlsUnavailable { .. } => Reason::StarttlsUnavailable,
+        ProbeError::MechanismUnsupported { .. } => Reason::MechanismUnsupported,
+        ProbeError::Timeout { .. } => Reason::Timeout,
+        ProbeError::Closed { .. }
+        | ProbeError::Io { .. }
+        | ProbeError::LineTooLong { .. }
+        | ProbeError::TooMuchData { .. }
+        | ProbeError::Unexpected { .. } => Reason::ProtocolError,
+        ProbeError::Refused { phase, reply, .. } => refusal(*phase, reply),
+    }
+}
+
+/// A server's "no": decided by codes and stable words first, by phase last.
+fn refusal(phase: Phase, reply: &str) -> Reason {
+    let text = reply.to_ascii_lowercase();
+    let has = |w: &str| text.contains(w);
+    // SMTP's three-digit code, when this is an SMTP reply.
+    let code = reply
+        .get(..3)
+        .and_then(|c| c.parse::<u16>().ok())
+        .filter(|_| {
+            reply
+                .as_bytes()
+                .get(3)
+                .is_none_or(|b| *b == b' ' || *b == b'-')
+        });
+
+    // Expiry first: `* BYE ... AccessTokenExpired` wins even after a tagged OK.
+    if has("accesstokenexpired") || has("5.5.127") || has("token will expire") {
+        return Reason::AuthTokenExpired;
+    }
+    if has("5.7.139") {
+        return if has("smtpclientauthentication") {
+            Reason::SmtpAuthDisabled
+        } else {
+            Reason::AuthPolicyBlocked
+        };
+    }
+    // `421 4.7.66 TLS 1.0 and 1.1 are not supported`: the TLS version, not the server.
+    if has("4.7.66") {
+        return Reason::TlsHandshakeFailed;
+    }
+    if has("throttl")
+        || has("[limit]")
+        || has("[in-use]")
+        || code == Some(432)
+        || (code == Some(421) && has("4.7.0"))
+    {
+        return Reason::Throttled;
+    }
+    if has("[unavailable]") || has("[sys/temp]") || code.is_some_and(|c| (400..500).contains(&c)) {
+        return Reason::ServerUnavailable;
+    }
+    match phase {
+        Phase::Greeting => Reason::ServerUnavailable,
+        Phase::Auth => Reason::AuthRejected,
+        Phase::PostAuth => Reason::MailboxUnavailable,
+        Phase::Tls => Reason::StarttlsUnavailable,
+        Phase::Resolve | Phase::Connect | Phase::Capability => Reason::ProtocolError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(phase: Phase, reply: &str) -> Reason {
+        reason(&ProbeError::Refused {
+            phase,
+            reply: reply.into(),
+            challenge: None,
+        })
+    }
+
+    /// Every reply of ../shared/FAILURES.md, with the phase it arrives in, and variants a
+    /// real server sends (another bracketed host, other case, multi-line).
+    #[test]
+    fn every_reply_of_failures_md() {
+        use Phase::*;
+        use Reason::*;
+        let cases: &[(Phase, &str, Reason)] = &[
+            // Exchange Online
+            (Auth, "A01 NO AUTHENTICATE failed.", AuthRejected),
+            (Auth, "a01 no authenticate FAILED.", AuthRejected),
+            (
+                PostAuth,
+                "A02 BAD User is authenticated but not connected.",
+                MailboxUnavailable,
+            ),
+            (
+                PostAuth,
+                "* BYE Session invalidated - AccessTokenExpired",
+                AuthTokenExpired,
+            ),
+            (
+                Auth,
+                "* BYE Session invalidated - AccessTokenExpired",
+                AuthTokenExpired,
+            ),
+            (
+                Auth,
+                "A01 NO Request is throttled. Suggested Backoff Time: 299961 milliseconds",
+                Throttled,
+            ),
+            (
+                PostAuth,
+                "E01 NO Request is throttled. Suggested Backoff Time: 1000 milliseconds",
+                Throttled,
+            ),
+            (
+                Auth,
+                "-ERR Authentication failure: unknown user name or bad password.",
+                AuthRejected,
+            ),
+            (
+                Auth,
+                "535 5.7.3 Authentication unsuccessful [SN2PR00CA0018.namprd00.prod.outlook.com]",
+                AuthRejected,
+            ),
+            (
+                Auth,
+                "535 5.7.3 Authentication unsuccessful [AM0PR01CA0123.eurprd01.prod.exchangelabs.com]",
+                AuthRejected,
+            ),
+            (
+                Auth,
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [host]",
+                SmtpAuthDisabled,
+            ),
+            (
+                Auth,
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [BN8PR12CA0001.namprd12.prod.outlook.com]",
+                SmtpAuthDisabled,
+            ),
+            (
+                Auth,
+                "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator.",
+                AuthPolicyBlocked,
+            ),
+            (
+                Auth,
+                "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.",
+                AuthPolicyBlocked,
+            ),
+            (
+                Auth,
+                "530 5.7.57 Client not authenticated to send mail.",
+                AuthRejected,
+            ),
+            (
+                PostAuth,
+                "530 5.7.57 Client not authenticated to send mail.",
+                MailboxUnavailable,
+            ),
+            (
+                Auth,
+                "451 4.7.0 Temporary server error. Please try again later. PRX4 [host]",
+                ServerUnavailable,
+            ),
+            (
+                Greeting,
+                "421 4.3.2 Service not active [host]",
+                ServerUnavailable,
+            ),
+            (
+                Auth,
+                "421 4.3.2 Service not active [DM6PR02CA0042.namprd02.prod.outlook.com]",
+                ServerUnavailable,
+            ),
+            (
+                Greeting,
+                "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [host]",
+                Throttled,
+            ),
+            (
+                Auth,
+                "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [CH2PR04CA0001.namprd04.prod.outlook.com]",
+                Throttled,
+            ),
+            (
+                Greeting,
+                "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support TLS 1.2. Visit https://aka.ms/smtp_auth_tls. [host]",
+                TlsHandshakeFailed,
+            ),
+            (
+                Auth,
+                "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+                AuthTokenExpired,
+            ),
+            // Gmail
+            (
+                Auth,
+                "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)",
+                AuthRejected,
+            ),
+            (
+                Auth,
+                "535-5.7.8 Username and Password not accepted. For more information, go to\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials x1-20020a05 - gsmtp",
+                AuthRejected,
+            ),
+            (
+                Auth,
+                "454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.",
+                ServerUnavailable,
+            ),
+            (
+                Greeting,
+                "421 4.7.0 Try again later, closing connection.",
+                Throttled,
+            ),
+            (
+                Auth,
+                "421 4.7.0 Try again later, closing connection.",
+                Throttled,
+            ),
+            // Dovecot (issue 5's facts) and RFC 5530 response codes
+            (
+                Auth,
+                "A01 NO [AUTHENTICATIONFAILED] Authentication failed.",
+                AuthRejected,
+            ),
+            (Auth, "-ERR [AUTH] Authentication failed.", AuthRejected),
+            (Auth, "535 5.7.8 Authentication failed.", AuthRejected),
+            (
+                Auth,
+                "A01 NO [UNAVAILABLE] Temporary authentication failure. [host:2026-11-21]",
+                ServerUnavailable,
+            ),
+            (
+                Auth,
+                "-ERR [SYS/TEMP] Temporary authentication failure.",
+                ServerUnavailable,
+            ),
+            (Auth, "A01 NO [LIMIT] Too many connections", Throttled),
+            (Auth, "-ERR [IN-USE] Mailbox locked", Throttled),
+            // Greetings that are not OK
+            (Greeting, "* BYE Server shutting down", ServerUnavailable),
+            (Greeting, "-ERR Server unavailable", ServerUnavailable),
+            (Greeting, "554 5.3.2 Service unavailable", ServerUnavailable),
+            // Post-auth checks that fail
+            (
+                PostAuth,
+                "E01 NO [NONEXISTENT] Mailbox doesn't exist: INBOX",
+                MailboxUnavailable,
+            ),
+            (PostAuth, "-ERR Server Unavailable. 21", MailboxUnavailable),
+            (
+                PostAuth,
+                "421 4.4.2 Connection dropped due to timeout",
+                ServerUnavailable,
+            ),
+            // Capability refused
+            (Capability, "C01 BAD Command Error. 12", ProtocolError),
+            (Capability, "500 5.5.1 Unrecognized command", ProtocolError),
+        ];
+        for (phase, reply, want) in cases {
+            assert_eq!(refused(*phase, reply), *want, "{phase}: {reply}");
+        }
+    }
+
+    #[test]
+    fn non_reply_failures() {
+        use Reason::*;
+        let cases = [
+            (
+                ProbeError::Resolve {
+                    host: "x".into(),
+                    message: "nxdomain".into(),
+                },
+                DnsError,
+            ),
+            (
+                ProbeError::Connect {
+                    addr: "x".into(),
+                    message: "refused".into(),
+                },
+                ConnectRefused,
+            ),
+            (
+                ProbeError::ConnectTimeout { addr: "x".into() },
+                ConnectTimeout,
+            ),
+            (
+                ProbeError::Tls {
+                    certificate: true,
+                    message: "expired".into(),
+                },
+                TlsCertificateInvalid,
+            ),
+            (
+                ProbeError::Tls {
+                    certificate: false,
+                    message: "corrupt".into(),
+                },
+                TlsHandshakeFailed,
+            ),
+            (
+                ProbeError::StarttlsUnavailable {
+                    detail: "no".into(),
+                },
+                StarttlsUnavailable,
+            ),
+            (
+                ProbeError::MechanismUnsupported {
+                    mechanism: "XOAUTH2",
+                    offered: "PLAIN".into(),
+                },
+                MechanismUnsupported,
+            ),
+            (
+                ProbeError::Timeout {
+                    phase: Phase::Greeting,
+                },
+                Timeout,
+            ),
+            (ProbeError::Closed { phase: Phase::Auth }, ProtocolError),
+            (
+                ProbeError::Io {
+                    phase: Phase::Auth,
+                    message: "reset".into(),
+                },
+                ProtocolError,
+            ),
+            (
+                ProbeError::LineTooLong {
+                    phase: Phase::Greeting,
+                    limit: 1,
+                },
+                ProtocolError,
+            ),
+            (
+                ProbeError::TooMuchData {
+                    phase: Phase::Greeting,
+                    limit: 1,
+                },
+                ProtocolError,
+            ),
+            (
+                ProbeError::Unexpected {
+                    phase: Phase::Greeting,
+                    reply: "garbage".into(),
+                },
+                ProtocolError,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(reason(&e), want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn detail_keeps_reply_and_challenge() {
+        let e = ProbeError::Refused {
+            phase: Phase::Auth,
+            reply: "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)".into(),
+            challenge: Some(r#"{"status":"400"}"#.into()),
+        };
+        let c = crate::classify::probe_outcome(&Err(e));
+        assert_eq!(c.reason, Reason::AuthRejected);
+        assert_eq!(
+            c.detail,
+            r#"A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure) (challenge: {"status":"400"})"#
+        );
+    }
+}
