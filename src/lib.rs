@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod config;
 pub mod probe;
 pub mod protocol;
 pub mod reason;

@@ -1,0 +1,540 @@
+//! Configuration in two steps: the YAML file (`raw`, serde with `deny_unknown_fields`) and
+//! the validated runtime [`Config`] every other module uses. Every error names the file,
+//! line, column and field.
+
+mod locate;
+mod raw;
+
+pub use raw::{GrantKind, ProviderKind};
+
+use crate::probe::{Limits, ProbeSpec, Target};
+use crate::protocol::{Mechanism, Protocol, TlsMode};
+use raw::{RawConfig, RawCredential, RawEndpoint, RawMailbox};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9925";
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A config error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The key path, `mailboxes.helpdesk.credential`; empty for file-level errors.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a secret value comes from: never the config file itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// A credential: an OAuth client and grant, or a token file another tool keeps fresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub grant: GrantKind,
+    pub tenant: Option<String>,
+    pub authority: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretSource>,
+    pub client_secret_expires: Option<SystemTime>,
+    pub certificate_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    pub token_url: Option<String>,
+    pub device_authorization_url: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where one protocol of a mailbox is probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub protocol: Protocol,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub source_address: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    pub name: String,
+    pub address: String,
+    pub credential: String,
+    pub mechanism: Mechanism,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// One per configured protocol, in the order imap, pop3, smtp.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Mailbox {
+    pub fn endpoint(&self, protocol: Protocol) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.protocol == protocol)
+    }
+
+    /// The probe of one protocol of this mailbox.
+    pub fn probe_spec(&self, endpoint: &Endpoint) -> ProbeSpec {
+        ProbeSpec {
+            target: Target {
+                protocol: endpoint.protocol,
+                host: endpoint.host.clone(),
+                port: endpoint.port,
+                tls: endpoint.tls,
+                source_address: endpoint.source_address,
+            },
+            user: self.address.clone(),
+            mechanism: self.mechanism,
+            timeout: self.timeout,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub credentials: BTreeMap<String, Credential>,
+    pub mailboxes: BTreeMap<String, Mailbox>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (the name is used in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?
+        };
+        Validator { path, text }.config(raw)
+    }
+
+    /// Checks what only exists outside the file: secret and token files readable,
+    /// environment variables set. Returns every problem, not just the first.
+    pub fn check_files(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let readable = |problems: &mut Vec<String>, what: &str, p: &Path| {
+            if let Err(e) = std::fs::File::open(p) {
+                problems.push(format!("{what} {}: {e}", p.display()));
+            }
+        };
+        if let Some(ca) = &self.ca_file {
+            readable(&mut problems, "tls.ca_file", ca);
+        }
+        for c in self.credentials.values() {
+            match &c.client_secret {
+                Some(SecretSource::File(p)) => readable(
+                    &mut problems,
+                    &format!("credential {}: client_secret_file", c.name),
+                    p,
+                ),
+                Some(SecretSource::Env(v)) if std::env::var_os(v).is_none() => problems.push(
+                    format!("credential {}: client_secret_env {v} is not set", c.name),
+                ),
+                _ => {}
+            }
+            for (what, p) in [
+                ("token_file", &c.token_file),
+                ("certificate_file", &c.certificate_file),
+                ("private_key_file", &c.private_key_file),
+            ] {
+                if let Some(p) = p {
+                    readable(&mut problems, &format!("credential {}: {what}", c.name), p);
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    // serde_yaml prefixes the key path ("mailboxes.helpdesk: unknown field ...") and
+    // appends the position, which we print in front instead.
+    let msg = e.to_string();
+    let msg = msg
+        .rsplit_once(" at line ")
+        .map(|(m, _)| m.to_owned())
+        .unwrap_or(msg);
+    let (field, message) = match msg.split_once(": ") {
+        Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
+        _ => (String::new(), msg),
+    };
+    ConfigError {
+        file: path.to_owned(),
+        line,
+        column,
+        field,
+        message,
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: &[&str], message: impl Into<String>) -> ConfigError {
+        let (line, column) = locate::locate(self.text, field);
+        ConfigError {
+            file: self.path.to_owned(),
+            line,
+            column,
+            field: field.join("."),
+            message: message.into(),
+        }
+    }
+
+    fn duration(&self, field: &[&str], v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                field,
+                format!("`{v}` is not a duration like 30s, 5m, 1h: {e}"),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(field, "must be more than zero"));
+        }
+        Ok(Some(d))
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = match &raw.listen {
+            None => None,
+            Some(l) => Some(l.parse().map_err(|_| {
+                self.err(
+                    &["listen"],
+                    format!("`{l}` is not an address like 0.0.0.0:9925"),
+                )
+            })?),
+        };
+        let defaults = raw.defaults.unwrap_or_default();
+        let interval = self
+            .duration(&["defaults", "interval"], defaults.interval.as_deref())?
+            .unwrap_or(DEFAULT_INTERVAL);
+        let timeout = self
+            .duration(&["defaults", "timeout"], defaults.timeout.as_deref())?
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let mechanism = defaults.mechanism.unwrap_or_default();
+
+        let mut credentials = BTreeMap::new();
+        for (name, c) in raw.credentials {
+            let cred = self.credential(&name, c)?;
+            credentials.insert(name, cred);
+        }
+        let mut mailboxes = BTreeMap::new();
+        for (name, m) in raw.mailboxes {
+            let mb = self.mailbox(&name, m, &credentials, interval, timeout, mechanism)?;
+            mailboxes.insert(name, mb);
+        }
+        Ok(Config {
+            file: self.path.to_owned(),
+            listen,
+            state_dir: raw.state_dir,
+            ca_file: raw.tls.and_then(|t| t.ca_file),
+            credentials,
+            mailboxes,
+        })
+    }
+
+    fn credential(&self, name: &str, c: RawCredential) -> Result<Credential, ConfigError> {
+        let at = |k: &'static str| ["credentials", name, k];
+        if c.client_secret.is_some() {
+            return Err(self.err(
+                &at("client_secret"),
+                "secrets are never written in the config: use client_secret_file or client_secret_env",
+            ));
+        }
+        let client_secret = match (c.client_secret_file, c.client_secret_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    &at("client_secret_env"),
+                    "give client_secret_file or client_secret_env, not both",
+                ));
+            }
+            (Some(f), None) => Some(SecretSource::File(f)),
+            (None, Some(v)) => Some(SecretSource::Env(v)),
+            (None, None) => None,
+        };
+        let client_secret_expires = match &c.client_secret_expires {
+            None => None,
+            Some(d) => Some(parse_date(d).ok_or_else(|| {
+                self.err(
+                    &at("client_secret_expires"),
+                    format!("`{d}` is not a date like 2027-03-01"),
+                )
+            })?),
+        };
+        let provider = c.provider.unwrap_or(ProviderKind::Microsoft);
+        let needs = |k: &'static str, v: &Option<String>| -> Result<(), ConfigError> {
+            match v {
+                Some(s) if !s.trim().is_empty() => Ok(()),
+                _ => Err(self.err(
+                    &at(k),
+                    format!("`{k}` is required for grant {}", c.grant.as_str()),
+                )),
+            }
+        };
+        match c.grant {
+            GrantKind::TokenFile => {
+                if c.token_file.is_none() {
+                    return Err(self.err(&at("grant"), "grant token_file needs `token_file`"));
+                }
+            }
+            GrantKind::ClientCredentials | GrantKind::RefreshToken => {
+                if c.provider.is_none() {
+                    return Err(self.err(
+                        &at("grant"),
+                        "`provider` is required (microsoft, google or generic)",
+                    ));
+                }
+                needs("client_id", &c.client_id)?;
+                match provider {
+                    ProviderKind::Microsoft => needs("tenant", &c.tenant)?,
+                    ProviderKind::Generic => needs("token_url", &c.token_url)?,
+                    ProviderKind::Google => {}
+                }
+                if c.grant == GrantKind::ClientCredentials
+                    && client_secret.is_none()
+                    && c.certificate_file.is_none()
+                {
+                    return Err(self.err(
+                        &at("grant"),
+                        "client_credentials needs client_secret_file, client_secret_env, or certificate_file + private_key_file",
+                    ));
+                }
+                if c.certificate_file.is_some() != c.private_key_file.is_some() {
+                    return Err(self.err(
+                        &at("certificate_file"),
+                        "certificate_file and private_key_file go together",
+                    ));
+                }
+                if c.token_file.is_some() {
+                    return Err(
+                        self.err(&at("token_file"), "token_file is only for grant token_file")
+                    );
+                }
+            }
+        }
+        for (k, v) in [
+            ("authority", &c.authority),
+            ("token_url", &c.token_url),
+            ("device_authorization_url", &c.device_authorization_url),
+        ] {
+            if let Some(u) = v {
+                if !(u.starts_with("https://")
+                    || u.starts_with("http://127.")
+                    || u.starts_with("http://localhost"))
+                {
+                    return Err(self.err(&at(k), format!("`{u}` must be an https:// URL")));
+                }
+            }
+        }
+        Ok(Credential {
+            name: name.to_owned(),
+            provider,
+            grant: c.grant,
+            tenant: c.tenant,
+            authority: c.authority,
+            client_id: c.client_id,
+            client_secret,
+            client_secret_expires,
+            certificate_file: c.certificate_file,
+            private_key_file: c.private_key_file,
+            token_url: c.token_url,
+            device_authorization_url: c.device_authorization_url,
+            scopes: c.scopes,
+            token_file: c.token_file,
+        })
+    }
+
+    fn mailbox(
+        &self,
+        name: &str,
+        m: RawMailbox,
+        credentials: &BTreeMap<String, Credential>,
+        interval: Duration,
+        timeout: Duration,
+        mechanism: Mechanism,
+    ) -> Result<Mailbox, ConfigError> {
+        let at = |k: &'static str| ["mailboxes", name, k];
+        let Some(cred) = credentials.get(&m.credential) else {
+            let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
+            return Err(self.err(
+                &at("credential"),
+                format!(
+                    "no credential named `{}` (configured: {})",
+                    m.credential,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        if !m.address.contains('@') {
+            return Err(self.err(
+                &at("address"),
+                format!("`{}` is not a mail address", m.address),
+            ));
+        }
+        if m.protocols.is_empty() {
+            return Err(self.err(&at("protocols"), "list at least one of imap, pop3, smtp"));
+        }
+        let interval = self
+            .duration(&at("interval"), m.interval.as_deref())?
+            .unwrap_or(interval);
+        let timeout = self
+            .duration(&at("timeout"), m.timeout.as_deref())?
+            .unwrap_or(timeout);
+        if timeout > interval {
+            return Err(self.err(
+                &at("timeout"),
+                format!("timeout {timeout:?} is longer than the interval {interval:?}"),
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for p in Protocol::ALL {
+            let raw = match p {
+                Protocol::Imap => &m.imap,
+                Protocol::Pop3 => &m.pop3,
+                Protocol::Smtp => &m.smtp,
+            };
+            if !m.protocols.contains(&p) {
+                if raw.is_some() {
+                    return Err(self.err(
+                        &["mailboxes", name, p.as_str()],
+                        format!("{p} is configured but not listed in `protocols`"),
+                    ));
+                }
+                continue;
+            }
+            endpoints.push(self.endpoint(
+                name,
+                p,
+                raw.clone().unwrap_or_default(),
+                cred.provider,
+            )?);
+        }
+        Ok(Mailbox {
+            name: name.to_owned(),
+            address: m.address,
+            credential: m.credential,
+            mechanism: m.mechanism.unwrap_or(mechanism),
+            interval,
+            timeout,
+            endpoints,
+        })
+    }
+
+    fn endpoint(
+        &self,
+        mailbox: &str,
+        p: Protocol,
+        e: RawEndpoint,
+        provider: ProviderKind,
+    ) -> Result<Endpoint, ConfigError> {
+        let (default_host, default_tls) = provider_server(provider, p);
+        let tls = e.tls.unwrap_or(default_tls);
+        let host = match (e.host, default_host) {
+            (Some(h), _) if !h.trim().is_empty() => h,
+            (_, Some(h)) => h.to_owned(),
+            _ => {
+                return Err(self.err(
+                    &["mailboxes", mailbox, p.as_str(), "host"],
+                    "`host` is required: the generic provider has no default servers",
+                ));
+            }
+        };
+        Ok(Endpoint {
+            protocol: p,
+            host,
+            port: e.port.unwrap_or_else(|| default_port(p, tls)),
+            tls,
+            source_address: e.source_address,
+        })
+    }
+}
+
+/// The provider's own servers: Exchange Online, Gmail.
+fn provider_server(provider: ProviderKind, p: Protocol) -> (Option<&'static str>, TlsMode) {
+    let host = match (provider, p) {
+        (ProviderKind::Microsoft, Protocol::Imap | Protocol::Pop3) => Some("outlook.office365.com"),
+        (ProviderKind::Microsoft, Protocol::Smtp) => Some("smtp.office365.com"),
+        (ProviderKind::Google, Protocol::Imap) => Some("imap.gmail.com"),
+        (ProviderKind::Google, Protocol::Pop3) => Some("pop.gmail.com"),
+        (ProviderKind::Google, Protocol::Smtp) => Some("smtp.gmail.com"),
+        (ProviderKind::Generic, _) => None,
+    };
+    let tls = match p {
+        Protocol::Smtp => TlsMode::Starttls,
+        _ => TlsMode::Implicit,
+    };
+    (host, tls)
+}
+
+fn default_port(p: Protocol, tls: TlsMode) -> u16 {
+    match (p, tls) {
+        (Protocol::Imap, TlsMode::Implicit) => 993,
+        (Protocol::Imap, TlsMode::Starttls) => 143,
+        (Protocol::Pop3, TlsMode::Implicit) => 995,
+        (Protocol::Pop3, TlsMode::Starttls) => 110,
+        (Protocol::Smtp, TlsMode::Implicit) => 465,
+        (Protocol::Smtp, TlsMode::Starttls) => 587,
+    }
+}
+
+/// `2027-03-01` (midnight UTC) or a full RFC 3339 timestamp.
+fn parse_date(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(&format!("{s} 00:00:00"))
+        .or_else(|_| humantime::parse_rfc3339_weak(s))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! Config validation: defaults filled in, and each error located by file, line, column, field.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("mail.yaml"), text)
+}
+
+fn err(text: &str) -> String {
+    parse(text)
+        .expect_err("config must be rejected")
+        .to_string()
+}
+
+const CONTRACT_SHAPE: &str = "\
+listen: 0.0.0.0:9925
+state_dir: /var/lib/mail-oauth-exporter
+tls:
+  ca_file: /etc/mail-oauth-exporter/ca.pem
+defaults:
+  interval: 5m
+  timeout: 30s
+credentials:
+  contoso-app:
+    provider: microsoft
+    tenant: contoso.onmicrosoft.com
+    client_id: 11111111-2222-3333-4444-555555555555
+    grant: client_credentials
+    client_secret_file: /secrets/contoso-app
+    client_secret_expires: 2027-03-01
+  external:
+    grant: token_file
+    token_file: /run/tokens/helpdesk
+mailboxes:
+  helpdesk:
+    address: helpdesk@contoso.com
+    credential: contoso-app
+    protocols: [imap, pop3, smtp]
+    mechanism: xoauth2
+    interval: 2m
+    imap: { host: outlook.office365.com, port: 993, tls: implicit }
+    pop3: { host: outlook.office365.com, port: 995, tls: implicit }
+    smtp: { host: smtp.office365.com, port: 587, tls: starttls }
+  scanner:
+    address: scanner@contoso.com
+    credential: external
+    protocols: [smtp, imap]
+";
+
+#[test]
+fn the_contracts_example_is_valid_and_defaults_fill_in() {
+    let c = parse(CONTRACT_SHAPE).unwrap();
+    assert_eq!(c.listen, Some("0.0.0.0:9925".parse().unwrap()));
+    let h = &c.mailboxes["helpdesk"];
+    assert_eq!(h.interval, Duration::from_secs(120));
+    assert_eq!(h.timeout, Duration::from_secs(30));
+    assert_eq!(h.endpoints.len(), 3);
+    let s = &c.mailboxes["scanner"];
+    assert_eq!(s.interval, Duration::from_secs(300));
+    // Ordered imap, pop3, smtp whatever the list's order; Exchange Online by default.
+    assert_eq!(
+        s.endpoints,
+        vec![
+            Endpoint {
+                protocol: Protocol::Imap,
+                host: "outlook.office365.com".into(),
+                port: 993,
+                tls: TlsMode::Implicit,
+                source_address: None
+            },
+            Endpoint {
+                protocol: Protocol::Smtp,
+                host: "smtp.office365.com".into(),
+                port: 587,
+                tls: TlsMode::Starttls,
+                source_address: None
+            },
+        ]
+    );
+    let app = &c.credentials["contoso-app"];
+    assert_eq!(
+        app.client_secret,
+        Some(SecretSource::File("/secrets/contoso-app".into()))
+    );
+    assert_eq!(
+        app.client_secret_expires
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        1_803_859_200
+    );
+}
+
+#[test]
+fn google_defaults_and_port_follows_tls_mode() {
+    let c = parse(
+        "credentials:\n  g:\n    provider: google\n    client_id: x\n    grant: refresh_token\n\
+         mailboxes:\n  m:\n    address: a@gmail.com\n    credential: g\n    protocols: [imap, pop3, smtp]\n    imap: { tls: starttls }\n",
+    )
+    .unwrap();
+    let m = &c.mailboxes["m"];
+    assert_eq!(m.endpoint(Protocol::Imap).unwrap().port, 143);
+    assert_eq!(m.endpoint(Protocol::Pop3).unwrap().host, "pop.gmail.com");
+    assert_eq!(m.endpoint(Protocol::Smtp).unwrap().host, "smtp.gmail.com");
+}
+
+#[test]
+fn errors_name_file_line_column_and_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "mailboxes:\n  m:\n    adress: a@b\n",
+            "mail.yaml:3:5: mailboxes.m: unknown field `adress`, expected one of",
+        ),
+        (
+            "credentials:\n  x:\n    grant: token_file\n    token_file: /t\nmailboxes:\n  m:\n    address: a@b.c\n    credential: y\n    protocols: [imap]\n",
+            "mail.yaml:8:5: mailboxes.m.credential: no credential named `y` (configured: x)",
+        ),
+        (
+            "credentials:\n  x:\n    provider: microsoft\n    grant: client_credentials\n    client_id: c\n    tenant: t\n    client_secret: hunter2\n",
+            "mail.yaml:7:5: credentials.x.client_secret: secrets are never written in the config",
+        ),
+        (
+            "defaults:\n  interval: often\n",
+            "mail.yaml:2:3: defaults.interval: `often` is not a duration",
+        ),
+        (
+            "credentials:\n  x:\n    provider: generic\n    token_url: https://idp/token\n    client_id: c\n    grant: refresh_token\nmailboxes:\n  m:\n    address: a@b.c\n    credential: x\n    protocols: [smtp]\n",
+            "mail.yaml:8:3: mailboxes.m.smtp.host: `host` is required",
+        ),
+        (
+            "credentials:\n  x:\n    provider: microsoft\n    client_id: c\n    grant: refresh_token\n",
+            "mail.yaml:2:3: credentials.x.tenant: `tenant` is required for grant refresh_token",
+        ),
+        (
+            "credentials:\n  x:\n    grant: token_file\n    token_file: /t\nmailboxes:\n  m:\n    address: a@b.c\n    credential: x\n    protocols: [imap, ftp]\n",
+            "mail.yaml:9:23: mailboxes.m.protocols[1]: unknown variant `ftp`",
+        ),
+        (
+            "credentials:\n  x:\n    grant: token_file\n    token_file: /t\nmailboxes:\n  m:\n    address: a@b.c\n    credential: x\n    protocols: [imap]\n    imap: { host: h, port: 99999 }\n",
+            "mail.yaml:10:28: mailboxes.m.imap.port: invalid value",
+        ),
+        (
+            "listen: [1, 2]\n",
+            "mail.yaml:1:9: listen: invalid type: sequence",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = err(text);
+        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}...");
+    }
+}
