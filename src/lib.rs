@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod command;
 pub mod config;
 pub mod probe;
 pub mod protocol;

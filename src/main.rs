@@ -1,4 +1,111 @@
 //! The `mail-oauth-exporter` binary: argument parsing, tracing, exit codes.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use clap::{Parser, Subcommand};
+use mail_oauth_exporter::Protocol;
+use mail_oauth_exporter::command::{self, CommandError};
+use mail_oauth_exporter::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Watches OAuth mail logins: real SASL XOAUTH2 logins over IMAP, POP3 and SMTP,
+/// classified and exported for Prometheus.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and that every secret and token file it names is readable.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Probe one mailbox now and print the result, phases and redacted transcript.
+    Probe {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        mailbox: String,
+        /// Only this protocol (imap, pop3, smtp); default: all the mailbox's protocols.
+        #[arg(long)]
+        protocol: Option<Protocol>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // clap exits 0 for --help/--version and 2 for usage errors, as we do.
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(run(cli.command));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, CommandError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Check { config } => {
+            command::check::run(&config, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe {
+            config,
+            mailbox,
+            protocol,
+        } => {
+            let config = Config::load(&config)?;
+            let ok = command::probe::run(&config, &mailbox, protocol, &mut out).await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
