@@ -1,0 +1,123 @@
+//! The real binary: `probe` against the emulator prints a readable result and no secret,
+//! with exit codes 0 (logged in), 1 (probe failed), 2 (bad usage or config); `check`.
+
+use super::probe::{TOKEN, options, start};
+use mail_oauth_exporter::emulator::{Behaviour, Proto, TlsKind};
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mail-oauth-exporter");
+
+fn write_config(dir: &Path, emu: &mail_oauth_exporter::emulator::Emulator, token: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    let config = format!(
+        "tls:\n  ca_file: {dir}/ca.pem\n\
+         credentials:\n  external:\n    grant: token_file\n    token_file: {dir}/token\n\
+         mailboxes:\n\
+         \x20 helpdesk:\n    address: helpdesk@contoso.com\n    credential: external\n    protocols: [imap, pop3, smtp]\n    timeout: 5s\n\
+         \x20   imap: {{ host: 127.0.0.1, port: {imap}, tls: implicit }}\n\
+         \x20   pop3: {{ host: 127.0.0.1, port: {pop3}, tls: starttls }}\n\
+         \x20   smtp: {{ host: 127.0.0.1, port: {smtp}, tls: starttls }}\n\
+         \x20 refused:\n    address: refused@contoso.com\n    credential: external\n    protocols: [smtp]\n    mechanism: oauthbearer\n\
+         \x20   smtp: {{ host: 127.0.0.1, port: {smtp}, tls: starttls }}\n",
+        dir = dir.display(),
+        imap = emu.addr(Proto::Imap, TlsKind::Implicit).port(),
+        pop3 = emu.addr(Proto::Pop3, TlsKind::Starttls).port(),
+        smtp = emu.addr(Proto::Smtp, TlsKind::Starttls).port(),
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn probe_prints_a_readable_result_and_no_secret() {
+    let mut opts = options();
+    opts.users.insert("refused@contoso.com".into(), Behaviour::TokenRefused);
+    let (emu, _) = start(opts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config = config.to_str().unwrap();
+
+    let (code, out, err) = run(&["probe", "--config", config, "--mailbox", "helpdesk"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.matches("result     OK").count(), 3, "{out}");
+    for needle in ["phases     resolve", "post_auth", "transcript", "C: A01 AUTHENTICATE XOAUTH2 <redacted>", "S: A01 OK AUTHENTICATE completed.", "TLS established"] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // Neither the token nor any base64 SASL string of it.
+    let b64 = |user: &str| {
+        mail_oauth_exporter::probe::sasl::initial_response(
+            mail_oauth_exporter::Mechanism::Xoauth2,
+            user,
+            &mail_oauth_exporter::Secret::new(TOKEN),
+            "127.0.0.1",
+            0,
+        )
+    };
+    for text in [&out, &err] {
+        assert!(!text.contains(TOKEN), "token leaked:\n{text}");
+        assert!(!text.contains(b64("helpdesk@contoso.com").expose()), "base64 leaked:\n{text}");
+        // Any long base64 run starting like `user=` / `n,a=` would be a SASL blob.
+        assert!(!text.contains("dXNlcj1"), "{text}");
+        assert!(!text.contains("bixhPW"), "{text}");
+    }
+
+    let (code, out, _) = run(&["probe", "--config", config, "--mailbox", "refused", "--protocol", "smtp"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("result     FAILED: auth_rejected (stage auth, permanent)"), "{out}");
+    assert!(out.contains("detail     535 5.7.3 Authentication unsuccessful"), "{out}");
+    assert!(out.contains("fix        check the token's scope"), "{out}");
+    assert!(!out.contains(TOKEN));
+
+    let (code, _, err) = run(&["probe", "--config", config, "--mailbox", "nobody"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no mailbox `nobody`"), "{err}");
+    let (code, _, err) = run(&["probe", "--config", config, "--mailbox", "refused", "--protocol", "imap"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not probe imap"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_token_file_is_token_missing_without_a_login() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    let (code, out, _) = run(&["probe", "--config", config.to_str().unwrap(), "--mailbox", "helpdesk", "--protocol", "imap"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED: token_missing"), "{out}");
+    assert!(emu.received(Proto::Imap).is_empty(), "no login may be attempted without a token");
+}
+
+#[tokio::test]
+async fn check_validates_files_and_reports_locations() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config_s = config.to_str().unwrap();
+    let (code, out, err) = run(&["check", "--config", config_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok (1 credentials, 2 mailboxes, 4 probes)"), "{out}");
+
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    let (code, _, err) = run(&["check", "--config", config_s]);
+    assert_eq!(code, 2);
+    assert!(err.contains("credential external: token_file"), "{err}");
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "mailboxes:\n  m:\n    address: a@b.c\n    credentail: x\n").unwrap();
+    let (code, _, err) = run(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("{}:4:5: mailboxes.m: unknown field `credentail`", bad.display())), "{err}");
+}
