@@ -2,6 +2,7 @@
 //! classified into the contract's reasons, and exported for Prometheus.
 #![forbid(unsafe_code)]
 
+pub mod emulator;
 pub mod reason;
 pub mod secret;
 
