@@ -5,6 +5,7 @@
 pub mod classify;
 pub mod command;
 pub mod config;
+pub mod emulator;
 pub mod probe;
 pub mod protocol;
 pub mod reason;

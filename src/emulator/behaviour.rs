@@ -1,0 +1,161 @@
+//! What the emulated provider does: token verdicts, per-user and server-wide behaviours.
+
+use std::collections::HashSet;
+
+/// The emulator's opinion of an access token presented by a SASL client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenVerdict {
+    /// The token is known and current.
+    Valid,
+    /// The token is unknown or malformed.
+    Invalid,
+    /// The token was once valid but has expired.
+    Expired,
+}
+
+/// Decides whether a token is accepted for a user.
+///
+/// Kept minimal and object-safe so a token-endpoint emulator can plug in a checker
+/// that knows the tokens it issued.
+pub trait TokenCheck: Send + Sync {
+    /// Judges `token` as presented by the SASL user `user` (as the client wrote it).
+    fn check(&self, user: &str, token: &str) -> TokenVerdict;
+}
+
+/// A fixed set of accepted tokens, valid for any user.
+#[derive(Debug, Clone, Default)]
+pub struct StaticTokens {
+    tokens: HashSet<String>,
+}
+
+impl StaticTokens {
+    /// Accepts exactly the given tokens.
+    pub fn new<I, S>(tokens: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            tokens: tokens.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TokenCheck for StaticTokens {
+    fn check(&self, _user: &str, token: &str) -> TokenVerdict {
+        if self.tokens.contains(token) {
+            TokenVerdict::Valid
+        } else {
+            TokenVerdict::Invalid
+        }
+    }
+}
+
+/// What happens to one SASL user, on every protocol, once the server has parsed the user
+/// from the SASL response. Each protocol answers with its own words (see the module docs
+/// of [`crate::emulator`] for the exact replies).
+///
+/// Behaviours that end in a login (`Success`, `Slow`, `AuthenticatedNotConnected`, the
+/// IMAP/POP3 side of `SmtpAuthDisabled*` and `TokenExpiring`) need a token the
+/// [`TokenCheck`] calls valid; otherwise the provider's normal refusal is sent. All other
+/// behaviours answer the same whatever the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Behaviour {
+    /// Valid token logs in, any other token gets the normal refusal.
+    #[default]
+    Success,
+    /// Always the normal refusal (`NO AUTHENTICATE failed.`, `-ERR Authentication failure...`, `535 5.7.3`).
+    TokenRefused,
+    /// SMTP `535 5.7.139 ... disabled for the Tenant`; IMAP/POP3 as `Success`.
+    SmtpAuthDisabled,
+    /// SMTP `535 5.7.139 ... disabled for the Mailbox`; IMAP/POP3 as `Success`.
+    SmtpAuthDisabledMailbox,
+    /// SMTP `535 5.7.139 ... security defaults policy`; IMAP/POP3 refuse normally.
+    PolicyBlocked,
+    /// SMTP `535 5.7.139 ... did not meet the criteria` (conditional access); IMAP/POP3 refuse normally.
+    ConditionalAccess,
+    /// Login succeeds, then the mailbox cannot be used (`BAD User is authenticated but not connected.`,
+    /// `-ERR Server Unavailable. 21`, `530 5.7.57`).
+    AuthenticatedNotConnected,
+    /// `NO Request is throttled...`, `-ERR [IN-USE] Request is throttled.`, `432 4.3.2 ...`.
+    Throttled,
+    /// Gmail style: an error challenge with JSON, then the final failure.
+    ErrorChallenge,
+    /// SMTP `501 5.5.127 ... Token will expire soon`; IMAP/POP3 log in, then the next command
+    /// gets `* BYE Session invalidated - AccessTokenExpired` (POP3: `-ERR ...`) and the connection closes.
+    TokenExpiring,
+    /// `NO [UNAVAILABLE] Temporary authentication failure`, `-ERR [SYS/TEMP] ...`, `454 4.7.0 ...`.
+    TemporaryFailure,
+    /// SMTP `451 4.7.0 Temporary server error. Please try again later. PRX4 [host]`;
+    /// IMAP/POP3 as `TemporaryFailure`.
+    ServerError451,
+    /// Gmail SMTP `421 4.7.0 Try again later, closing connection.` and close;
+    /// IMAP/POP3 as `TemporaryFailure`.
+    TryAgainLater,
+    /// Like `Success`, but every reply from the auth step on is delayed by `slow_delay`.
+    Slow,
+}
+
+/// What the server does before any user is known (all protocols, all ports).
+///
+/// On implicit-TLS ports the TLS handshake comes first and the behaviour acts inside
+/// TLS, except for [`ServerBehaviour::NoTls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerBehaviour {
+    /// Speaks like Exchange Online.
+    #[default]
+    Normal,
+    /// Capabilities without XOAUTH2 and OAUTHBEARER; those mechanisms are refused.
+    NoXoauth2,
+    /// The plain ports do not advertise (nor accept) STARTTLS / STLS.
+    NoStarttls,
+    /// STARTTLS / STLS advertised but refused (`NO`, `-ERR`, `454 4.7.0 TLS not available`).
+    RefuseStarttls,
+    /// The plain ports advertise and accept the auth mechanisms before TLS (like Dovecot
+    /// to local clients); STARTTLS still works.
+    OfferAuthBeforeTls,
+    /// Greeting refuses service (`* BYE ...`, `-ERR ...`, `421 4.3.2 Service not active`), then close.
+    ByeGreeting,
+    /// Accepts the connection and never writes.
+    Silent,
+    /// Writes one line without end, forever (with backpressure).
+    EndlessLine,
+    /// Sends the greeting one byte every 200 ms, never finishing the line.
+    Trickle,
+    /// Sends binary noise, then closes.
+    Garbage,
+    /// Greeting, then TCP reset.
+    ResetAfterGreeting,
+    /// Greeting and the first capability reply (CAPABILITY / CAPA / EHLO), then TCP reset.
+    ResetAfterCapability,
+    /// TCP reset when the client sends its auth command (no reply).
+    ResetAtAuth,
+    /// SMTP greets with `432 4.3.2 Concurrent connections limit exceeded...` and closes;
+    /// IMAP/POP3 serve normally.
+    ConcurrentLimit,
+    /// SMTP answers AUTH with `421 4.7.66 TLS 1.0 and 1.1 are not supported...` and closes;
+    /// IMAP/POP3 serve normally.
+    OldTlsRejected,
+    /// The implicit-TLS ports speak plain text (no TLS handshake).
+    NoTls,
+    /// Every reply, greeting included, is delayed by `slow_delay`.
+    Slow,
+}
+
+/// Whether a behaviour that ends in a login lets this verdict in.
+pub(crate) fn granted(verdict: TokenVerdict) -> bool {
+    verdict == TokenVerdict::Valid
+}
+
+/// Reads a SASL response: `None` if it is malformed or names no user (the caller refuses
+/// normally), else the user's behaviour and whether its token lets a login through.
+pub(crate) fn judge(
+    shared: &super::Shared,
+    mech: super::sasl::Mechanism,
+    response: &str,
+) -> Option<(Behaviour, bool)> {
+    let creds = super::sasl::parse_response(mech, response).ok()?;
+    let user = creds.user?;
+    let behaviour = shared.behaviour_for(&user);
+    Some((behaviour, granted(shared.check(&user, &creds.token))))
+}
