@@ -4,11 +4,15 @@
 use super::probe::{TOKEN, options, start};
 use mail_oauth_exporter::emulator::{Behaviour, Proto, TlsKind};
 use std::path::Path;
-use std::process::Command;
+use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mail-oauth-exporter");
 
-fn write_config(dir: &Path, emu: &mail_oauth_exporter::emulator::Emulator, token: &str) -> std::path::PathBuf {
+fn write_config(
+    dir: &Path,
+    emu: &mail_oauth_exporter::emulator::Emulator,
+    token: &str,
+) -> std::path::PathBuf {
     std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
     emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
     let config = format!(
@@ -31,8 +35,13 @@ fn write_config(dir: &Path, emu: &mail_oauth_exporter::emulator::Emulator, token
     path
 }
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("binary runs");
+/// Runs the binary without blocking the runtime the emulator's tasks run on.
+async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .expect("binary runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -43,16 +52,24 @@ fn run(args: &[&str]) -> (i32, String, String) {
 #[tokio::test]
 async fn probe_prints_a_readable_result_and_no_secret() {
     let mut opts = options();
-    opts.users.insert("refused@contoso.com".into(), Behaviour::TokenRefused);
+    opts.users
+        .insert("refused@contoso.com".into(), Behaviour::TokenRefused);
     let (emu, _) = start(opts).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &emu, TOKEN);
     let config = config.to_str().unwrap();
 
-    let (code, out, err) = run(&["probe", "--config", config, "--mailbox", "helpdesk"]);
+    let (code, out, err) = run(&["probe", "--config", config, "--mailbox", "helpdesk"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(out.matches("result     OK").count(), 3, "{out}");
-    for needle in ["phases     resolve", "post_auth", "transcript", "C: A01 AUTHENTICATE XOAUTH2 <redacted>", "S: A01 OK AUTHENTICATE completed.", "TLS established"] {
+    for needle in [
+        "phases     resolve",
+        "post_auth",
+        "transcript",
+        "C: A01 AUTHENTICATE XOAUTH2 <redacted>",
+        "S: A01 OK AUTHENTICATE completed.",
+        "TLS established",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
     // Neither the token nor any base64 SASL string of it.
@@ -67,23 +84,50 @@ async fn probe_prints_a_readable_result_and_no_secret() {
     };
     for text in [&out, &err] {
         assert!(!text.contains(TOKEN), "token leaked:\n{text}");
-        assert!(!text.contains(b64("helpdesk@contoso.com").expose()), "base64 leaked:\n{text}");
+        assert!(
+            !text.contains(b64("helpdesk@contoso.com").expose()),
+            "base64 leaked:\n{text}"
+        );
         // Any long base64 run starting like `user=` / `n,a=` would be a SASL blob.
         assert!(!text.contains("dXNlcj1"), "{text}");
         assert!(!text.contains("bixhPW"), "{text}");
     }
 
-    let (code, out, _) = run(&["probe", "--config", config, "--mailbox", "refused", "--protocol", "smtp"]);
+    let (code, out, _) = run(&[
+        "probe",
+        "--config",
+        config,
+        "--mailbox",
+        "refused",
+        "--protocol",
+        "smtp",
+    ])
+    .await;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("result     FAILED: auth_rejected (stage auth, permanent)"), "{out}");
-    assert!(out.contains("detail     535 5.7.3 Authentication unsuccessful"), "{out}");
+    assert!(
+        out.contains("result     FAILED: auth_rejected (stage auth, permanent)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("detail     535 5.7.3 Authentication unsuccessful"),
+        "{out}"
+    );
     assert!(out.contains("fix        check the token's scope"), "{out}");
     assert!(!out.contains(TOKEN));
 
-    let (code, _, err) = run(&["probe", "--config", config, "--mailbox", "nobody"]);
+    let (code, _, err) = run(&["probe", "--config", config, "--mailbox", "nobody"]).await;
     assert_eq!(code, 2);
     assert!(err.contains("no mailbox `nobody`"), "{err}");
-    let (code, _, err) = run(&["probe", "--config", config, "--mailbox", "refused", "--protocol", "imap"]);
+    let (code, _, err) = run(&[
+        "probe",
+        "--config",
+        config,
+        "--mailbox",
+        "refused",
+        "--protocol",
+        "imap",
+    ])
+    .await;
     assert_eq!(code, 2);
     assert!(err.contains("does not probe imap"), "{err}");
 }
@@ -94,10 +138,22 @@ async fn a_missing_token_file_is_token_missing_without_a_login() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &emu, TOKEN);
     std::fs::remove_file(dir.path().join("token")).unwrap();
-    let (code, out, _) = run(&["probe", "--config", config.to_str().unwrap(), "--mailbox", "helpdesk", "--protocol", "imap"]);
+    let (code, out, _) = run(&[
+        "probe",
+        "--config",
+        config.to_str().unwrap(),
+        "--mailbox",
+        "helpdesk",
+        "--protocol",
+        "imap",
+    ])
+    .await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAILED: token_missing"), "{out}");
-    assert!(emu.received(Proto::Imap).is_empty(), "no login may be attempted without a token");
+    assert!(
+        emu.received(Proto::Imap).is_empty(),
+        "no login may be attempted without a token"
+    );
 }
 
 #[tokio::test]
@@ -106,18 +162,31 @@ async fn check_validates_files_and_reports_locations() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &emu, TOKEN);
     let config_s = config.to_str().unwrap();
-    let (code, out, err) = run(&["check", "--config", config_s]);
+    let (code, out, err) = run(&["check", "--config", config_s]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ok (1 credentials, 2 mailboxes, 4 probes)"), "{out}");
+    assert!(
+        out.contains("ok (1 credentials, 2 mailboxes, 4 probes)"),
+        "{out}"
+    );
 
     std::fs::remove_file(dir.path().join("token")).unwrap();
-    let (code, _, err) = run(&["check", "--config", config_s]);
+    let (code, _, err) = run(&["check", "--config", config_s]).await;
     assert_eq!(code, 2);
     assert!(err.contains("credential external: token_file"), "{err}");
 
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "mailboxes:\n  m:\n    address: a@b.c\n    credentail: x\n").unwrap();
-    let (code, _, err) = run(&["check", "--config", bad.to_str().unwrap()]);
+    std::fs::write(
+        &bad,
+        "mailboxes:\n  m:\n    address: a@b.c\n    credentail: x\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check", "--config", bad.to_str().unwrap()]).await;
     assert_eq!(code, 2);
-    assert!(err.contains(&format!("{}:4:5: mailboxes.m: unknown field `credentail`", bad.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:4:5: mailboxes.m: unknown field `credentail`",
+            bad.display()
+        )),
+        "{err}"
+    );
 }

@@ -55,8 +55,20 @@ pub fn spec(emu: &Emulator, p: Protocol, tls: TlsMode, mech: Mechanism, user: &s
     }
 }
 
-async fn run(emu: &Emulator, tls: &TlsClient, p: Protocol, mode: TlsMode, user: &str, token: &str) -> ProbeReport {
-    probe::run(&spec(emu, p, mode, Mechanism::Xoauth2, user), tls, &Secret::new(token)).await
+async fn run(
+    emu: &Emulator,
+    tls: &TlsClient,
+    p: Protocol,
+    mode: TlsMode,
+    user: &str,
+    token: &str,
+) -> ProbeReport {
+    probe::run(
+        &spec(emu, p, mode, Mechanism::Xoauth2, user),
+        tls,
+        &Secret::new(token),
+    )
+    .await
 }
 
 fn reason(r: &ProbeReport) -> Reason {
@@ -86,7 +98,13 @@ async fn every_protocol_tls_mode_and_mechanism_logs_in() {
                 let d = r.duration.expect("duration up to the auth reply");
                 assert!(d <= r.total, "{what}");
                 assert_eq!(r.tls_not_after, Some(emu.cert_not_after()), "{what}");
-                let ir = probe::sasl::initial_response(mech, "helpdesk@contoso.com", &Secret::new(TOKEN), "127.0.0.1", spec.target.port);
+                let ir = probe::sasl::initial_response(
+                    mech,
+                    "helpdesk@contoso.com",
+                    &Secret::new(TOKEN),
+                    "127.0.0.1",
+                    spec.target.port,
+                );
                 assert_no_secret(&r, &[TOKEN, ir.expose()]);
                 assert!(r.transcript.render().contains("<redacted>"), "{what}");
                 // The post-auth check and the polite goodbye were really sent.
@@ -107,12 +125,21 @@ async fn every_protocol_tls_mode_and_mechanism_logs_in() {
 #[tokio::test]
 async fn the_seeds_dialogues_are_reproduced() {
     let mut opts = options();
-    opts.users.insert("refused@example.com".into(), Behaviour::TokenRefused);
+    opts.users
+        .insert("refused@example.com".into(), Behaviour::TokenRefused);
     let (emu, tls) = start(opts).await;
     let user = "someuser@example.com";
 
     // IMAP: SASL-IR is advertised, so the base64 goes on the AUTHENTICATE line.
-    let r = run(&emu, &tls, Protocol::Imap, TlsMode::Implicit, user, SEED_TOKEN).await;
+    let r = run(
+        &emu,
+        &tls,
+        Protocol::Imap,
+        TlsMode::Implicit,
+        user,
+        SEED_TOKEN,
+    )
+    .await;
     assert_eq!(r.outcome, Ok(()), "{}", r.transcript);
     let got = emu.received(Proto::Imap);
     assert_eq!(got[0], "C01 CAPABILITY");
@@ -124,25 +151,67 @@ async fn the_seeds_dialogues_are_reproduced() {
 
     // POP3: AUTH XOAUTH2, `+`, the base64 on its own line.
     emu.clear_received();
-    let r = run(&emu, &tls, Protocol::Pop3, TlsMode::Implicit, user, SEED_TOKEN).await;
+    let r = run(
+        &emu,
+        &tls,
+        Protocol::Pop3,
+        TlsMode::Implicit,
+        user,
+        SEED_TOKEN,
+    )
+    .await;
     assert_eq!(r.outcome, Ok(()), "{}", r.transcript);
     let got = emu.received(Proto::Pop3);
-    let at = got.iter().position(|l| l == "AUTH XOAUTH2").expect("AUTH XOAUTH2 sent");
+    let at = got
+        .iter()
+        .position(|l| l == "AUTH XOAUTH2")
+        .expect("AUTH XOAUTH2 sent");
     assert_eq!(got[at + 1], SEED_B64);
-    assert!(r.transcript.render().contains("S: +OK User successfully authenticated."));
+    assert!(
+        r.transcript
+            .render()
+            .contains("S: +OK User successfully authenticated.")
+    );
 
     // SMTP: the seed's short token fits the 512-octet line, so it goes as initial response.
     emu.clear_received();
-    let r = run(&emu, &tls, Protocol::Smtp, TlsMode::Starttls, user, SEED_TOKEN).await;
+    let r = run(
+        &emu,
+        &tls,
+        Protocol::Smtp,
+        TlsMode::Starttls,
+        user,
+        SEED_TOKEN,
+    )
+    .await;
     assert_eq!(r.outcome, Ok(()), "{}", r.transcript);
-    assert!(emu.received(Proto::Smtp).contains(&format!("AUTH XOAUTH2 {SEED_B64}")));
-    assert!(r.transcript.render().contains("S: 235 2.7.0 Authentication successful"));
+    assert!(
+        emu.received(Proto::Smtp)
+            .contains(&format!("AUTH XOAUTH2 {SEED_B64}"))
+    );
+    assert!(
+        r.transcript
+            .render()
+            .contains("S: 235 2.7.0 Authentication successful")
+    );
 
     // The failures, with the seed's exact replies kept as detail.
     let failures = [
-        (Protocol::Imap, TlsMode::Implicit, "A01 NO AUTHENTICATE failed."),
-        (Protocol::Pop3, TlsMode::Implicit, "-ERR Authentication failure: unknown user name or bad password."),
-        (Protocol::Smtp, TlsMode::Starttls, "535 5.7.3 Authentication unsuccessful [SN2PR00CA0018.namprd00.prod.outlook.com]"),
+        (
+            Protocol::Imap,
+            TlsMode::Implicit,
+            "A01 NO AUTHENTICATE failed.",
+        ),
+        (
+            Protocol::Pop3,
+            TlsMode::Implicit,
+            "-ERR Authentication failure: unknown user name or bad password.",
+        ),
+        (
+            Protocol::Smtp,
+            TlsMode::Starttls,
+            "535 5.7.3 Authentication unsuccessful [SN2PR00CA0018.namprd00.prod.outlook.com]",
+        ),
     ];
     for (p, mode, reply) in failures {
         let r = run(&emu, &tls, p, mode, user, "not-a-token-the-server-knows").await;
@@ -150,7 +219,10 @@ async fn the_seeds_dialogues_are_reproduced() {
         assert_eq!(c.reason, Reason::AuthRejected, "{p}: {}", r.transcript);
         assert_eq!(c.detail, reply, "{p}");
         assert!(r.duration.is_some(), "{p}: the auth reply was timed");
-        assert!(r.phases.get(Phase::PostAuth).is_none(), "{p}: no post-auth after a refusal");
+        assert!(
+            r.phases.get(Phase::PostAuth).is_none(),
+            "{p}: no post-auth after a refusal"
+        );
     }
 }
 
@@ -161,7 +233,15 @@ async fn smtp_uses_the_continuation_for_long_tokens() {
     let mut opts = EmulatorOptions::new(Arc::new(StaticTokens::new([long.as_str()])));
     opts.smtp_max_auth_line = Some(1017);
     let (emu, tls) = start(opts).await;
-    let r = run(&emu, &tls, Protocol::Smtp, TlsMode::Starttls, "a@b.c", &long).await;
+    let r = run(
+        &emu,
+        &tls,
+        Protocol::Smtp,
+        TlsMode::Starttls,
+        "a@b.c",
+        &long,
+    )
+    .await;
     assert_eq!(r.outcome, Ok(()), "{}", r.transcript);
     let got = emu.received(Proto::Smtp);
     assert!(got.contains(&"AUTH XOAUTH2".to_string()), "{got:?}");
@@ -205,14 +285,35 @@ async fn each_behaviour_ends_in_its_reason() {
         let user = format!("user{i}@contoso.com");
         emu.set_behaviour(&user, *behaviour);
         for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
-            let mode = if *p == Smtp { TlsMode::Starttls } else { TlsMode::Implicit };
-            let r = probe::run(&spec(&emu, *p, mode, mech, &user), &tls, &Secret::new(TOKEN)).await;
+            let mode = if *p == Smtp {
+                TlsMode::Starttls
+            } else {
+                TlsMode::Implicit
+            };
+            let r = probe::run(
+                &spec(&emu, *p, mode, mech, &user),
+                &tls,
+                &Secret::new(TOKEN),
+            )
+            .await;
             let c = classify::probe_outcome(&r.outcome);
-            assert_eq!(c.reason, *want, "{behaviour:?} {p} {mech:?}: {}\n{}", c.detail, r.transcript);
+            assert_eq!(
+                c.reason, *want,
+                "{behaviour:?} {p} {mech:?}: {}\n{}",
+                c.detail, r.transcript
+            );
             if *behaviour == B::ErrorChallenge {
                 // The decoded challenge JSON is kept beside the final reply.
-                assert!(c.detail.contains("(challenge: {\"status\":"), "{}", c.detail);
-                let answer = if mech == Mechanism::Xoauth2 { "C: \n" } else { "C: AQ==" };
+                assert!(
+                    c.detail.contains("(challenge: {\"status\":"),
+                    "{}",
+                    c.detail
+                );
+                let answer = if mech == Mechanism::Xoauth2 {
+                    "C: \n"
+                } else {
+                    "C: AQ=="
+                };
                 let t = r.transcript.render();
                 assert!(t.contains(answer), "{t}");
             }
@@ -236,27 +337,107 @@ async fn hostile_servers_end_within_the_deadline() {
         (S::Trickle, Pop3, TlsMode::Starttls, R::Timeout),
         (S::Trickle, Smtp, TlsMode::Starttls, R::Timeout),
         (S::Garbage, Imap, TlsMode::Starttls, R::ProtocolError),
-        (S::Garbage, Smtp, TlsMode::Implicit, R::TlsHandshakeFailed),
-        (S::ResetAfterGreeting, Imap, TlsMode::Implicit, R::ProtocolError),
-        (S::ResetAfterGreeting, Smtp, TlsMode::Starttls, R::ProtocolError),
-        (S::ResetAfterCapability, Pop3, TlsMode::Implicit, R::ProtocolError),
+        (S::Garbage, Smtp, TlsMode::Implicit, R::ProtocolError),
+        (
+            S::ResetAfterGreeting,
+            Imap,
+            TlsMode::Implicit,
+            R::ProtocolError,
+        ),
+        (
+            S::ResetAfterGreeting,
+            Smtp,
+            TlsMode::Starttls,
+            R::ProtocolError,
+        ),
+        (
+            S::ResetAfterCapability,
+            Pop3,
+            TlsMode::Implicit,
+            R::ProtocolError,
+        ),
         (S::ResetAtAuth, Imap, TlsMode::Implicit, R::ProtocolError),
         (S::ResetAtAuth, Pop3, TlsMode::Implicit, R::ProtocolError),
         (S::ResetAtAuth, Smtp, TlsMode::Starttls, R::ProtocolError),
-        (S::ByeGreeting, Imap, TlsMode::Implicit, R::ServerUnavailable),
-        (S::ByeGreeting, Pop3, TlsMode::Implicit, R::ServerUnavailable),
-        (S::ByeGreeting, Smtp, TlsMode::Starttls, R::ServerUnavailable),
-        (S::NoStarttls, Imap, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::NoStarttls, Pop3, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::NoStarttls, Smtp, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::RefuseStarttls, Imap, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::RefuseStarttls, Pop3, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::RefuseStarttls, Smtp, TlsMode::Starttls, R::StarttlsUnavailable),
-        (S::NoXoauth2, Imap, TlsMode::Implicit, R::MechanismUnsupported),
-        (S::NoXoauth2, Pop3, TlsMode::Starttls, R::MechanismUnsupported),
-        (S::NoXoauth2, Smtp, TlsMode::Starttls, R::MechanismUnsupported),
+        (
+            S::ByeGreeting,
+            Imap,
+            TlsMode::Implicit,
+            R::ServerUnavailable,
+        ),
+        (
+            S::ByeGreeting,
+            Pop3,
+            TlsMode::Implicit,
+            R::ServerUnavailable,
+        ),
+        (
+            S::ByeGreeting,
+            Smtp,
+            TlsMode::Starttls,
+            R::ServerUnavailable,
+        ),
+        (
+            S::NoStarttls,
+            Imap,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::NoStarttls,
+            Pop3,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::NoStarttls,
+            Smtp,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::RefuseStarttls,
+            Imap,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::RefuseStarttls,
+            Pop3,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::RefuseStarttls,
+            Smtp,
+            TlsMode::Starttls,
+            R::StarttlsUnavailable,
+        ),
+        (
+            S::NoXoauth2,
+            Imap,
+            TlsMode::Implicit,
+            R::MechanismUnsupported,
+        ),
+        (
+            S::NoXoauth2,
+            Pop3,
+            TlsMode::Starttls,
+            R::MechanismUnsupported,
+        ),
+        (
+            S::NoXoauth2,
+            Smtp,
+            TlsMode::Starttls,
+            R::MechanismUnsupported,
+        ),
         (S::ConcurrentLimit, Smtp, TlsMode::Starttls, R::Throttled),
-        (S::OldTlsRejected, Smtp, TlsMode::Starttls, R::TlsHandshakeFailed),
+        (
+            S::OldTlsRejected,
+            Smtp,
+            TlsMode::Starttls,
+            R::TlsHandshakeFailed,
+        ),
         (S::NoTls, Imap, TlsMode::Implicit, R::TlsHandshakeFailed),
         (S::NoTls, Pop3, TlsMode::Implicit, R::TlsHandshakeFailed),
         (S::OfferAuthBeforeTls, Imap, TlsMode::Starttls, R::Ok),
@@ -281,9 +462,14 @@ async fn hostile_servers_end_within_the_deadline() {
         // Whatever the server offered in clear, the token went over TLS only: the
         // emulator's log of plaintext-port lines before STARTTLS holds no AUTH.
         let sent = emu.received(proto(*p));
-        if let Some(tls_at) = sent.iter().position(|l| l.ends_with("STARTTLS") || l == "STLS") {
+        if let Some(tls_at) = sent
+            .iter()
+            .position(|l| l.ends_with("STARTTLS") || l == "STLS")
+        {
             assert!(
-                !sent[..tls_at].iter().any(|l| l.to_ascii_uppercase().contains("AUTH")),
+                !sent[..tls_at]
+                    .iter()
+                    .any(|l| l.to_ascii_uppercase().contains("AUTH")),
                 "{what}\n{sent:?}"
             );
         }
@@ -296,11 +482,22 @@ async fn bad_certificates_are_tls_certificate_invalid() {
         let mut opts = options();
         opts.certificate = kind;
         let (emu, tls) = start(opts).await;
-        for (p, mode) in [(Protocol::Imap, TlsMode::Implicit), (Protocol::Smtp, TlsMode::Starttls)] {
+        for (p, mode) in [
+            (Protocol::Imap, TlsMode::Implicit),
+            (Protocol::Smtp, TlsMode::Starttls),
+        ] {
             let r = run(&emu, &tls, p, mode, "a@b.c", TOKEN).await;
-            assert_eq!(reason(&r), Reason::TlsCertificateInvalid, "{kind:?} {p}: {}", r.transcript);
+            assert_eq!(
+                reason(&r),
+                Reason::TlsCertificateInvalid,
+                "{kind:?} {p}: {}",
+                r.transcript
+            );
             // No token may leave before a trusted handshake.
-            assert!(!emu.received(proto(p)).iter().any(|l| l.contains("AUTH")), "{kind:?} {p}");
+            assert!(
+                !emu.received(proto(p)).iter().any(|l| l.contains("AUTH")),
+                "{kind:?} {p}"
+            );
         }
     }
 }
@@ -313,7 +510,13 @@ async fn connect_failures() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut s = spec(&emu, Protocol::Imap, TlsMode::Implicit, Mechanism::Xoauth2, "a@b.c");
+    let mut s = spec(
+        &emu,
+        Protocol::Imap,
+        TlsMode::Implicit,
+        Mechanism::Xoauth2,
+        "a@b.c",
+    );
     s.target.port = port;
     let r = probe::run(&s, &tls, &Secret::new(TOKEN)).await;
     assert_eq!(reason(&r), Reason::ConnectRefused, "{}", r.transcript);
@@ -328,9 +531,18 @@ async fn connect_failures() {
 async fn slow_server_delay_is_measured_in_the_auth_phase() {
     let mut opts = options();
     opts.slow_delay = Duration::from_millis(300);
-    opts.users.insert("slow@contoso.com".into(), Behaviour::Slow);
+    opts.users
+        .insert("slow@contoso.com".into(), Behaviour::Slow);
     let (emu, tls) = start(opts).await;
-    let r = run(&emu, &tls, Protocol::Imap, TlsMode::Implicit, "slow@contoso.com", TOKEN).await;
+    let r = run(
+        &emu,
+        &tls,
+        Protocol::Imap,
+        TlsMode::Implicit,
+        "slow@contoso.com",
+        TOKEN,
+    )
+    .await;
     assert_eq!(r.outcome, Ok(()), "{}", r.transcript);
     let auth = r.phases.get(Phase::Auth).unwrap();
     assert!(auth >= Duration::from_millis(300), "auth {auth:?}");
