@@ -33,6 +33,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The embedded default: an emulated provider with healthy and broken mailboxes,
+    /// probed in rounds; prints what it finds.
+    Demo,
     /// Probe one mailbox now and print the result, phases and redacted transcript.
     Probe {
         #[arg(long)]
@@ -82,6 +85,10 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             command::check::run(&config, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo => {
+            command::demo::run(&mut out, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe {
             config,
             mailbox,
@@ -96,6 +103,30 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             })
         }
     }
+}
+
+/// Completes on SIGINT or SIGTERM (a container's stop).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn init_tracing(format: LogFormat) {

@@ -2,6 +2,7 @@
 //! return what `main` turns into an exit code.
 
 pub mod check;
+pub mod demo;
 pub mod probe;
 
 use crate::config::ConfigError;

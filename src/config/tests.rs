@@ -150,3 +150,19 @@ fn errors_name_file_line_column_and_field() {
         assert!(got.starts_with(want), "\n got: {got}\nwant: {want}...");
     }
 }
+
+/// Every example under `config/` is a valid config (files it names are checked by `check`
+/// on a real deployment, not here).
+#[test]
+fn the_examples_in_config_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no examples in {}", dir.display());
+}

@@ -2,4 +2,5 @@
 //! 127.0.0.1:0, the real `mail-oauth-exporter` binary.
 
 mod cli;
+mod demo;
 mod probe;
