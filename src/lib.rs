@@ -2,9 +2,12 @@
 //! classified into the contract's reasons, and exported for Prometheus.
 #![forbid(unsafe_code)]
 
+pub mod classify;
+pub mod emulator;
 pub mod protocol;
 pub mod reason;
 pub mod secret;
+pub mod token;
 
 pub use protocol::{Mechanism, Protocol, TlsMode};
 pub use reason::{Reason, Stage};

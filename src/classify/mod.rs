@@ -1,0 +1,3 @@
+//! Classifiers: map what went wrong to the contract's reasons.
+
+pub mod token;
