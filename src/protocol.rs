@@ -37,7 +37,9 @@ impl std::str::FromStr for Protocol {
             "imap" => Ok(Protocol::Imap),
             "pop3" => Ok(Protocol::Pop3),
             "smtp" => Ok(Protocol::Smtp),
-            other => Err(format!("unknown protocol `{other}` (expected imap, pop3 or smtp)")),
+            other => Err(format!(
+                "unknown protocol `{other}` (expected imap, pop3 or smtp)"
+            )),
         }
     }
 }

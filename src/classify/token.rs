@@ -96,14 +96,14 @@ mod tests {
     fn ms(status: u16, error: &str, code: u64) -> TokenError {
         TokenError::Endpoint {
             status,
-            body: OAuthErrorBody {
+            body: Box::new(OAuthErrorBody {
                 error: error.into(),
                 error_description: Some(format!("AADSTS{code}: something.\r\nTrace ID: x")),
                 error_codes: vec![code],
                 trace_id: Some("trace-1".into()),
                 correlation_id: Some("corr-1".into()),
                 ..Default::default()
-            },
+            }),
             retry_after: None,
         }
     }
@@ -111,11 +111,11 @@ mod tests {
     fn google(status: u16, error: &str, description: &str) -> TokenError {
         TokenError::Endpoint {
             status,
-            body: OAuthErrorBody {
+            body: Box::new(OAuthErrorBody {
                 error: error.into(),
                 error_description: Some(description.into()),
                 ..Default::default()
-            },
+            }),
             retry_after: None,
         }
     }
@@ -128,16 +128,56 @@ mod tests {
         (700084, "invalid_grant", 400, Reason::TokenInvalidGrant),
         (65001, "invalid_grant", 400, Reason::TokenConsentRequired),
         (65004, "invalid_grant", 400, Reason::TokenConsentRequired),
-        (50076, "invalid_grant", 400, Reason::TokenInteractionRequired),
-        (50079, "invalid_grant", 400, Reason::TokenInteractionRequired),
-        (50158, "invalid_grant", 400, Reason::TokenInteractionRequired),
-        (53003, "invalid_grant", 400, Reason::TokenInteractionRequired),
-        (70043, "invalid_grant", 400, Reason::TokenInteractionRequired),
+        (
+            50076,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            50079,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            50158,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            53003,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            70043,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
         (7000215, "invalid_client", 401, Reason::TokenInvalidClient),
-        (7000222, "invalid_client", 401, Reason::TokenClientSecretExpired),
+        (
+            7000222,
+            "invalid_client",
+            401,
+            Reason::TokenClientSecretExpired,
+        ),
         (700027, "invalid_client", 401, Reason::TokenInvalidClient),
-        (700016, "unauthorized_client", 400, Reason::TokenUnauthorizedClient),
-        (90002, "invalid_request", 400, Reason::TokenUnauthorizedClient),
+        (
+            700016,
+            "unauthorized_client",
+            400,
+            Reason::TokenUnauthorizedClient,
+        ),
+        (
+            90002,
+            "invalid_request",
+            400,
+            Reason::TokenUnauthorizedClient,
+        ),
         (70011, "invalid_scope", 400, Reason::TokenInvalidScope),
         (500011, "invalid_resource", 400, Reason::TokenInvalidScope),
         (50057, "invalid_grant", 400, Reason::TokenAccountBlocked),
@@ -163,15 +203,27 @@ mod tests {
     #[test]
     fn google_errors() {
         assert_eq!(
-            reason(&google(400, "invalid_grant", "Token has been expired or revoked.")),
+            reason(&google(
+                400,
+                "invalid_grant",
+                "Token has been expired or revoked."
+            )),
             Reason::TokenInvalidGrant
         );
         assert_eq!(
-            reason(&google(401, "invalid_client", "The OAuth client was not found.")),
+            reason(&google(
+                401,
+                "invalid_client",
+                "The OAuth client was not found."
+            )),
             Reason::TokenInvalidClient
         );
         assert_eq!(
-            reason(&google(401, "unauthorized_client", "Client is unauthorized")),
+            reason(&google(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized"
+            )),
             Reason::TokenUnauthorizedClient
         );
     }
@@ -179,7 +231,10 @@ mod tests {
     #[test]
     fn rule_order() {
         // 429 wins over the body.
-        assert_eq!(reason(&ms(429, "invalid_grant", 70008)), Reason::TokenThrottled);
+        assert_eq!(
+            reason(&ms(429, "invalid_grant", 70008)),
+            Reason::TokenThrottled
+        );
         // A known code wins over `error`.
         assert_eq!(
             reason(&ms(400, "invalid_grant", 65001)),

@@ -43,29 +43,144 @@ pub struct AadError {
 /// Every AADSTS error of FAILURES.md's token endpoint table (plus 65004, 50158, 500011
 /// which the contract names).
 pub const AAD_ERRORS: &[AadError] = &[
-    AadError { code: 70008, error: "invalid_grant", status: 400, text: "The provided authorization code or refresh token has expired due to inactivity. Send a new interactive authorization request for this user and resource." },
-    AadError { code: 700082, error: "invalid_grant", status: 400, text: "The refresh token has expired due to inactivity. The token was issued on 2024-01-01T00:00:00Z and was inactive for 90.00:00:00." },
-    AadError { code: 50173, error: "invalid_grant", status: 400, text: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password." },
-    AadError { code: 700084, error: "invalid_grant", status: 400, text: "The refresh token was issued to a single page app (SPA), and therefore has a fixed, limited lifetime of 1.00:00:00, which cannot be extended." },
-    AadError { code: 65001, error: "invalid_grant", status: 400, text: "The user or administrator has not consented to use the application with ID '11111111-2222-3333-4444-555555555555' named 'mail-monitor'." },
-    AadError { code: 65004, error: "invalid_grant", status: 400, text: "User declined to consent to access the app." },
-    AadError { code: 50076, error: "invalid_grant", status: 400, text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'." },
-    AadError { code: 50079, error: "invalid_grant", status: 400, text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'." },
-    AadError { code: 50158, error: "invalid_grant", status: 400, text: "External security challenge was not satisfied." },
-    AadError { code: 53003, error: "invalid_grant", status: 400, text: "Access has been blocked by Conditional Access policies. The access policy does not allow token issuance." },
-    AadError { code: 70043, error: "invalid_grant", status: 400, text: "The refresh token has expired or is invalid due to sign-in frequency checks by conditional access. The token was issued on 2024-01-01T00:00:00Z and the maximum allowed lifetime for this request is 3600." },
-    AadError { code: 7000215, error: "invalid_client", status: 401, text: "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '11111111-2222-3333-4444-555555555555'." },
-    AadError { code: 7000222, error: "invalid_client", status: 401, text: "The provided client secret keys for app '11111111-2222-3333-4444-555555555555' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds." },
-    AadError { code: 700027, error: "invalid_client", status: 401, text: "Client assertion failed signature validation." },
-    AadError { code: 700016, error: "unauthorized_client", status: 400, text: "Application with identifier '11111111-2222-3333-4444-555555555555' was not found in the directory 'contoso.onmicrosoft.com'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant." },
-    AadError { code: 90002, error: "invalid_request", status: 400, text: "Tenant 'contoso.onmicrosoft.com' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud." },
-    AadError { code: 70011, error: "invalid_scope", status: 400, text: "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid." },
-    AadError { code: 500011, error: "invalid_resource", status: 400, text: "The resource principal named https://outlook.office365.com was not found in the tenant named contoso." },
-    AadError { code: 50057, error: "invalid_grant", status: 400, text: "The user account is disabled." },
-    AadError { code: 50053, error: "invalid_grant", status: 400, text: "The account is locked, you've tried to sign in too many times with an incorrect user ID or password." },
-    AadError { code: 50055, error: "invalid_grant", status: 400, text: "The password is expired." },
-    AadError { code: 50196, error: "invalid_request", status: 400, text: "The server terminated an operation because it encountered a client request loop. Please contact your app vendor." },
-    AadError { code: 90055, error: "temporarily_unavailable", status: 429, text: "The request has been throttled. TenantThrottlingError." },
+    AadError {
+        code: 70008,
+        error: "invalid_grant",
+        status: 400,
+        text: "The provided authorization code or refresh token has expired due to inactivity. Send a new interactive authorization request for this user and resource.",
+    },
+    AadError {
+        code: 700082,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token has expired due to inactivity. The token was issued on 2024-01-01T00:00:00Z and was inactive for 90.00:00:00.",
+    },
+    AadError {
+        code: 50173,
+        error: "invalid_grant",
+        status: 400,
+        text: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password.",
+    },
+    AadError {
+        code: 700084,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token was issued to a single page app (SPA), and therefore has a fixed, limited lifetime of 1.00:00:00, which cannot be extended.",
+    },
+    AadError {
+        code: 65001,
+        error: "invalid_grant",
+        status: 400,
+        text: "The user or administrator has not consented to use the application with ID '11111111-2222-3333-4444-555555555555' named 'mail-monitor'.",
+    },
+    AadError {
+        code: 65004,
+        error: "invalid_grant",
+        status: 400,
+        text: "User declined to consent to access the app.",
+    },
+    AadError {
+        code: 50076,
+        error: "invalid_grant",
+        status: 400,
+        text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+    },
+    AadError {
+        code: 50079,
+        error: "invalid_grant",
+        status: 400,
+        text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+    },
+    AadError {
+        code: 50158,
+        error: "invalid_grant",
+        status: 400,
+        text: "External security challenge was not satisfied.",
+    },
+    AadError {
+        code: 53003,
+        error: "invalid_grant",
+        status: 400,
+        text: "Access has been blocked by Conditional Access policies. The access policy does not allow token issuance.",
+    },
+    AadError {
+        code: 70043,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token has expired or is invalid due to sign-in frequency checks by conditional access. The token was issued on 2024-01-01T00:00:00Z and the maximum allowed lifetime for this request is 3600.",
+    },
+    AadError {
+        code: 7000215,
+        error: "invalid_client",
+        status: 401,
+        text: "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '11111111-2222-3333-4444-555555555555'.",
+    },
+    AadError {
+        code: 7000222,
+        error: "invalid_client",
+        status: 401,
+        text: "The provided client secret keys for app '11111111-2222-3333-4444-555555555555' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds.",
+    },
+    AadError {
+        code: 700027,
+        error: "invalid_client",
+        status: 401,
+        text: "Client assertion failed signature validation.",
+    },
+    AadError {
+        code: 700016,
+        error: "unauthorized_client",
+        status: 400,
+        text: "Application with identifier '11111111-2222-3333-4444-555555555555' was not found in the directory 'contoso.onmicrosoft.com'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant.",
+    },
+    AadError {
+        code: 90002,
+        error: "invalid_request",
+        status: 400,
+        text: "Tenant 'contoso.onmicrosoft.com' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.",
+    },
+    AadError {
+        code: 70011,
+        error: "invalid_scope",
+        status: 400,
+        text: "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid.",
+    },
+    AadError {
+        code: 500011,
+        error: "invalid_resource",
+        status: 400,
+        text: "The resource principal named https://outlook.office365.com was not found in the tenant named contoso.",
+    },
+    AadError {
+        code: 50057,
+        error: "invalid_grant",
+        status: 400,
+        text: "The user account is disabled.",
+    },
+    AadError {
+        code: 50053,
+        error: "invalid_grant",
+        status: 400,
+        text: "The account is locked, you've tried to sign in too many times with an incorrect user ID or password.",
+    },
+    AadError {
+        code: 50055,
+        error: "invalid_grant",
+        status: 400,
+        text: "The password is expired.",
+    },
+    AadError {
+        code: 50196,
+        error: "invalid_request",
+        status: 400,
+        text: "The server terminated an operation because it encountered a client request loop. Please contact your app vendor.",
+    },
+    AadError {
+        code: 90055,
+        error: "temporarily_unavailable",
+        status: 429,
+        text: "The request has been throttled. TenantThrottlingError.",
+    },
 ];
 
 pub fn aad_error(code: u64) -> Option<AadError> {
@@ -464,9 +579,9 @@ fn ms_error(status: u16, error: &str, code: Option<u64>, text: &str) -> Reply {
     let corr = guid();
     let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let description = match code {
-        Some(c) => format!(
-            "AADSTS{c}: {text} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}"
-        ),
+        Some(c) => {
+            format!("AADSTS{c}: {text} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}")
+        }
         None => text.to_string(),
     };
     json(
@@ -575,9 +690,18 @@ fn scopes_of(form: &HashMap<String, String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn device_authorization(st: &mut State, client: &ClientSpec, form: &HashMap<String, String>) -> Reply {
+fn device_authorization(
+    st: &mut State,
+    client: &ClientSpec,
+    form: &HashMap<String, String>,
+) -> Reply {
     if !client.grants.contains(&EmuGrant::DeviceCode) {
-        return ms_error(400, "unauthorized_client", Some(70002), "The client does not allow the device code flow.");
+        return ms_error(
+            400,
+            "unauthorized_client",
+            Some(70002),
+            "The client does not allow the device code flow.",
+        );
     }
     let scopes = scopes_of(form);
     if scopes.is_empty() {
@@ -610,6 +734,8 @@ fn device_authorization(st: &mut State, client: &ClientSpec, form: &HashMap<Stri
 }
 
 /// Checks client authentication; `Err` is the reply to send.
+// The error is the response itself, built once and sent at once: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
 fn authenticate(
     st: &State,
     tenant: &str,
@@ -621,7 +747,12 @@ fn authenticate(
         if form.get("client_assertion_type").map(String::as_str)
             != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
         {
-            return Err(ms_error(400, "invalid_request", Some(50027), "Invalid client_assertion_type."));
+            return Err(ms_error(
+                400,
+                "invalid_request",
+                Some(50027),
+                "Invalid client_assertion_type.",
+            ));
         }
         let aud = format!("{}/{tenant}/oauth2/v2.0/token", st.base_url);
         return match &client.certificate_pem {
@@ -737,18 +868,33 @@ fn allowed_scopes(client: &ClientSpec, scopes: &[String]) -> bool {
             .all(|s| s == "offline_access" || client.scopes.contains(s))
 }
 
-fn token(st: &mut State, tenant: &str, client: &ClientSpec, form: &HashMap<String, String>) -> Reply {
+fn token(
+    st: &mut State,
+    tenant: &str,
+    client: &ClientSpec,
+    form: &HashMap<String, String>,
+) -> Reply {
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
     let (emu_grant, confidential_required) = match grant {
         "refresh_token" => (EmuGrant::RefreshToken, false),
         "client_credentials" => (EmuGrant::ClientCredentials, true),
         "urn:ietf:params:oauth:grant-type:device_code" => (EmuGrant::DeviceCode, false),
         _ => {
-            return ms_error(400, "unsupported_grant_type", Some(70003), "The app requested an unsupported grant type.");
+            return ms_error(
+                400,
+                "unsupported_grant_type",
+                Some(70003),
+                "The app requested an unsupported grant type.",
+            );
         }
     };
     if !client.grants.contains(&emu_grant) {
-        return ms_error(400, "unauthorized_client", Some(70001), "The application is not allowed to use this grant.");
+        return ms_error(
+            400,
+            "unauthorized_client",
+            Some(70001),
+            "The application is not allowed to use this grant.",
+        );
     }
     if let Err(reply) = authenticate(st, tenant, client, form, confidential_required) {
         return reply;
@@ -767,18 +913,32 @@ fn token(st: &mut State, tenant: &str, client: &ClientSpec, form: &HashMap<Strin
         EmuGrant::RefreshToken => {
             let presented = form.get("refresh_token").cloned().unwrap_or_default();
             let Some(record) = st.refresh_tokens.get(&presented).cloned() else {
-                return ms_error(400, "invalid_grant", Some(9002313), "Invalid request. Request is malformed or invalid.");
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(9002313),
+                    "Invalid request. Request is malformed or invalid.",
+                );
             };
             if let Some(s) = take_script(st, &Target::User(record.user.clone())) {
                 return scripted(s);
             }
             if record.client_id != client.id {
-                return ms_error(400, "invalid_grant", Some(70000), "Provided grant is invalid or malformed.");
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
             }
             if !record.valid || st.revoked_users.contains(&record.user) {
                 return aad(50173);
             }
-            let scopes = if scopes.is_empty() { record.scopes.clone() } else { scopes };
+            let scopes = if scopes.is_empty() {
+                record.scopes.clone()
+            } else {
+                scopes
+            };
             if !allowed_scopes(client, &scopes) {
                 return aad(70011);
             }
@@ -790,21 +950,48 @@ fn token(st: &mut State, tenant: &str, client: &ClientSpec, form: &HashMap<Strin
         EmuGrant::DeviceCode => {
             let code = form.get("device_code").cloned().unwrap_or_default();
             let Some(device) = st.devices.get_mut(&code) else {
-                return ms_error(400, "invalid_grant", Some(70000), "Provided grant is invalid or malformed.");
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
             };
             if device.done || device.client_id != client.id {
-                return ms_error(400, "invalid_grant", Some(70000), "Provided grant is invalid or malformed.");
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
             }
             match device.polls.pop_front().unwrap_or(DevicePoll::Pending) {
-                DevicePoll::Pending => ms_error(400, "authorization_pending", Some(70016), "OAuth 2.0 device flow error. Authorization is pending. Continue polling."),
-                DevicePoll::SlowDown => ms_error(400, "slow_down", None, "Polling too fast: slow down."),
+                DevicePoll::Pending => ms_error(
+                    400,
+                    "authorization_pending",
+                    Some(70016),
+                    "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+                ),
+                DevicePoll::SlowDown => {
+                    ms_error(400, "slow_down", None, "Polling too fast: slow down.")
+                }
                 DevicePoll::Deny => {
                     device.done = true;
-                    ms_error(400, "authorization_declined", Some(70000), "The user declined the sign-in.")
+                    ms_error(
+                        400,
+                        "authorization_declined",
+                        Some(70000),
+                        "The user declined the sign-in.",
+                    )
                 }
                 DevicePoll::Expire => {
                     device.done = true;
-                    ms_error(400, "expired_token", Some(70019), "Verification code expired.")
+                    ms_error(
+                        400,
+                        "expired_token",
+                        Some(70019),
+                        "Verification code expired.",
+                    )
                 }
                 DevicePoll::Approve(user) => {
                     device.done = true;

@@ -62,7 +62,10 @@ fn pem_block(path: &Path, labels: &[&str]) -> Result<(String, Vec<u8>), Assertio
             return Ok((item.label, item.contents));
         }
     }
-    Err(invalid(path, format!("no {} PEM block", labels.join(" or "))))
+    Err(invalid(
+        path,
+        format!("no {} PEM block", labels.join(" or ")),
+    ))
 }
 
 /// The certificate's notAfter (for the credential expiry metric).
@@ -166,11 +169,8 @@ mod tests {
 
     #[test]
     fn assertion_is_a_verifiable_rs256_jwt() {
-        let cert = ClientCertificate::load(
-            &fixture("client-cert.pem"),
-            &fixture("client-key.pem"),
-        )
-        .unwrap();
+        let cert = ClientCertificate::load(&fixture("client-cert.pem"), &fixture("client-key.pem"))
+            .unwrap();
         let now = SystemTime::now();
         let jwt = cert.assertion("cid", "https://idp/token", now).unwrap();
         let parts: Vec<&str> = jwt.expose().split('.').collect();

@@ -19,7 +19,10 @@ pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 /// Who issues the tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provider {
-    Microsoft { tenant: String, authority: String },
+    Microsoft {
+        tenant: String,
+        authority: String,
+    },
     Google,
     Generic {
         token_url: String,
@@ -39,7 +42,10 @@ impl Provider {
     pub fn token_url(&self) -> String {
         match self {
             Provider::Microsoft { tenant, authority } => {
-                format!("{}/{tenant}/oauth2/v2.0/token", authority.trim_end_matches('/'))
+                format!(
+                    "{}/{tenant}/oauth2/v2.0/token",
+                    authority.trim_end_matches('/')
+                )
             }
             Provider::Google => GOOGLE_TOKEN_URL.to_string(),
             Provider::Generic { token_url, .. } => token_url.clone(),
@@ -213,7 +219,10 @@ mod tests {
         );
         assert_eq!(
             default_scopes(&ms, &Grant::RefreshToken, &[Protocol::Pop3]),
-            vec!["https://outlook.office.com/POP.AccessAsUser.All", "offline_access"]
+            vec![
+                "https://outlook.office.com/POP.AccessAsUser.All",
+                "offline_access"
+            ]
         );
         assert_eq!(
             default_scopes(&ms, &Grant::ClientCredentials, &Protocol::ALL),

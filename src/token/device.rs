@@ -62,9 +62,12 @@ pub async fn device_login(
     let details = match grant::device_authorization(http, cred).await {
         Ok(d) => d,
         Err(e) => {
-            service
-                .observer()
-                .request(&cred.name, GrantKind::DeviceCode, started.elapsed(), Err(&e));
+            service.observer().request(
+                &cred.name,
+                GrantKind::DeviceCode,
+                started.elapsed(),
+                Err(&e),
+            );
             return Err(e.into());
         }
     };
@@ -170,7 +173,7 @@ pub async fn device_login(
         let e = match body {
             Some(body) => TokenError::Endpoint {
                 status,
-                body,
+                body: Box::new(body),
                 retry_after: meta.retry_after,
             },
             None => TokenError::Http {

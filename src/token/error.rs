@@ -36,7 +36,11 @@ impl OAuthErrorBody {
         if let Some(code) = self.error_codes.first() {
             return Some(*code);
         }
-        let rest = self.error_description.as_deref()?.trim_start().strip_prefix("AADSTS")?;
+        let rest = self
+            .error_description
+            .as_deref()?
+            .trim_start()
+            .strip_prefix("AADSTS")?;
         let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
         if digits.is_empty() || !rest[digits.len()..].starts_with(':') {
             return None;
@@ -74,7 +78,8 @@ pub enum TokenError {
     #[error("token endpoint answered HTTP {status}: {body}")]
     Endpoint {
         status: u16,
-        body: OAuthErrorBody,
+        // Boxed: the body is big and errors travel in every `Result`.
+        body: Box<OAuthErrorBody>,
         retry_after: Option<Duration>,
     },
     /// The endpoint answered something that is not OAuth JSON (HTML, empty, garbage).

@@ -4,13 +4,15 @@
 use super::assertion::{ASSERTION_TYPE, ClientCertificate};
 use super::credential::{ClientAuth, Credential, SecretSource};
 use super::error::{OAuthErrorBody, TokenError};
-use super::http::{HttpClient, ReplyMeta, from_oauth2};
+use super::http::{HttpClient, ReplyMeta, TransportError, from_oauth2};
 use crate::secret::Secret;
 use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::{
     AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet, Scope, StandardRevocableToken,
     TokenResponse, TokenUrl,
 };
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +34,26 @@ pub type OAuthClient<HasDeviceAuthUrl = EndpointNotSet> = oauth2::Client<
     EndpointNotSet,
     EndpointSet,
 >;
+
+/// oauth2's HTTP hook: our client, with the reply's status and `Retry-After` kept aside.
+/// A named type with a boxed future, not a closure: closures returning borrowing futures
+/// make the caller's future lose `Send` (a compiler limitation with higher-ranked lifetimes).
+struct Sender<'a> {
+    http: &'a HttpClient,
+    meta: &'a Mutex<ReplyMeta>,
+}
+
+type SendFuture<'c> =
+    Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, TransportError>> + Send + 'c>>;
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
+    type Error = TransportError;
+    type Future = SendFuture<'c>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(self.http.send(request, self.meta))
+    }
+}
 
 /// What a successful grant produced. The new refresh token (if any) goes straight to the
 /// store; it is kept in a [`Secret`] until then.
@@ -62,8 +84,9 @@ pub fn read_secret(source: &SecretSource) -> Result<Secret, String> {
     let raw = match source {
         SecretSource::File(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("client secret file {}: {e}", path.display()))?,
-        SecretSource::Env(var) => std::env::var(var)
-            .map_err(|_| format!("client secret variable {var} is not set"))?,
+        SecretSource::Env(var) => {
+            std::env::var(var).map_err(|_| format!("client secret variable {var} is not set"))?
+        }
     };
     let value = raw.trim();
     if value.is_empty() {
@@ -84,9 +107,13 @@ pub fn client_proof(cred: &Credential) -> Result<ClientProof, TokenError> {
         } => {
             let cert = ClientCertificate::load(certificate_file, private_key_file)
                 .map_err(|e| config_err(cred, e))?;
-            cert.assertion(&cred.client_id, &cred.provider.token_url(), SystemTime::now())
-                .map(ClientProof::Assertion)
-                .map_err(|e| config_err(cred, e))
+            cert.assertion(
+                &cred.client_id,
+                &cred.provider.token_url(),
+                SystemTime::now(),
+            )
+            .map(ClientProof::Assertion)
+            .map_err(|e| config_err(cred, e))
         }
     }
 }
@@ -134,25 +161,28 @@ pub async fn refresh(
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let send = |r| http.send(r, &meta);
-    let result = req.request_async(&send).await;
+    let result = req.request_async(&Sender { http, meta: &meta }).await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map(granted).map_err(|e| from_oauth2(e, meta))
 }
 
 /// The client credentials grant (an application token).
-pub async fn client_credentials(http: &HttpClient, cred: &Credential) -> Result<Granted, TokenError> {
+pub async fn client_credentials(
+    http: &HttpClient,
+    cred: &Credential,
+) -> Result<Granted, TokenError> {
     let proof = client_proof(cred)?;
     let client = oauth_client(cred, &proof)?;
-    let mut req = client.exchange_client_credentials().add_scopes(scopes(cred));
+    let mut req = client
+        .exchange_client_credentials()
+        .add_scopes(scopes(cred));
     if let ClientProof::Assertion(a) = &proof {
         req = req
             .add_extra_param("client_assertion_type", ASSERTION_TYPE)
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let send = |r| http.send(r, &meta);
-    let result = req.request_async(&send).await;
+    let result = req.request_async(&Sender { http, meta: &meta }).await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map(granted).map_err(|e| from_oauth2(e, meta))
 }
@@ -176,8 +206,7 @@ pub async fn device_authorization(
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let send = |r| http.send(r, &meta);
-    let result = req.request_async(&send).await;
+    let result = req.request_async(&Sender { http, meta: &meta }).await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map_err(|e| from_oauth2(e, meta))
 }

@@ -213,7 +213,7 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
     match e {
         E::ServerResponse(body) => TokenError::Endpoint {
             status,
-            body,
+            body: Box::new(body),
             retry_after: meta.retry_after,
         },
         E::Request(e) => TokenError::Network {

@@ -115,11 +115,14 @@ struct Stats {
     last_success: Option<SystemTime>,
 }
 
+/// Credential name and scope set.
+type CacheKey = (String, Vec<String>);
+
 struct Inner {
     http: HttpClient,
     store: RefreshTokenStore,
     opts: TokenServiceOptions,
-    entries: Mutex<HashMap<(String, Vec<String>), Arc<Entry>>>,
+    entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
     /// One refresh at a time per credential, whatever the scope set: a refresh token must
     /// never be sent twice.
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -313,7 +316,10 @@ impl TokenService {
     }
 
     /// One token request, reported to the observer.
-    async fn fetch(&self, cred: &Credential) -> Result<(AccessToken, Option<Duration>), TokenError> {
+    async fn fetch(
+        &self,
+        cred: &Credential,
+    ) -> Result<(AccessToken, Option<Duration>), TokenError> {
         let Some(kind) = cred.grant.kind() else {
             return Err(TokenError::Config {
                 credential: cred.name.clone(),
@@ -344,7 +350,8 @@ impl TokenService {
                     s.expires_at = expires_at;
                     s.last_success = Some(obtained_at);
                 }
-                self.observer().request(&cred.name, kind, elapsed, Ok(&info));
+                self.observer()
+                    .request(&cred.name, kind, elapsed, Ok(&info));
                 tracing::debug!(credential = %cred.name, grant = %kind, ?elapsed, "token obtained");
                 Ok((
                     AccessToken {
@@ -384,16 +391,16 @@ impl TokenService {
         drop(current);
         let mut save_error = None;
         let rotated = granted.refresh_token.is_some();
-        if let Some(new_rt) = granted.refresh_token.take() {
-            if let Err(e) = store.save(&cred.name, &new_rt).await {
-                tracing::error!(
-                    credential = %cred.name,
-                    file = %store.path_for(&cred.name).display(),
-                    error = %e,
-                    "cannot save the rotated refresh token; it is kept in memory and used next"
-                );
-                save_error = Some(e.to_string());
-            }
+        if let Some(new_rt) = granted.refresh_token.take()
+            && let Err(e) = store.save(&cred.name, &new_rt).await
+        {
+            tracing::error!(
+                credential = %cred.name,
+                file = %store.path_for(&cred.name).display(),
+                error = %e,
+                "cannot save the rotated refresh token; it is kept in memory and used next"
+            );
+            save_error = Some(e.to_string());
         }
         Ok((granted, rotated, save_error))
     }
@@ -435,7 +442,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..50 {
             let d = backoff(base, max, 3);
-            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(4), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(4),
+                "{d:?}"
+            );
             seen.insert(d);
         }
         assert!(seen.len() > 10, "no jitter");
