@@ -29,6 +29,14 @@ pub struct SaveStatus {
 struct Slot {
     token: Option<Secret>,
     status: SaveStatus,
+    /// The file's (mtime, length) when we last wrote or read it: a different stamp means
+    /// another process (`login`) wrote a newer token, which then wins over memory.
+    disk_stamp: Option<(SystemTime, u64)>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 /// Refresh tokens per credential name.
@@ -75,12 +83,17 @@ impl RefreshTokenStore {
         self.dir.join(format!("{safe}-{hash}.refresh_token"))
     }
 
-    /// The newest refresh token: memory first (it may be newer than the disk), else the file.
+    /// The newest refresh token: memory (it may be newer than the disk, after a failed
+    /// save), unless the file changed since we last wrote or read it (a new `login`).
     pub fn current(&self, credential: &str) -> io::Result<Option<Secret>> {
-        if let Some(t) = self.lock().get(credential).and_then(|s| s.token.clone()) {
-            return Ok(Some(t));
-        }
         let path = self.path_for(credential);
+        let on_disk = stamp(&path);
+        if let Some(slot) = self.lock().get(credential)
+            && let Some(t) = &slot.token
+            && (on_disk.is_none() || on_disk == slot.disk_stamp)
+        {
+            return Ok(Some(t.clone()));
+        }
         let token = match fs::read_to_string(&path) {
             Ok(s) => s.trim().to_string(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -91,9 +104,10 @@ impl RefreshTokenStore {
         }
         let token = Secret::new(token);
         let mut map = self.lock();
-        // Another task may have rotated meanwhile: its token is newer than the file's.
         let slot = map.entry(credential.to_string()).or_default();
-        Ok(Some(slot.token.get_or_insert(token).clone()))
+        slot.token = Some(token.clone());
+        slot.disk_stamp = on_disk;
+        Ok(Some(token))
     }
 
     /// Records a new refresh token: memory at once, then the disk. The returned error (also
@@ -112,6 +126,7 @@ impl RefreshTokenStore {
         let slot = map.entry(credential.to_string()).or_default();
         match &result {
             Ok(()) => {
+                slot.disk_stamp = stamp(&self.path_for(credential));
                 slot.status.last_saved = Some(SystemTime::now());
                 slot.status.save_error = None;
             }
@@ -215,6 +230,25 @@ mod tests {
         let mode = fs::metadata(s.path_for("c")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(s.status("c").save_error.is_none());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_login_by_another_process_wins_over_memory() {
+        let dir = tmpdir("relogin");
+        let service = RefreshTokenStore::new(&dir);
+        service.save("c", &Secret::new("rt-old")).await.unwrap();
+        assert_eq!(service.current("c").unwrap().unwrap().expose(), "rt-old");
+        // Same second, other length: the stamp still differs.
+        let login = RefreshTokenStore::new(&dir);
+        login
+            .save("c", &Secret::new("rt-from-login"))
+            .await
+            .unwrap();
+        assert_eq!(
+            service.current("c").unwrap().unwrap().expose(),
+            "rt-from-login"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

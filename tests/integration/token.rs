@@ -732,10 +732,11 @@ async fn server_errors_back_off_exponentially_with_jitter() {
     let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
     // Each wait is in the upper half of base·2^n, so gaps never shrink and grow overall.
     for w in gaps.windows(2).take(3) {
-        assert!(w[1] + Duration::from_millis(30) >= w[0], "{gaps:?}");
+        // Tolerance for polling lag and a loaded machine.
+        assert!(w[1] + Duration::from_millis(100) >= w[0], "{gaps:?}");
     }
     assert!(
-        gaps[0] >= Duration::from_millis(100) && gaps[0] <= Duration::from_millis(260),
+        gaps[0] >= Duration::from_millis(100) && gaps[0] <= Duration::from_millis(450),
         "{gaps:?}"
     );
     ep.clear_scripts();
