@@ -10,6 +10,7 @@ pub mod probe;
 pub mod protocol;
 pub mod reason;
 pub mod secret;
+pub mod token;
 
 pub use protocol::{Mechanism, Protocol, TlsMode};
 pub use reason::{Reason, Stage};

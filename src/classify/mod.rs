@@ -4,6 +4,7 @@
 //! the bracketed host names, case and line splitting (../shared/FAILURES.md).
 
 pub mod probe;
+pub mod token;
 
 use crate::reason::Reason;
 

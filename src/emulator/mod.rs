@@ -58,6 +58,7 @@ mod imap;
 mod pop3;
 mod sasl;
 mod smtp;
+pub mod token_endpoint;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

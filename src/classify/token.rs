@@ -1,0 +1,299 @@
+//! Token errors → the contract's `token_*` reasons, plus the detail shown beside them.
+//!
+//! Rules (CONTRACT.md): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
+//! (from `error_codes`, else the description's `AADSTSnnnn:` prefix) decides before `error`;
+//! an unknown code falls back on `error`; a reply that is not OAuth JSON is classified by its
+//! HTTP status. Description text is never matched.
+
+use crate::reason::Reason;
+use crate::token::error::{EXCERPT_MAX, TokenError, bounded};
+
+/// The reason of a known AADSTS code (FAILURES.md), `None` for codes we do not know.
+pub fn aadsts_reason(code: u64) -> Option<Reason> {
+    Some(match code {
+        70008 | 700082 | 50173 | 700084 => Reason::TokenInvalidGrant,
+        65001 | 65004 => Reason::TokenConsentRequired,
+        50076 | 50079 | 50158 | 53003 | 70043 => Reason::TokenInteractionRequired,
+        7000215 | 700027 => Reason::TokenInvalidClient,
+        7000222 => Reason::TokenClientSecretExpired,
+        700016 | 90002 => Reason::TokenUnauthorizedClient,
+        70011 | 500011 => Reason::TokenInvalidScope,
+        50057 | 50053 | 50055 => Reason::TokenAccountBlocked,
+        50196 | 90055 => Reason::TokenThrottled,
+        _ => return None,
+    })
+}
+
+/// The reason of an OAuth `error` value (RFC 6749 §5.2 and OIDC).
+pub fn error_reason(error: &str) -> Reason {
+    match error {
+        "invalid_grant" => Reason::TokenInvalidGrant,
+        "invalid_client" => Reason::TokenInvalidClient,
+        "unauthorized_client" => Reason::TokenUnauthorizedClient,
+        "invalid_scope" => Reason::TokenInvalidScope,
+        "consent_required" => Reason::TokenConsentRequired,
+        "interaction_required" => Reason::TokenInteractionRequired,
+        "temporarily_unavailable" | "server_error" => Reason::TokenServerError,
+        _ => Reason::TokenError,
+    }
+}
+
+fn status_reason(status: u16) -> Reason {
+    match status {
+        429 => Reason::TokenThrottled,
+        500..=599 => Reason::TokenServerError,
+        _ => Reason::TokenError,
+    }
+}
+
+pub fn reason(e: &TokenError) -> Reason {
+    match e {
+        TokenError::Missing { .. } => Reason::TokenMissing,
+        TokenError::Network { .. } => Reason::TokenNetworkError,
+        TokenError::Http { status, .. } => status_reason(*status),
+        TokenError::Endpoint { status: 429, .. } => Reason::TokenThrottled,
+        TokenError::Endpoint { body, .. } => body
+            .aadsts_code()
+            .and_then(aadsts_reason)
+            .unwrap_or_else(|| error_reason(&body.error)),
+        TokenError::Config { .. } | TokenError::TokenFile { .. } | TokenError::Store { .. } => {
+            Reason::TokenError
+        }
+    }
+}
+
+/// What the status page and logs show beside the reason: HTTP status, AADSTS code, `error`,
+/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: the
+/// server never echoes them, and our own errors name files, not contents.
+pub fn detail(e: &TokenError) -> String {
+    match e {
+        TokenError::Endpoint { status, body, .. } => {
+            let mut parts = vec![format!("HTTP {status}")];
+            if let Some(code) = body.aadsts_code() {
+                parts.push(format!("AADSTS{code}"));
+            }
+            parts.push(bounded(&body.error, 64));
+            if let Some(d) = body.short_description() {
+                parts.push(d);
+            }
+            if let Some(t) = &body.trace_id {
+                parts.push(format!("trace_id={}", bounded(t, 64)));
+            }
+            if let Some(c) = &body.correlation_id {
+                parts.push(format!("correlation_id={}", bounded(c, 64)));
+            }
+            parts.join("; ")
+        }
+        other => bounded(&other.to_string(), 2 * EXCERPT_MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::error::OAuthErrorBody;
+
+    fn ms(status: u16, error: &str, code: u64) -> TokenError {
+        TokenError::Endpoint {
+            status,
+            body: Box::new(OAuthErrorBody {
+                error: error.into(),
+                error_description: Some(format!("AADSTS{code}: something.\r\nTrace ID: x")),
+                error_codes: vec![code],
+                trace_id: Some("trace-1".into()),
+                correlation_id: Some("corr-1".into()),
+                ..Default::default()
+            }),
+            retry_after: None,
+        }
+    }
+
+    fn google(status: u16, error: &str, description: &str) -> TokenError {
+        TokenError::Endpoint {
+            status,
+            body: Box::new(OAuthErrorBody {
+                error: error.into(),
+                error_description: Some(description.into()),
+                ..Default::default()
+            }),
+            retry_after: None,
+        }
+    }
+
+    /// Every AADSTS row of FAILURES.md, with the `error` and status Microsoft sends.
+    pub const FAILURES_AADSTS: &[(u64, &str, u16, Reason)] = &[
+        (70008, "invalid_grant", 400, Reason::TokenInvalidGrant),
+        (700082, "invalid_grant", 400, Reason::TokenInvalidGrant),
+        (50173, "invalid_grant", 400, Reason::TokenInvalidGrant),
+        (700084, "invalid_grant", 400, Reason::TokenInvalidGrant),
+        (65001, "invalid_grant", 400, Reason::TokenConsentRequired),
+        (65004, "invalid_grant", 400, Reason::TokenConsentRequired),
+        (
+            50076,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            50079,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            50158,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            53003,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (
+            70043,
+            "invalid_grant",
+            400,
+            Reason::TokenInteractionRequired,
+        ),
+        (7000215, "invalid_client", 401, Reason::TokenInvalidClient),
+        (
+            7000222,
+            "invalid_client",
+            401,
+            Reason::TokenClientSecretExpired,
+        ),
+        (700027, "invalid_client", 401, Reason::TokenInvalidClient),
+        (
+            700016,
+            "unauthorized_client",
+            400,
+            Reason::TokenUnauthorizedClient,
+        ),
+        (
+            90002,
+            "invalid_request",
+            400,
+            Reason::TokenUnauthorizedClient,
+        ),
+        (70011, "invalid_scope", 400, Reason::TokenInvalidScope),
+        (500011, "invalid_resource", 400, Reason::TokenInvalidScope),
+        (50057, "invalid_grant", 400, Reason::TokenAccountBlocked),
+        (50053, "invalid_grant", 400, Reason::TokenAccountBlocked),
+        (50055, "invalid_grant", 400, Reason::TokenAccountBlocked),
+        (50196, "invalid_request", 400, Reason::TokenThrottled),
+        (90055, "invalid_request", 429, Reason::TokenThrottled),
+    ];
+
+    #[test]
+    fn every_aadsts_code_of_failures_md() {
+        for (code, error, status, want) in FAILURES_AADSTS {
+            assert_eq!(reason(&ms(*status, error, *code)), *want, "AADSTS{code}");
+            // The prefix counts only when error_codes is absent.
+            let mut e = ms(*status, error, *code);
+            if let TokenError::Endpoint { body, .. } = &mut e {
+                body.error_codes.clear();
+            }
+            assert_eq!(reason(&e), *want, "AADSTS{code} from prefix");
+        }
+    }
+
+    #[test]
+    fn google_errors() {
+        assert_eq!(
+            reason(&google(
+                400,
+                "invalid_grant",
+                "Token has been expired or revoked."
+            )),
+            Reason::TokenInvalidGrant
+        );
+        assert_eq!(
+            reason(&google(
+                401,
+                "invalid_client",
+                "The OAuth client was not found."
+            )),
+            Reason::TokenInvalidClient
+        );
+        assert_eq!(
+            reason(&google(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized"
+            )),
+            Reason::TokenUnauthorizedClient
+        );
+    }
+
+    #[test]
+    fn rule_order() {
+        // 429 wins over the body.
+        assert_eq!(
+            reason(&ms(429, "invalid_grant", 70008)),
+            Reason::TokenThrottled
+        );
+        // A known code wins over `error`.
+        assert_eq!(
+            reason(&ms(400, "invalid_grant", 65001)),
+            Reason::TokenConsentRequired
+        );
+        // error_codes wins over the description prefix.
+        let mut e = ms(400, "invalid_grant", 50057);
+        if let TokenError::Endpoint { body, .. } = &mut e {
+            body.error_description = Some("AADSTS70011: scope".into());
+        }
+        assert_eq!(reason(&e), Reason::TokenAccountBlocked);
+        // Unknown codes fall back on `error`.
+        for (error, want) in [
+            ("invalid_grant", Reason::TokenInvalidGrant),
+            ("invalid_client", Reason::TokenInvalidClient),
+            ("unauthorized_client", Reason::TokenUnauthorizedClient),
+            ("invalid_scope", Reason::TokenInvalidScope),
+            ("consent_required", Reason::TokenConsentRequired),
+            ("interaction_required", Reason::TokenInteractionRequired),
+            ("temporarily_unavailable", Reason::TokenServerError),
+            ("server_error", Reason::TokenServerError),
+            ("invalid_request", Reason::TokenError),
+        ] {
+            assert_eq!(reason(&ms(400, error, 9_999_999)), want, "{error}");
+        }
+    }
+
+    #[test]
+    fn non_oauth_replies_by_status_and_local_errors() {
+        let http = |status| TokenError::Http {
+            status,
+            excerpt: "<html>".into(),
+            retry_after: None,
+        };
+        assert_eq!(reason(&http(503)), Reason::TokenServerError);
+        assert_eq!(reason(&http(500)), Reason::TokenServerError);
+        assert_eq!(reason(&http(429)), Reason::TokenThrottled);
+        assert_eq!(reason(&http(404)), Reason::TokenError);
+        assert_eq!(reason(&http(200)), Reason::TokenError);
+        assert_eq!(
+            reason(&TokenError::Network {
+                detail: "connect refused".into()
+            }),
+            Reason::TokenNetworkError
+        );
+        assert_eq!(
+            reason(&TokenError::Missing {
+                credential: "c".into()
+            }),
+            Reason::TokenMissing
+        );
+    }
+
+    #[test]
+    fn detail_names_code_ids_and_first_line() {
+        let d = detail(&ms(400, "invalid_grant", 70008));
+        assert_eq!(
+            d,
+            "HTTP 400; AADSTS70008; invalid_grant; AADSTS70008: something.; trace_id=trace-1; correlation_id=corr-1"
+        );
+    }
+}

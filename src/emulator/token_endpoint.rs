@@ -1,0 +1,1008 @@
+//! An emulated Microsoft identity platform v2.0 token endpoint, for tests and `demo`.
+//!
+//! `POST /{tenant}/oauth2/v2.0/token` (grants `refresh_token`, `client_credentials` with
+//! `client_secret` or a certificate-signed `client_assertion`, device code) and
+//! `POST /{tenant}/oauth2/v2.0/devicecode`, on 127.0.0.1. Scriptable: clients, users,
+//! lifetimes, forced errors exactly as FAILURES.md lists them, 429/5xx/HTML/hangs, device
+//! flow states. It counts requests, and [`TokenEndpoint::validate`] tells the emulated mail
+//! servers whether an access token is one it issued and still valid.
+//!
+//! Choices where Microsoft's behaviour is not pinned down:
+//! - Refresh tokens rotate: each refresh returns a new one and invalidates the old. Reusing
+//!   an old one, or using one of a user whose grant was revoked, gets `invalid_grant`
+//!   AADSTS50173 ("the grant has expired due to it being revoked"), HTTP 400.
+//! - AADSTS50196 answers HTTP 400 `invalid_request`, AADSTS90055 HTTP 429
+//!   `temporarily_unavailable` (FAILURES.md allows both statuses).
+//! - Device flow denial is `authorization_declined` (Microsoft's word; RFC 8628 says
+//!   `access_denied`), expiry is `expired_token`.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// One AADSTS error of FAILURES.md as Microsoft sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AadError {
+    pub code: u64,
+    pub error: &'static str,
+    pub status: u16,
+    pub text: &'static str,
+}
+
+/// Every AADSTS error of FAILURES.md's token endpoint table (plus 65004, 50158, 500011
+/// which the contract names).
+pub const AAD_ERRORS: &[AadError] = &[
+    AadError {
+        code: 70008,
+        error: "invalid_grant",
+        status: 400,
+        text: "The provided authorization code or refresh token has expired due to inactivity. Send a new interactive authorization request for this user and resource.",
+    },
+    AadError {
+        code: 700082,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token has expired due to inactivity. The token was issued on 2024-01-01T00:00:00Z and was inactive for 90.00:00:00.",
+    },
+    AadError {
+        code: 50173,
+        error: "invalid_grant",
+        status: 400,
+        text: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password.",
+    },
+    AadError {
+        code: 700084,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token was issued to a single page app (SPA), and therefore has a fixed, limited lifetime of 1.00:00:00, which cannot be extended.",
+    },
+    AadError {
+        code: 65001,
+        error: "invalid_grant",
+        status: 400,
+        text: "The user or administrator has not consented to use the application with ID '11111111-2222-3333-4444-555555555555' named 'mail-monitor'.",
+    },
+    AadError {
+        code: 65004,
+        error: "invalid_grant",
+        status: 400,
+        text: "User declined to consent to access the app.",
+    },
+    AadError {
+        code: 50076,
+        error: "invalid_grant",
+        status: 400,
+        text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+    },
+    AadError {
+        code: 50079,
+        error: "invalid_grant",
+        status: 400,
+        text: "Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+    },
+    AadError {
+        code: 50158,
+        error: "invalid_grant",
+        status: 400,
+        text: "External security challenge was not satisfied.",
+    },
+    AadError {
+        code: 53003,
+        error: "invalid_grant",
+        status: 400,
+        text: "Access has been blocked by Conditional Access policies. The access policy does not allow token issuance.",
+    },
+    AadError {
+        code: 70043,
+        error: "invalid_grant",
+        status: 400,
+        text: "The refresh token has expired or is invalid due to sign-in frequency checks by conditional access. The token was issued on 2024-01-01T00:00:00Z and the maximum allowed lifetime for this request is 3600.",
+    },
+    AadError {
+        code: 7000215,
+        error: "invalid_client",
+        status: 401,
+        text: "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '11111111-2222-3333-4444-555555555555'.",
+    },
+    AadError {
+        code: 7000222,
+        error: "invalid_client",
+        status: 401,
+        text: "The provided client secret keys for app '11111111-2222-3333-4444-555555555555' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds.",
+    },
+    AadError {
+        code: 700027,
+        error: "invalid_client",
+        status: 401,
+        text: "Client assertion failed signature validation.",
+    },
+    AadError {
+        code: 700016,
+        error: "unauthorized_client",
+        status: 400,
+        text: "Application with identifier '11111111-2222-3333-4444-555555555555' was not found in the directory 'contoso.onmicrosoft.com'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant.",
+    },
+    AadError {
+        code: 90002,
+        error: "invalid_request",
+        status: 400,
+        text: "Tenant 'contoso.onmicrosoft.com' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.",
+    },
+    AadError {
+        code: 70011,
+        error: "invalid_scope",
+        status: 400,
+        text: "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid.",
+    },
+    AadError {
+        code: 500011,
+        error: "invalid_resource",
+        status: 400,
+        text: "The resource principal named https://outlook.office365.com was not found in the tenant named contoso.",
+    },
+    AadError {
+        code: 50057,
+        error: "invalid_grant",
+        status: 400,
+        text: "The user account is disabled.",
+    },
+    AadError {
+        code: 50053,
+        error: "invalid_grant",
+        status: 400,
+        text: "The account is locked, you've tried to sign in too many times with an incorrect user ID or password.",
+    },
+    AadError {
+        code: 50055,
+        error: "invalid_grant",
+        status: 400,
+        text: "The password is expired.",
+    },
+    AadError {
+        code: 50196,
+        error: "invalid_request",
+        status: 400,
+        text: "The server terminated an operation because it encountered a client request loop. Please contact your app vendor.",
+    },
+    AadError {
+        code: 90055,
+        error: "temporarily_unavailable",
+        status: 429,
+        text: "The request has been throttled. TenantThrottlingError.",
+    },
+];
+
+pub fn aad_error(code: u64) -> Option<AadError> {
+    AAD_ERRORS.iter().copied().find(|e| e.code == code)
+}
+
+/// A forced reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scripted {
+    /// A Microsoft error of [`AAD_ERRORS`] with its status, codes and ids.
+    Aadsts(u64),
+    /// An OAuth error without Microsoft's extras (Google's shape).
+    OAuth {
+        status: u16,
+        error: String,
+        description: String,
+    },
+    /// HTTP 429 with an optional `Retry-After` (seconds) and an empty body.
+    Throttle { retry_after: Option<u64> },
+    /// A bare 5xx (plain text, not OAuth JSON).
+    ServerError(u16),
+    /// An HTML error page with this status.
+    Html(u16),
+    /// A 200 with an empty body.
+    Empty,
+    /// Never answers.
+    Hang,
+}
+
+/// Who a script applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Client(String),
+    User(String),
+}
+
+/// The grants a client may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EmuGrant {
+    RefreshToken,
+    ClientCredentials,
+    DeviceCode,
+}
+
+/// A registered application.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSpec {
+    pub id: String,
+    /// Confidential client secret; `None` with no certificate: a public client.
+    pub secret: Option<String>,
+    pub secret_expired: bool,
+    /// PEM certificate whose key signs client assertions.
+    pub certificate_pem: Option<String>,
+    pub grants: Vec<EmuGrant>,
+    /// App roles/scopes granted; empty: any scope.
+    pub scopes: Vec<String>,
+}
+
+/// What one device poll answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePoll {
+    Pending,
+    SlowDown,
+    /// The user signed in: tokens are issued to this user.
+    Approve(String),
+    Deny,
+    Expire,
+}
+
+/// A token this endpoint issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub client_id: String,
+    /// `None` for application (client credentials) tokens.
+    pub user: Option<String>,
+    pub scopes: Vec<String>,
+    pub expires_at: SystemTime,
+}
+
+/// One request as the endpoint saw it (tests assert on these; it holds test tokens).
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub path: String,
+    pub client_id: Option<String>,
+    /// `grant_type`, or `devicecode` for the device authorization request.
+    pub grant: String,
+    pub refresh_token: Option<String>,
+    pub client_assertion: Option<String>,
+    pub client_secret: Option<String>,
+    pub status: u16,
+    pub at: tokio::time::Instant,
+}
+
+#[derive(Debug, Clone)]
+struct RtRecord {
+    user: String,
+    client_id: String,
+    scopes: Vec<String>,
+    valid: bool,
+}
+
+#[derive(Debug)]
+struct Device {
+    client_id: String,
+    scopes: Vec<String>,
+    polls: VecDeque<DevicePoll>,
+    done: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    base_url: String,
+    clients: HashMap<String, ClientSpec>,
+    revoked_users: Vec<String>,
+    refresh_tokens: HashMap<String, RtRecord>,
+    access_tokens: HashMap<String, IssuedToken>,
+    lifetime: Duration,
+    scripts: HashMap<Target, VecDeque<Scripted>>,
+    always: HashMap<Target, Scripted>,
+    device_script: VecDeque<DevicePoll>,
+    device_interval: u64,
+    devices: HashMap<String, Device>,
+    requests: Vec<RequestRecord>,
+}
+
+/// The running endpoint. Dropping it stops the server.
+pub struct TokenEndpoint {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TokenEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn guid() -> String {
+    let h = random_hex(16);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+enum Reply {
+    Now(Response<Full<Bytes>>),
+    Hang,
+}
+
+impl TokenEndpoint {
+    /// Starts on 127.0.0.1 with an ephemeral port.
+    pub async fn start() -> std::io::Result<TokenEndpoint> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            base_url: format!("http://{addr}"),
+            clients: HashMap::new(),
+            revoked_users: Vec::new(),
+            refresh_tokens: HashMap::new(),
+            access_tokens: HashMap::new(),
+            lifetime: Duration::from_secs(3600),
+            scripts: HashMap::new(),
+            always: HashMap::new(),
+            device_script: VecDeque::new(),
+            device_interval: 5,
+            devices: HashMap::new(),
+            requests: Vec::new(),
+        }));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in the set, so stopping the server stops them too.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(TokenEndpoint { addr, state, task })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:port`: the `authority` of a Microsoft credential pointed here.
+    pub fn authority(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token_url(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/token", self.authority())
+    }
+
+    pub fn add_client(&self, spec: ClientSpec) {
+        self.state().clients.insert(spec.id.clone(), spec);
+    }
+
+    /// Gives `user` a refresh token for `client_id` (as if they had signed in) and returns it.
+    pub fn add_user(&self, user: &str, client_id: &str, scopes: &[&str]) -> String {
+        let rt = format!("emu-rt-{}", random_hex(24));
+        let mut st = self.state();
+        st.revoked_users.retain(|u| u != user);
+        st.refresh_tokens.insert(
+            rt.clone(),
+            RtRecord {
+                user: user.into(),
+                client_id: client_id.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                valid: true,
+            },
+        );
+        rt
+    }
+
+    /// Access token lifetime for tokens issued from now on (whole seconds on the wire).
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.state().lifetime = lifetime;
+    }
+
+    /// Invalidates every refresh token of `user` (password change, admin revoke).
+    pub fn revoke_user(&self, user: &str) {
+        let mut st = self.state();
+        st.revoked_users.push(user.into());
+        for r in st.refresh_tokens.values_mut() {
+            if r.user == user {
+                r.valid = false;
+            }
+        }
+    }
+
+    /// The next request of `target` answers `reply` (queued: several calls, several replies).
+    pub fn script_once(&self, target: Target, reply: Scripted) {
+        self.state()
+            .scripts
+            .entry(target)
+            .or_default()
+            .push_back(reply);
+    }
+
+    /// Every request of `target` answers `reply` until [`TokenEndpoint::clear_scripts`].
+    pub fn script_always(&self, target: Target, reply: Scripted) {
+        self.state().always.insert(target, reply);
+    }
+
+    pub fn clear_scripts(&self) {
+        let mut st = self.state();
+        st.scripts.clear();
+        st.always.clear();
+    }
+
+    /// The answers of the next device code's polls, in order; `Pending` once exhausted.
+    pub fn script_device(&self, polls: Vec<DevicePoll>) {
+        self.state().device_script = polls.into();
+    }
+
+    /// The `interval` the device authorization reply announces (seconds).
+    pub fn set_device_interval(&self, seconds: u64) {
+        self.state().device_interval = seconds;
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.state().requests.clone()
+    }
+
+    /// Requests of `client_id` with `grant` (`refresh_token`, `client_credentials`,
+    /// `urn:ietf:params:oauth:grant-type:device_code`, `devicecode`).
+    pub fn request_count(&self, client_id: &str, grant: &str) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.client_id.as_deref() == Some(client_id) && r.grant == grant)
+            .count()
+    }
+
+    /// Every refresh token ever issued or registered (tests grep logs for them).
+    pub fn all_refresh_tokens(&self) -> Vec<String> {
+        self.state().refresh_tokens.keys().cloned().collect()
+    }
+
+    /// Every access token ever issued.
+    pub fn all_access_tokens(&self) -> Vec<String> {
+        self.state().access_tokens.keys().cloned().collect()
+    }
+
+    /// The currently valid refresh tokens of `user`.
+    pub fn valid_refresh_tokens(&self, user: &str) -> Vec<String> {
+        self.state()
+            .refresh_tokens
+            .iter()
+            .filter(|(_, r)| r.user == user && r.valid)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Whether `token` is an access token issued here and not yet expired.
+    pub fn validate(&self, token: &str) -> Option<IssuedToken> {
+        self.state()
+            .access_tokens
+            .get(token)
+            .filter(|t| SystemTime::now() < t.expires_at)
+            .cloned()
+    }
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(plain(413, "request too large")),
+    };
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let reply = {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let reply = respond(&mut st, &method, &path, &form);
+        let status = match &reply {
+            Reply::Now(r) => r.status().as_u16(),
+            Reply::Hang => 0,
+        };
+        let grant = if path.ends_with("/devicecode") {
+            "devicecode".to_string()
+        } else {
+            form.get("grant_type").cloned().unwrap_or_default()
+        };
+        st.requests.push(RequestRecord {
+            path: path.clone(),
+            client_id: form.get("client_id").cloned(),
+            grant,
+            refresh_token: form.get("refresh_token").cloned(),
+            client_assertion: form.get("client_assertion").cloned(),
+            client_secret: form.get("client_secret").cloned(),
+            status,
+            at: tokio::time::Instant::now(),
+        });
+        reply
+    };
+    match reply {
+        Reply::Now(r) => Ok(r),
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            Ok(plain(500, "unreachable"))
+        }
+    }
+}
+
+fn plain(status: u16, text: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(text.to_string())))
+        .unwrap_or_default()
+}
+
+fn json(status: u16, value: serde_json::Value) -> Reply {
+    Reply::Now(
+        Response::builder()
+            .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json; charset=utf-8")
+            .header("cache-control", "no-store, no-cache")
+            .body(Full::new(Bytes::from(value.to_string())))
+            .unwrap_or_default(),
+    )
+}
+
+/// A Microsoft-shaped error body.
+fn ms_error(status: u16, error: &str, code: Option<u64>, text: &str) -> Reply {
+    let trace = guid();
+    let corr = guid();
+    let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let description = match code {
+        Some(c) => {
+            format!("AADSTS{c}: {text} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}")
+        }
+        None => text.to_string(),
+    };
+    json(
+        status,
+        serde_json::json!({
+            "error": error,
+            "error_description": description,
+            "error_codes": code.map(|c| vec![c]).unwrap_or_default(),
+            "timestamp": ts,
+            "trace_id": trace,
+            "correlation_id": corr,
+            "error_uri": code.map(|c| format!("https://login.microsoftonline.com/error?code={c}")),
+        }),
+    )
+}
+
+fn aad(code: u64) -> Reply {
+    match aad_error(code) {
+        Some(e) => ms_error(e.status, e.error, Some(e.code), e.text),
+        None => ms_error(400, "invalid_request", Some(code), "Scripted error."),
+    }
+}
+
+fn scripted(s: Scripted) -> Reply {
+    match s {
+        Scripted::Aadsts(code) => aad(code),
+        Scripted::OAuth {
+            status,
+            error,
+            description,
+        } => json(
+            status,
+            serde_json::json!({"error": error, "error_description": description}),
+        ),
+        Scripted::Throttle { retry_after } => {
+            let mut b = Response::builder().status(429);
+            if let Some(s) = retry_after {
+                b = b.header("retry-after", s.to_string());
+            }
+            Reply::Now(b.body(Full::new(Bytes::new())).unwrap_or_default())
+        }
+        Scripted::ServerError(status) => Reply::Now(plain(status, "Service Unavailable")),
+        Scripted::Html(status) => Reply::Now(
+            Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY))
+                .header("content-type", "text/html")
+                .body(Full::new(Bytes::from_static(
+                    b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><h1>Something went wrong</h1></body></html>",
+                )))
+                .unwrap_or_default(),
+        ),
+        Scripted::Empty => Reply::Now(
+            Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default(),
+        ),
+        Scripted::Hang => Reply::Hang,
+    }
+}
+
+fn take_script(st: &mut State, target: &Target) -> Option<Scripted> {
+    if let Some(s) = st.scripts.get_mut(target).and_then(|q| q.pop_front()) {
+        return Some(s);
+    }
+    st.always.get(target).cloned()
+}
+
+fn respond(
+    st: &mut State,
+    method: &http::Method,
+    path: &str,
+    form: &HashMap<String, String>,
+) -> Reply {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (tenant, endpoint) = match segments.as_slice() {
+        [tenant, "oauth2", "v2.0", endpoint] => (*tenant, *endpoint),
+        _ => return Reply::Now(plain(404, "not found")),
+    };
+    if method != http::Method::POST {
+        return ms_error(
+            405,
+            "invalid_request",
+            Some(900561),
+            "The endpoint only accepts POST requests.",
+        );
+    }
+    let client_id = form.get("client_id").cloned().unwrap_or_default();
+    if let Some(s) = take_script(st, &Target::Client(client_id.clone())) {
+        return scripted(s);
+    }
+    let Some(client) = st.clients.get(&client_id).cloned() else {
+        return aad(700016);
+    };
+    match endpoint {
+        "devicecode" => device_authorization(st, &client, form),
+        "token" => token(st, tenant, &client, form),
+        _ => Reply::Now(plain(404, "not found")),
+    }
+}
+
+fn scopes_of(form: &HashMap<String, String>) -> Vec<String> {
+    form.get("scope")
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn device_authorization(
+    st: &mut State,
+    client: &ClientSpec,
+    form: &HashMap<String, String>,
+) -> Reply {
+    if !client.grants.contains(&EmuGrant::DeviceCode) {
+        return ms_error(
+            400,
+            "unauthorized_client",
+            Some(70002),
+            "The client does not allow the device code flow.",
+        );
+    }
+    let scopes = scopes_of(form);
+    if scopes.is_empty() {
+        return aad(70011);
+    }
+    let device_code = format!("emu-dc-{}", random_hex(24));
+    let user_code = random_hex(4).to_uppercase();
+    let polls = std::mem::take(&mut st.device_script);
+    st.devices.insert(
+        device_code.clone(),
+        Device {
+            client_id: client.id.clone(),
+            scopes,
+            polls,
+            done: false,
+        },
+    );
+    let uri = format!("{}/devicelogin", st.base_url);
+    json(
+        200,
+        serde_json::json!({
+            "user_code": user_code,
+            "device_code": device_code,
+            "verification_uri": uri,
+            "expires_in": 900,
+            "interval": st.device_interval,
+            "message": format!("To sign in, use a web browser to open the page {uri} and enter the code {user_code} to authenticate."),
+        }),
+    )
+}
+
+/// Checks client authentication; `Err` is the reply to send.
+// The error is the response itself, built once and sent at once: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn authenticate(
+    st: &State,
+    tenant: &str,
+    client: &ClientSpec,
+    form: &HashMap<String, String>,
+    confidential_required: bool,
+) -> Result<(), Reply> {
+    if let Some(assertion) = form.get("client_assertion") {
+        if form.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err(ms_error(
+                400,
+                "invalid_request",
+                Some(50027),
+                "Invalid client_assertion_type.",
+            ));
+        }
+        let aud = format!("{}/{tenant}/oauth2/v2.0/token", st.base_url);
+        return match &client.certificate_pem {
+            Some(pem) if verify_assertion(pem, assertion, &client.id, &aud) => Ok(()),
+            _ => Err(aad(700027)),
+        };
+    }
+    if let Some(given) = form.get("client_secret") {
+        return match &client.secret {
+            Some(s) if s == given && client.secret_expired => Err(aad(7000222)),
+            Some(s) if s == given => Ok(()),
+            _ => Err(aad(7000215)),
+        };
+    }
+    let confidential = client.secret.is_some() || client.certificate_pem.is_some();
+    if confidential_required || confidential {
+        return Err(ms_error(
+            401,
+            "invalid_client",
+            Some(7000218),
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        ));
+    }
+    Ok(())
+}
+
+/// RS256 signature by the registered certificate, `x5t#S256`, audience, issuer, expiry.
+fn verify_assertion(cert_pem: &str, jwt: &str, client_id: &str, aud: &str) -> bool {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [h, c, s] = parts.as_slice() else {
+        return false;
+    };
+    let decode = |p: &str| URL_SAFE_NO_PAD.decode(p).ok();
+    let (Some(header), Some(claims), Some(sig)) = (decode(h), decode(c), decode(s)) else {
+        return false;
+    };
+    let (Ok(header), Ok(claims)) = (
+        serde_json::from_slice::<serde_json::Value>(&header),
+        serde_json::from_slice::<serde_json::Value>(&claims),
+    ) else {
+        return false;
+    };
+    let thumb = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, &pem.contents));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        cert.public_key().subject_public_key.data.as_ref(),
+    );
+    header["alg"] == "RS256"
+        && header["x5t#S256"] == thumb.as_str()
+        && claims["aud"] == aud
+        && claims["iss"] == client_id
+        && claims["sub"] == client_id
+        && claims["exp"].as_u64().is_some_and(|e| e > now)
+        && claims["nbf"].as_u64().is_none_or(|n| n <= now + 60)
+        && key.verify(format!("{h}.{c}").as_bytes(), &sig).is_ok()
+}
+
+fn issue(
+    st: &mut State,
+    client_id: &str,
+    user: Option<&str>,
+    scopes: Vec<String>,
+    with_refresh: bool,
+) -> Reply {
+    let access = format!("emu-at-{}", random_hex(24));
+    let lifetime = st.lifetime;
+    st.access_tokens.insert(
+        access.clone(),
+        IssuedToken {
+            client_id: client_id.into(),
+            user: user.map(str::to_string),
+            scopes: scopes.clone(),
+            expires_at: SystemTime::now() + lifetime,
+        },
+    );
+    let mut body = serde_json::json!({
+        "token_type": "Bearer",
+        "scope": scopes.join(" "),
+        "expires_in": lifetime.as_secs(),
+        "ext_expires_in": lifetime.as_secs(),
+        "access_token": access,
+    });
+    if let (true, Some(user)) = (with_refresh, user) {
+        let rt = format!("emu-rt-{}", random_hex(24));
+        st.refresh_tokens.insert(
+            rt.clone(),
+            RtRecord {
+                user: user.into(),
+                client_id: client_id.into(),
+                scopes,
+                valid: true,
+            },
+        );
+        body["refresh_token"] = serde_json::Value::String(rt);
+    }
+    json(200, body)
+}
+
+fn allowed_scopes(client: &ClientSpec, scopes: &[String]) -> bool {
+    client.scopes.is_empty()
+        || scopes
+            .iter()
+            .all(|s| s == "offline_access" || client.scopes.contains(s))
+}
+
+fn token(
+    st: &mut State,
+    tenant: &str,
+    client: &ClientSpec,
+    form: &HashMap<String, String>,
+) -> Reply {
+    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    let (emu_grant, confidential_required) = match grant {
+        "refresh_token" => (EmuGrant::RefreshToken, false),
+        "client_credentials" => (EmuGrant::ClientCredentials, true),
+        "urn:ietf:params:oauth:grant-type:device_code" => (EmuGrant::DeviceCode, false),
+        _ => {
+            return ms_error(
+                400,
+                "unsupported_grant_type",
+                Some(70003),
+                "The app requested an unsupported grant type.",
+            );
+        }
+    };
+    if !client.grants.contains(&emu_grant) {
+        return ms_error(
+            400,
+            "unauthorized_client",
+            Some(70001),
+            "The application is not allowed to use this grant.",
+        );
+    }
+    if let Err(reply) = authenticate(st, tenant, client, form, confidential_required) {
+        return reply;
+    }
+    let scopes = scopes_of(form);
+    match emu_grant {
+        EmuGrant::ClientCredentials => {
+            if scopes.len() != 1 || !scopes[0].ends_with("/.default") {
+                return aad(70011);
+            }
+            if !allowed_scopes(client, &scopes) {
+                return aad(500011);
+            }
+            issue(st, &client.id, None, scopes, false)
+        }
+        EmuGrant::RefreshToken => {
+            let presented = form.get("refresh_token").cloned().unwrap_or_default();
+            let Some(record) = st.refresh_tokens.get(&presented).cloned() else {
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(9002313),
+                    "Invalid request. Request is malformed or invalid.",
+                );
+            };
+            if let Some(s) = take_script(st, &Target::User(record.user.clone())) {
+                return scripted(s);
+            }
+            if record.client_id != client.id {
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
+            }
+            if !record.valid || st.revoked_users.contains(&record.user) {
+                return aad(50173);
+            }
+            let scopes = if scopes.is_empty() {
+                record.scopes.clone()
+            } else {
+                scopes
+            };
+            if !allowed_scopes(client, &scopes) {
+                return aad(70011);
+            }
+            if let Some(r) = st.refresh_tokens.get_mut(&presented) {
+                r.valid = false;
+            }
+            issue(st, &client.id, Some(&record.user), scopes, true)
+        }
+        EmuGrant::DeviceCode => {
+            let code = form.get("device_code").cloned().unwrap_or_default();
+            let Some(device) = st.devices.get_mut(&code) else {
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
+            };
+            if device.done || device.client_id != client.id {
+                return ms_error(
+                    400,
+                    "invalid_grant",
+                    Some(70000),
+                    "Provided grant is invalid or malformed.",
+                );
+            }
+            match device.polls.pop_front().unwrap_or(DevicePoll::Pending) {
+                DevicePoll::Pending => ms_error(
+                    400,
+                    "authorization_pending",
+                    Some(70016),
+                    "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+                ),
+                DevicePoll::SlowDown => {
+                    ms_error(400, "slow_down", None, "Polling too fast: slow down.")
+                }
+                DevicePoll::Deny => {
+                    device.done = true;
+                    ms_error(
+                        400,
+                        "authorization_declined",
+                        Some(70000),
+                        "The user declined the sign-in.",
+                    )
+                }
+                DevicePoll::Expire => {
+                    device.done = true;
+                    ms_error(
+                        400,
+                        "expired_token",
+                        Some(70019),
+                        "Verification code expired.",
+                    )
+                }
+                DevicePoll::Approve(user) => {
+                    device.done = true;
+                    let scopes = device.scopes.clone();
+                    let with_refresh = scopes.iter().any(|s| s == "offline_access");
+                    if let Some(s) = take_script(st, &Target::User(user.clone())) {
+                        return scripted(s);
+                    }
+                    issue(st, &client.id, Some(&user), scopes, with_refresh)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `login`: bootstrap a delegated credential with the device authorization grant (RFC 8628),
+//! or import a refresh token obtained elsewhere. Either way the refresh token goes to the store.
+//!
+//! The polling loop is ours, not oauth2's: oauth2's loop reports errors as its standard
+//! body, losing `error_codes` and the HTTP status, and doubles the interval on HTTP errors.
+
+use super::credential::{Credential, Grant, GrantKind};
+use super::error::{OAuthErrorBody, TokenError};
+use super::grant::{self, ClientProof};
+use super::http::{ReplyMeta, excerpt};
+use super::observer::TokenInfo;
+use super::service::TokenService;
+use crate::secret::Secret;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 8628 §3.5: each `slow_down` adds five seconds to the polling interval.
+pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("credential `{0}` does not use the refresh_token grant: nothing to log in")]
+    NotDelegated(String),
+    #[error("the user declined the sign-in")]
+    Declined,
+    #[error("the device code expired before the sign-in was completed")]
+    Expired,
+    #[error("the token endpoint returned no refresh token (is `offline_access` among the scopes?)")]
+    NoRefreshToken,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("refresh token file {path}: {detail}")]
+    ImportFile { path: String, detail: String },
+    #[error("cannot store the refresh token: {0}")]
+    Save(std::io::Error),
+    #[error("cannot write to the terminal: {0}")]
+    Output(std::io::Error),
+}
+
+#[derive(serde::Deserialize)]
+struct PollReply {
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// Runs the device flow for `cred`: prints the verification URL and user code to `out`,
+/// polls until the user signs in, and stores the refresh token.
+pub async fn device_login(
+    service: &TokenService,
+    cred: &Credential,
+    out: &mut (dyn Write + Send),
+) -> Result<(), LoginError> {
+    if cred.grant != Grant::RefreshToken {
+        return Err(LoginError::NotDelegated(cred.name.clone()));
+    }
+    let http = service.http();
+    let started = Instant::now();
+    let details = match grant::device_authorization(http, cred).await {
+        Ok(d) => d,
+        Err(e) => {
+            service.observer().request(
+                &cred.name,
+                GrantKind::DeviceCode,
+                started.elapsed(),
+                Err(&e),
+            );
+            return Err(e.into());
+        }
+    };
+    let uri = details.verification_uri().to_string();
+    writeln!(
+        out,
+        "To sign in, open {uri} and enter the code {}",
+        details.user_code().secret()
+    )
+    .map_err(LoginError::Output)?;
+    if let Some(complete) = details.verification_uri_complete() {
+        writeln!(out, "(or open {})", complete.secret()).map_err(LoginError::Output)?;
+    }
+    out.flush().map_err(LoginError::Output)?;
+
+    let deadline = Instant::now() + details.expires_in();
+    let mut interval = details.interval();
+    let token_url = cred.provider.token_url();
+    let device_code = Secret::new(details.device_code().secret().clone());
+    loop {
+        tokio::time::sleep(interval).await;
+        if Instant::now() >= deadline {
+            return Err(LoginError::Expired);
+        }
+        let proof = grant::client_proof(cred)?;
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", DEVICE_CODE_GRANT),
+            ("client_id", &cred.client_id),
+            ("device_code", device_code.expose()),
+        ];
+        match &proof {
+            ClientProof::None => {}
+            ClientProof::Secret(s) => form.push(("client_secret", s.expose())),
+            ClientProof::Assertion(a) => {
+                form.push(("client_assertion_type", super::assertion::ASSERTION_TYPE));
+                form.push(("client_assertion", a.expose()));
+            }
+        }
+        let meta = Mutex::new(ReplyMeta::default());
+        let poll_started = Instant::now();
+        let reply = http.post_form(&token_url, &form, &meta).await;
+        let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                let e = TokenError::Network {
+                    detail: e.to_string(),
+                };
+                service.observer().request(
+                    &cred.name,
+                    GrantKind::DeviceCode,
+                    poll_started.elapsed(),
+                    Err(&e),
+                );
+                return Err(e.into());
+            }
+        };
+        let status = reply.status().as_u16();
+        if status == 200 {
+            let parsed: PollReply =
+                serde_json::from_slice(reply.body()).map_err(|_| TokenError::Http {
+                    status,
+                    excerpt: "token reply is not JSON".into(),
+                    retry_after: None,
+                })?;
+            let Some(rt) = parsed.refresh_token else {
+                return Err(LoginError::NoRefreshToken);
+            };
+            service
+                .store()
+                .save(&cred.name, &Secret::new(rt))
+                .await
+                .map_err(LoginError::Save)?;
+            let now = SystemTime::now();
+            let info = TokenInfo {
+                obtained_at: now,
+                expires_at: parsed.expires_in.map(|s| now + Duration::from_secs(s)),
+                refresh_token_rotated: true,
+                save_error: None,
+            };
+            service.observer().request(
+                &cred.name,
+                GrantKind::DeviceCode,
+                poll_started.elapsed(),
+                Ok(&info),
+            );
+            tracing::info!(credential = %cred.name, "device login completed; refresh token stored");
+            return Ok(());
+        }
+        let body: Option<OAuthErrorBody> = serde_json::from_slice(reply.body()).ok();
+        match body.as_ref().map(|b| b.error.as_str()) {
+            Some("authorization_pending") => continue,
+            Some("slow_down") => {
+                interval += SLOW_DOWN_STEP;
+                continue;
+            }
+            Some("expired_token") | Some("code_expired") => return Err(LoginError::Expired),
+            Some("access_denied") | Some("authorization_declined") => {
+                return Err(LoginError::Declined);
+            }
+            _ => {}
+        }
+        let e = match body {
+            Some(body) => TokenError::Endpoint {
+                status,
+                body: Box::new(body),
+                retry_after: meta.retry_after,
+            },
+            None => TokenError::Http {
+                status,
+                excerpt: excerpt(reply.body()),
+                retry_after: meta.retry_after,
+            },
+        };
+        service.observer().request(
+            &cred.name,
+            GrantKind::DeviceCode,
+            poll_started.elapsed(),
+            Err(&e),
+        );
+        return Err(e.into());
+    }
+}
+
+/// `login --refresh-token-file F`: stores a refresh token obtained elsewhere.
+pub async fn import_refresh_token(
+    service: &TokenService,
+    cred: &Credential,
+    file: &Path,
+) -> Result<(), LoginError> {
+    if cred.grant != Grant::RefreshToken {
+        return Err(LoginError::NotDelegated(cred.name.clone()));
+    }
+    let err = |detail: String| LoginError::ImportFile {
+        path: file.display().to_string(),
+        detail,
+    };
+    let raw = std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
+    let value = raw.trim();
+    if value.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    service
+        .store()
+        .save(&cred.name, &Secret::new(value))
+        .await
+        .map_err(LoginError::Save)
+}
