@@ -1,0 +1,1 @@
+//! curl as an independent client of the emulated provider.
