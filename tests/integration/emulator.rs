@@ -456,3 +456,433 @@ async fn seed_smtp_success() {
 async fn seed_smtp_failure() {
     replay("smtp-failure", &[]).await;
 }
+
+// ---------------------------------------------------------------------------
+// Per-user behaviours, on every protocol.
+
+const IMAP_OK: &str = "A01 OK AUTHENTICATE completed.";
+const IMAP_NO: &str = "A01 NO AUTHENTICATE failed.";
+const IMAP_TEMP: &str = "A01 NO [UNAVAILABLE] Temporary authentication failure";
+const POP3_OK: &str = "+OK User successfully authenticated.";
+const POP3_NO: &str = "-ERR Authentication failure: unknown user name or bad password.";
+const POP3_TEMP: &str = "-ERR [SYS/TEMP] Temporary authentication failure";
+const SMTP_OK: &str = "235 2.7.0 Authentication successful";
+const HOST: &str = "SN2PR00CA0018.namprd00.prod.outlook.com";
+const CHALLENGE_XOAUTH2: &str = "eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==";
+const CHALLENGE_OAUTHBEARER: &str =
+    "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==";
+const SLOW: Duration = Duration::from_millis(400);
+
+/// One behaviour case: the reply to the auth step and, optionally, a next command and its last reply line.
+type Case = (Behaviour, String, Option<(&'static str, String)>);
+
+fn smtp_host(text: &str) -> String {
+    format!("{text} [{HOST}]")
+}
+
+async fn slow_emulator() -> Emulator {
+    start(&[TOKEN], |o| o.slow_delay = SLOW).await
+}
+
+#[tokio::test]
+async fn imap_user_behaviours() {
+    use Behaviour::*;
+    let examine = Some((
+        "A02 EXAMINE INBOX",
+        "A02 OK [READ-ONLY] EXAMINE completed.".to_string(),
+    ));
+    let cases: Vec<Case> = vec![
+        (Success, IMAP_OK.into(), examine.clone()),
+        (TokenRefused, IMAP_NO.into(), None),
+        (SmtpAuthDisabled, IMAP_OK.into(), examine.clone()),
+        (SmtpAuthDisabledMailbox, IMAP_OK.into(), None),
+        (PolicyBlocked, IMAP_NO.into(), None),
+        (ConditionalAccess, IMAP_NO.into(), None),
+        (
+            AuthenticatedNotConnected,
+            IMAP_OK.into(),
+            Some((
+                "A02 EXAMINE INBOX",
+                "A02 BAD User is authenticated but not connected.".into(),
+            )),
+        ),
+        (
+            Throttled,
+            "A01 NO Request is throttled. Suggested Backoff Time: 299961 milliseconds".into(),
+            None,
+        ),
+        (TemporaryFailure, IMAP_TEMP.into(), None),
+        (ServerError451, IMAP_TEMP.into(), None),
+        (TryAgainLater, IMAP_TEMP.into(), None),
+        (Slow, IMAP_OK.into(), examine.clone()),
+    ];
+    let emu = slow_emulator().await;
+    for (i, (behaviour, auth, after)) in cases.into_iter().enumerate() {
+        let user = format!("User{i}@Contoso.com");
+        emu.set_behaviour(&user.to_lowercase(), behaviour);
+        let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+        let started = Instant::now();
+        let reply = c
+            .imap(&format!(
+                "A01 AUTHENTICATE XOAUTH2 {}",
+                xoauth2(&user, TOKEN)
+            ))
+            .await;
+        assert_eq!(reply, [auth], "{behaviour:?}");
+        assert_eq!(
+            behaviour == Slow,
+            started.elapsed() >= SLOW,
+            "{behaviour:?} timing"
+        );
+        if let Some((command, want)) = after {
+            assert_eq!(c.imap(command).await.last(), Some(&want), "{behaviour:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn imap_token_expiring_ends_session() {
+    let emu = start(&[TOKEN], |o| o.default_behaviour = Behaviour::TokenExpiring).await;
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    assert_eq!(
+        c.imap(&format!(
+            "A01 AUTHENTICATE XOAUTH2 {}",
+            xoauth2(USER, TOKEN)
+        ))
+        .await,
+        [IMAP_OK]
+    );
+    c.send("A02 EXAMINE INBOX").await;
+    assert_eq!(
+        c.line().await,
+        "* BYE Session invalidated - AccessTokenExpired"
+    );
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn login_behaviours_need_a_valid_token() {
+    use Behaviour::*;
+    let emu = slow_emulator().await;
+    for behaviour in [
+        Success,
+        Slow,
+        AuthenticatedNotConnected,
+        TokenExpiring,
+        SmtpAuthDisabled,
+    ] {
+        emu.set_behaviour(USER, behaviour);
+        let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+        let r = c
+            .imap(&format!(
+                "A01 AUTHENTICATE XOAUTH2 {}",
+                xoauth2(USER, "wrong")
+            ))
+            .await;
+        assert_eq!(r, [IMAP_NO], "{behaviour:?}");
+        let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+        c.send(&format!("AUTH XOAUTH2 {}", xoauth2(USER, "wrong")))
+            .await;
+        assert_eq!(c.line().await, POP3_NO, "{behaviour:?}");
+        if behaviour != SmtpAuthDisabled && behaviour != TokenExpiring {
+            let mut c = smtp_ready(&emu, TlsKind::Implicit).await;
+            let r = c
+                .smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, "wrong")))
+                .await;
+            assert_eq!(
+                r,
+                [smtp_host("535 5.7.3 Authentication unsuccessful")],
+                "{behaviour:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn pop3_user_behaviours() {
+    use Behaviour::*;
+    let stat = Some(("STAT", "+OK 0 0".to_string()));
+    let cases: Vec<Case> = vec![
+        (Success, POP3_OK.into(), stat.clone()),
+        (TokenRefused, POP3_NO.into(), None),
+        (SmtpAuthDisabled, POP3_OK.into(), stat.clone()),
+        (SmtpAuthDisabledMailbox, POP3_OK.into(), None),
+        (PolicyBlocked, POP3_NO.into(), None),
+        (ConditionalAccess, POP3_NO.into(), None),
+        (
+            AuthenticatedNotConnected,
+            POP3_OK.into(),
+            Some(("STAT", "-ERR Server Unavailable. 21".into())),
+        ),
+        (
+            TokenExpiring,
+            POP3_OK.into(),
+            Some((
+                "STAT",
+                "-ERR Session invalidated - AccessTokenExpired".into(),
+            )),
+        ),
+        (
+            Throttled,
+            "-ERR [IN-USE] Request is throttled.".into(),
+            None,
+        ),
+        (TemporaryFailure, POP3_TEMP.into(), None),
+        (ServerError451, POP3_TEMP.into(), None),
+        (TryAgainLater, POP3_TEMP.into(), None),
+        (Slow, POP3_OK.into(), stat.clone()),
+    ];
+    let emu = slow_emulator().await;
+    for (i, (behaviour, auth, after)) in cases.into_iter().enumerate() {
+        let user = format!("user{i}@contoso.com");
+        emu.set_behaviour(&user, behaviour);
+        let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+        c.send("AUTH XOAUTH2").await;
+        assert_eq!(c.line().await.trim_end(), "+", "{behaviour:?}");
+        let started = Instant::now();
+        c.send(&xoauth2(&user, TOKEN)).await;
+        assert_eq!(c.line().await, auth, "{behaviour:?}");
+        assert_eq!(
+            behaviour == Slow,
+            started.elapsed() >= SLOW,
+            "{behaviour:?} timing"
+        );
+        if let Some((command, want)) = after {
+            c.send(command).await;
+            assert_eq!(c.line().await, want, "{behaviour:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn smtp_user_behaviours() {
+    use Behaviour::*;
+    let noop = Some(("NOOP", "250 2.0.0 OK".to_string()));
+    let cases: Vec<Case> = vec![
+        (Success, SMTP_OK.into(), noop.clone()),
+        (TokenRefused, smtp_host("535 5.7.3 Authentication unsuccessful"), None),
+        (SmtpAuthDisabled, smtp_host("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."), None),
+        (SmtpAuthDisabledMailbox, smtp_host("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information."), None),
+        (PolicyBlocked, "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator.".into(), None),
+        (ConditionalAccess, "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.".into(), None),
+        (AuthenticatedNotConnected, SMTP_OK.into(), Some(("NOOP", "530 5.7.57 Client not authenticated to send mail.".into()))),
+        (Throttled, smtp_host("432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information."), None),
+        (TokenExpiring, "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon".into(), None),
+        (TemporaryFailure, "454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.".into(), None),
+        (ServerError451, smtp_host("451 4.7.0 Temporary server error. Please try again later. PRX4"), None),
+        (Slow, SMTP_OK.into(), noop.clone()),
+    ];
+    let emu = slow_emulator().await;
+    for kind in [TlsKind::Starttls, TlsKind::Implicit] {
+        for (i, (behaviour, auth, after)) in cases.iter().cloned().enumerate() {
+            let user = format!("user{i}@contoso.com");
+            emu.set_behaviour(&user, behaviour);
+            let mut c = smtp_ready(&emu, kind).await;
+            let started = Instant::now();
+            let reply = c
+                .smtp(&format!("AUTH XOAUTH2 {}", xoauth2(&user, TOKEN)))
+                .await;
+            assert_eq!(reply, [auth], "{behaviour:?}");
+            assert_eq!(
+                behaviour == Slow,
+                started.elapsed() >= SLOW,
+                "{behaviour:?} timing"
+            );
+            if let Some((command, want)) = after {
+                assert_eq!(c.smtp(command).await, [want], "{behaviour:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn smtp_try_again_later_closes() {
+    let emu = start(&[TOKEN], |o| o.default_behaviour = Behaviour::TryAgainLater).await;
+    let mut c = smtp_ready(&emu, TlsKind::Starttls).await;
+    let reply = c
+        .smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+        .await;
+    assert_eq!(reply, ["421 4.7.0 Try again later, closing connection."]);
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn error_challenge_on_every_protocol_and_mechanism() {
+    let emu = start(&[TOKEN], |o| {
+        o.default_behaviour = Behaviour::ErrorChallenge
+    })
+    .await;
+    for (mech, response, challenge, ack) in [
+        ("XOAUTH2", xoauth2(USER, TOKEN), CHALLENGE_XOAUTH2, ""),
+        (
+            "OAUTHBEARER",
+            oauthbearer(Some(USER), TOKEN),
+            CHALLENGE_OAUTHBEARER,
+            "AQ==",
+        ),
+    ] {
+        // IMAP, with the response after the continuation.
+        let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+        c.send(&format!("A01 AUTHENTICATE {mech}")).await;
+        assert_eq!(c.line().await.trim_end(), "+");
+        c.send(&response).await;
+        assert_eq!(c.line().await, format!("+ {challenge}"));
+        c.send(ack).await;
+        assert_eq!(
+            c.line().await,
+            "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)"
+        );
+        // POP3, with an initial response.
+        let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+        c.send(&format!("AUTH {mech} {response}")).await;
+        assert_eq!(c.line().await, format!("+ {challenge}"));
+        c.send(ack).await;
+        assert_eq!(c.line().await, "-ERR [AUTH] Invalid credentials.");
+        // SMTP.
+        let mut c = smtp_ready(&emu, TlsKind::Starttls).await;
+        assert_eq!(
+            c.smtp(&format!("AUTH {mech} {response}")).await,
+            [format!("334 {challenge}")]
+        );
+        assert_eq!(
+            c.smtp(ack).await,
+            [
+                "535-5.7.8 Username and Password not accepted. For more information, go to",
+                "535 5.7.8  https://support.google.com/mail/?p=BadCredentials x1-20020a05 - gsmtp"
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn error_challenge_wrong_answer_is_a_protocol_error() {
+    let emu = start(&[TOKEN], |o| {
+        o.default_behaviour = Behaviour::ErrorChallenge
+    })
+    .await;
+    // XOAUTH2 wants an empty line: AQ== is wrong; OAUTHBEARER wants AQ==: empty is wrong.
+    for (mech, response, wrong) in [
+        ("XOAUTH2", xoauth2(USER, TOKEN), "AQ=="),
+        ("OAUTHBEARER", oauthbearer(Some(USER), TOKEN), ""),
+    ] {
+        let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+        c.send(&format!("A01 AUTHENTICATE {mech} {response}")).await;
+        assert!(c.line().await.starts_with("+ eyJ"));
+        c.send(wrong).await;
+        assert!(c.line().await.starts_with("A01 BAD "), "{mech}");
+        let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+        c.send(&format!("AUTH {mech} {response}")).await;
+        assert!(c.line().await.starts_with("+ eyJ"));
+        c.send(wrong).await;
+        assert!(c.line().await.starts_with("-ERR "), "{mech}");
+        assert_ne!(
+            c.line_after("NOOP").await,
+            "",
+            "{mech}: the session goes on"
+        );
+        let mut c = smtp_ready(&emu, TlsKind::Implicit).await;
+        assert!(c.smtp(&format!("AUTH {mech} {response}")).await[0].starts_with("334 eyJ"));
+        let reply = c.smtp(wrong).await;
+        assert!(reply[0].starts_with("501 "), "{mech}: {reply:?}");
+    }
+}
+
+impl Client {
+    async fn line_after(&mut self, command: &str) -> String {
+        self.send(command).await;
+        self.line().await
+    }
+}
+
+#[tokio::test]
+async fn oauthbearer_logs_in_and_needs_a_user() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let mut c = imap_ready(&emu, TlsKind::Starttls).await;
+    assert_eq!(
+        c.imap(&format!(
+            "A01 AUTHENTICATE OAUTHBEARER {}",
+            oauthbearer(Some(USER), TOKEN)
+        ))
+        .await,
+        [IMAP_OK]
+    );
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    assert_eq!(
+        c.imap(&format!(
+            "A01 AUTHENTICATE OAUTHBEARER {}",
+            oauthbearer(None, TOKEN)
+        ))
+        .await,
+        [IMAP_NO]
+    );
+    let mut c = pop3_ready(&emu, TlsKind::Starttls).await;
+    assert_eq!(
+        c.line_after(&format!(
+            "AUTH OAUTHBEARER {}",
+            oauthbearer(Some(USER), TOKEN)
+        ))
+        .await,
+        POP3_OK
+    );
+    let mut c = smtp_ready(&emu, TlsKind::Starttls).await;
+    assert_eq!(
+        c.smtp(&format!(
+            "AUTH OAUTHBEARER {}",
+            oauthbearer(Some(USER), TOKEN)
+        ))
+        .await,
+        [SMTP_OK]
+    );
+    // Without the option, OAUTHBEARER is neither offered nor accepted.
+    let emu = start(&[TOKEN], |o| o.advertise_oauthbearer = false).await;
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    assert!(!c.imap("C01 CAPABILITY").await[0].contains("OAUTHBEARER"));
+    let r = c
+        .imap(&format!(
+            "A01 AUTHENTICATE OAUTHBEARER {}",
+            oauthbearer(Some(USER), TOKEN)
+        ))
+        .await;
+    assert!(r[0].starts_with("A01 NO "), "{r:?}");
+    let mut c = smtp_ready(&emu, TlsKind::Implicit).await;
+    assert_eq!(
+        c.smtp(&format!(
+            "AUTH OAUTHBEARER {}",
+            oauthbearer(Some(USER), TOKEN)
+        ))
+        .await,
+        ["504 5.7.4 Unrecognized authentication type"]
+    );
+}
+
+#[tokio::test]
+async fn malformed_sasl_is_refused_not_fatal() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    for junk in [
+        "%%%",
+        "AAAA",
+        "=",
+        "dXNlcj1h",
+        &BASE64_STANDARD.encode([0xff_u8; 40]),
+    ] {
+        let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+        assert_eq!(
+            c.imap(&format!("A01 AUTHENTICATE XOAUTH2 {junk}")).await,
+            [IMAP_NO],
+            "{junk}"
+        );
+        assert_eq!(c.imap("A02 NOOP").await, ["A02 OK NOOP completed."]);
+        let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+        assert_eq!(
+            c.line_after(&format!("AUTH XOAUTH2 {junk}")).await,
+            POP3_NO,
+            "{junk}"
+        );
+        let mut c = smtp_ready(&emu, TlsKind::Implicit).await;
+        assert_eq!(
+            c.smtp(&format!("AUTH XOAUTH2 {junk}")).await,
+            [smtp_host("535 5.7.3 Authentication unsuccessful")],
+            "{junk}"
+        );
+    }
+}
