@@ -151,7 +151,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
         return;
     }
     if s.server == ServerBehaviour::ResetAfterGreeting {
-        conn.reset();
+        conn.reset().await;
         return;
     }
     let mut state = State::NotAuthenticated;
@@ -206,7 +206,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     return;
                 }
                 if s.server == ServerBehaviour::ResetAfterCapability {
-                    conn.reset();
+                    conn.reset().await;
                     return;
                 }
                 continue;
@@ -251,7 +251,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     replies.push(tagged(INVALID_STATE));
                 } else {
                     if s.server == ServerBehaviour::ResetAtAuth {
-                        conn.reset();
+                        conn.reset().await;
                         return;
                     }
                     let (mech, ir) = args.split_once(' ').unwrap_or((args, ""));

@@ -886,3 +886,379 @@ async fn malformed_sasl_is_refused_not_fatal() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Server-wide behaviours.
+
+async fn server(behaviour: ServerBehaviour) -> Emulator {
+    start(&[TOKEN], |o| {
+        o.server = behaviour;
+        o.slow_delay = SLOW;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn server_no_xoauth2() {
+    let emu = server(ServerBehaviour::NoXoauth2).await;
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    let caps = c.imap("C01 CAPABILITY").await;
+    assert!(
+        caps[0].contains("AUTH=PLAIN")
+            && !caps[0].contains("XOAUTH2")
+            && !caps[0].contains("OAUTHBEARER"),
+        "{caps:?}"
+    );
+    assert!(
+        c.imap(&format!(
+            "A01 AUTHENTICATE XOAUTH2 {}",
+            xoauth2(USER, TOKEN)
+        ))
+        .await[0]
+            .starts_with("A01 NO ")
+    );
+    let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+    c.send("CAPA").await;
+    assert!(
+        c.until(|l| l == ".")
+            .await
+            .contains(&"SASL PLAIN".to_string())
+    );
+    assert!(
+        c.line_after(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await
+            .starts_with("-ERR ")
+    );
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Implicit).await;
+    c.line().await;
+    assert!(
+        c.smtp("EHLO x")
+            .await
+            .contains(&"250-AUTH LOGIN".to_string())
+    );
+    assert_eq!(
+        c.smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await,
+        ["504 5.7.4 Unrecognized authentication type"]
+    );
+}
+
+#[tokio::test]
+async fn server_no_starttls() {
+    let emu = server(ServerBehaviour::NoStarttls).await;
+    let mut c = Client::connect(&emu, Proto::Imap, TlsKind::Starttls).await;
+    c.line().await;
+    assert!(!c.imap("C01 CAPABILITY").await[0].contains("STARTTLS"));
+    assert!(c.imap("S1 STARTTLS").await[0].starts_with("S1 BAD "));
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    c.send("CAPA").await;
+    assert!(!c.until(|l| l == ".").await.contains(&"STLS".to_string()));
+    assert!(c.line_after("STLS").await.starts_with("-ERR "));
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    assert!(
+        !c.smtp("EHLO x")
+            .await
+            .iter()
+            .any(|l| l.contains("STARTTLS"))
+    );
+    assert!(c.smtp("STARTTLS").await[0].starts_with("500 "));
+}
+
+#[tokio::test]
+async fn server_refuse_starttls() {
+    let emu = server(ServerBehaviour::RefuseStarttls).await;
+    let mut c = Client::connect(&emu, Proto::Imap, TlsKind::Starttls).await;
+    c.line().await;
+    assert!(c.imap("C01 CAPABILITY").await[0].contains(" STARTTLS"));
+    assert!(c.imap("S1 STARTTLS").await[0].starts_with("S1 NO "));
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    c.send("CAPA").await;
+    assert!(c.until(|l| l == ".").await.contains(&"STLS".to_string()));
+    assert!(c.line_after("STLS").await.starts_with("-ERR "));
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    assert!(c.smtp("EHLO x").await.contains(&"250-STARTTLS".to_string()));
+    assert_eq!(c.smtp("STARTTLS").await, ["454 4.7.0 TLS not available"]);
+}
+
+#[tokio::test]
+async fn plain_ports_hide_auth_until_tls() {
+    let emu = server(ServerBehaviour::Normal).await;
+    let mut c = Client::connect(&emu, Proto::Imap, TlsKind::Starttls).await;
+    c.line().await;
+    let caps = c.imap("C01 CAPABILITY").await;
+    assert!(
+        caps[0].contains("LOGINDISABLED STARTTLS") && !caps[0].contains("AUTH="),
+        "{caps:?}"
+    );
+    let r = c
+        .imap(&format!(
+            "A01 AUTHENTICATE XOAUTH2 {}",
+            xoauth2(USER, TOKEN)
+        ))
+        .await;
+    assert_eq!(r, ["A01 BAD Command received in Invalid state."]);
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    c.send("CAPA").await;
+    assert_eq!(
+        c.until(|l| l == ".").await,
+        ["+OK", "TOP", "UIDL", "USER", "STLS", "."]
+    );
+    assert!(
+        c.line_after(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await
+            .starts_with("-ERR ")
+    );
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    assert!(!c.smtp("EHLO x").await.iter().any(|l| l.contains("AUTH")));
+    assert_eq!(
+        c.smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await,
+        ["504 5.7.4 Unrecognized authentication type"]
+    );
+}
+
+#[tokio::test]
+async fn server_offer_auth_before_tls() {
+    let emu = server(ServerBehaviour::OfferAuthBeforeTls).await;
+    let mut c = Client::connect(&emu, Proto::Imap, TlsKind::Starttls).await;
+    c.line().await;
+    let caps = c.imap("C01 CAPABILITY").await;
+    assert!(
+        caps[0].contains("STARTTLS")
+            && caps[0].contains("AUTH=XOAUTH2")
+            && !caps[0].contains("LOGINDISABLED"),
+        "{caps:?}"
+    );
+    // STARTTLS still works, and AUTH in the clear would be accepted.
+    assert_eq!(
+        c.imap("S1 STARTTLS").await,
+        ["S1 OK Begin TLS negotiation now."]
+    );
+    let mut c = c.upgrade().await;
+    assert_eq!(
+        c.imap(&format!(
+            "A01 AUTHENTICATE XOAUTH2 {}",
+            xoauth2(USER, TOKEN)
+        ))
+        .await,
+        [IMAP_OK]
+    );
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    c.send("CAPA").await;
+    let capa = c.until(|l| l == ".").await;
+    assert!(
+        capa.contains(&"STLS".to_string())
+            && capa.iter().any(|l| l.starts_with("SASL PLAIN XOAUTH2")),
+        "{capa:?}"
+    );
+    assert_eq!(
+        c.line_after(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await,
+        POP3_OK
+    );
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    let ehlo = c.smtp("EHLO x").await;
+    assert!(
+        ehlo.contains(&"250-STARTTLS".to_string())
+            && ehlo.iter().any(|l| l.starts_with("250-AUTH LOGIN XOAUTH2")),
+        "{ehlo:?}"
+    );
+}
+
+#[tokio::test]
+async fn server_bye_greeting() {
+    let emu = server(ServerBehaviour::ByeGreeting).await;
+    for kind in [TlsKind::Implicit, TlsKind::Starttls] {
+        let mut c = Client::connect(&emu, Proto::Imap, kind).await;
+        assert!(c.line().await.starts_with("* BYE "));
+        c.expect_closed().await;
+        let mut c = Client::connect(&emu, Proto::Pop3, kind).await;
+        assert!(c.line().await.starts_with("-ERR "));
+        c.expect_closed().await;
+        let mut c = Client::connect(&emu, Proto::Smtp, kind).await;
+        assert_eq!(c.line().await, smtp_host("421 4.3.2 Service not active"));
+        c.expect_closed().await;
+    }
+}
+
+#[tokio::test]
+async fn server_concurrent_limit_and_old_tls() {
+    let emu = server(ServerBehaviour::ConcurrentLimit).await;
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    assert_eq!(
+        c.line().await,
+        smtp_host(
+            "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information."
+        )
+    );
+    c.expect_closed().await;
+    imap_ready(&emu, TlsKind::Implicit).await;
+    let emu = server(ServerBehaviour::OldTlsRejected).await;
+    let mut c = smtp_ready(&emu, TlsKind::Starttls).await;
+    let r = c
+        .smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+        .await;
+    assert_eq!(
+        r,
+        [smtp_host(
+            "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support TLS 1.2. Visit https://aka.ms/smtp_auth_tls."
+        )]
+    );
+    c.expect_closed().await;
+}
+
+/// Reads raw bytes for `window`, returning what arrived and whether the stream ended.
+async fn read_for(c: &mut Client, window: Duration, limit: usize) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got.len() < limit {
+        match tokio::time::timeout_at(deadline, c.io.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (got, false)
+}
+
+#[tokio::test]
+async fn server_silent() {
+    let emu = server(ServerBehaviour::Silent).await;
+    for (proto, kind) in [
+        (Proto::Imap, TlsKind::Implicit),
+        (Proto::Pop3, TlsKind::Starttls),
+        (Proto::Smtp, TlsKind::Starttls),
+    ] {
+        let mut c = Client::connect(&emu, proto, kind).await;
+        let (got, closed) = read_for(&mut c, Duration::from_secs(1), 1).await;
+        assert!(
+            got.is_empty() && !closed,
+            "{proto:?}: {got:?} closed={closed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn server_endless_line() {
+    let emu = server(ServerBehaviour::EndlessLine).await;
+    for (proto, kind) in [
+        (Proto::Imap, TlsKind::Starttls),
+        (Proto::Smtp, TlsKind::Implicit),
+    ] {
+        let mut c = Client::connect(&emu, proto, kind).await;
+        let (got, closed) = read_for(&mut c, Duration::from_secs(10), 2 * 1024 * 1024).await;
+        assert!(
+            !closed && got.len() >= 2 * 1024 * 1024,
+            "{proto:?}: {} bytes",
+            got.len()
+        );
+        assert!(!got.contains(&b'\n'));
+    }
+}
+
+#[tokio::test]
+async fn server_trickle() {
+    let emu = server(ServerBehaviour::Trickle).await;
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Implicit).await;
+    let (got, closed) = read_for(&mut c, Duration::from_millis(1300), 1000).await;
+    assert!(!closed && (4..=9).contains(&got.len()), "{got:?}");
+    assert!(b"+OK The Microsoft".starts_with(&got), "{got:?}");
+}
+
+#[tokio::test]
+async fn server_garbage() {
+    let emu = server(ServerBehaviour::Garbage).await;
+    let mut c = Client::connect(&emu, Proto::Imap, TlsKind::Starttls).await;
+    let (got, closed) = read_for(&mut c, Duration::from_secs(5), usize::MAX).await;
+    assert!(
+        closed && got.len() >= 4096,
+        "{} bytes closed={closed}",
+        got.len()
+    );
+    assert!(got.iter().filter(|b| !b.is_ascii()).count() > 1000);
+}
+
+async fn expect_reset(c: &mut Client, what: &str) {
+    match c.next().await {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("{what}: expected a TCP reset, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_resets() {
+    let emu = server(ServerBehaviour::ResetAfterGreeting).await;
+    for (proto, kind) in [
+        (Proto::Imap, TlsKind::Implicit),
+        (Proto::Pop3, TlsKind::Starttls),
+        (Proto::Smtp, TlsKind::Starttls),
+    ] {
+        let mut c = Client::connect(&emu, proto, kind).await;
+        c.line().await;
+        expect_reset(&mut c, "after greeting").await;
+    }
+    emu.set_server_behaviour(ServerBehaviour::ResetAfterCapability);
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    assert_eq!(c.imap("C01 CAPABILITY").await.len(), 2);
+    expect_reset(&mut c, "after CAPABILITY").await;
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    c.send("CAPA").await;
+    c.until(|l| l == ".").await;
+    expect_reset(&mut c, "after CAPA").await;
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    c.smtp("EHLO x").await;
+    expect_reset(&mut c, "after EHLO").await;
+    emu.set_server_behaviour(ServerBehaviour::ResetAtAuth);
+    let mut c = imap_ready(&emu, TlsKind::Starttls).await;
+    c.send(&format!(
+        "A01 AUTHENTICATE XOAUTH2 {}",
+        xoauth2(USER, TOKEN)
+    ))
+    .await;
+    expect_reset(&mut c, "at IMAP auth").await;
+    let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+    c.send("AUTH XOAUTH2").await;
+    expect_reset(&mut c, "at POP3 auth").await;
+    let mut c = smtp_ready(&emu, TlsKind::Starttls).await;
+    c.send(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+        .await;
+    expect_reset(&mut c, "at SMTP auth").await;
+}
+
+#[tokio::test]
+async fn server_no_tls_on_implicit_port() {
+    let emu = server(ServerBehaviour::NoTls).await;
+    let mut c = Client::raw(&emu, Proto::Imap, TlsKind::Implicit).await;
+    assert!(
+        c.line()
+            .await
+            .starts_with("* OK The Microsoft Exchange IMAP4")
+    );
+    let tcp = TcpStream::connect(emu.addr(Proto::Smtp, TlsKind::Implicit))
+        .await
+        .unwrap();
+    assert!(handshake(tcp, emu.ca_der()).await.is_err());
+}
+
+#[tokio::test]
+async fn server_slow_delays_every_reply() {
+    let emu = server(ServerBehaviour::Slow).await;
+    let started = Instant::now();
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Implicit).await;
+    c.line().await;
+    assert!(started.elapsed() >= SLOW);
+    let started = Instant::now();
+    c.line_after("NOOP").await;
+    assert!(started.elapsed() >= SLOW);
+}
