@@ -2,7 +2,6 @@
 //! behaviour on every protocol, protocol details, hostile clients, certificates.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -1261,4 +1260,333 @@ async fn server_slow_delays_every_reply() {
     let started = Instant::now();
     c.line_after("NOOP").await;
     assert!(started.elapsed() >= SLOW);
+}
+
+// ---------------------------------------------------------------------------
+// Protocol details.
+
+#[tokio::test]
+async fn imap_session_commands() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let mut c = imap_ready(&emu, TlsKind::Implicit).await;
+    let caps = c.imap("c01 capability").await;
+    assert_eq!(
+        caps,
+        [
+            "* CAPABILITY IMAP4 IMAP4rev1 SASL-IR UIDPLUS MOVE ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+ AUTH=PLAIN AUTH=OAUTHBEARER AUTH=XOAUTH2",
+            "c01 OK Completed"
+        ]
+    );
+    assert_eq!(
+        c.imap("A00 EXAMINE INBOX").await,
+        ["A00 BAD Command received in Invalid state."]
+    );
+    assert_eq!(c.imap("A00 FROB").await, ["A00 BAD Command Error. 12"]);
+    assert_eq!(
+        c.imap("A00 ID (\"name\" \"probe\")").await,
+        ["* ID NIL", "A00 OK ID completed."]
+    );
+    // A client "*" cancels the exchange.
+    c.send("A01 AUTHENTICATE XOAUTH2").await;
+    assert_eq!(c.line().await.trim_end(), "+");
+    c.send("*").await;
+    assert!(c.line().await.starts_with("A01 BAD "));
+    assert_eq!(
+        c.imap(&format!(
+            "a02 authenticate xoauth2 {}",
+            xoauth2(USER, TOKEN)
+        ))
+        .await,
+        ["a02 OK AUTHENTICATE completed."]
+    );
+    let examine = c.imap("A03 examine \"INBOX\"").await;
+    assert_eq!(examine[..2], ["* 0 EXISTS", "* 0 RECENT"]);
+    assert!(examine.iter().any(|l| l.starts_with("* FLAGS (")));
+    assert!(examine.contains(&"* OK [UIDVALIDITY 14] UIDVALIDITY value".to_string()));
+    assert!(examine.contains(&"* OK [UIDNEXT 1] The next unique identifier value".to_string()));
+    assert_eq!(
+        examine.last().unwrap(),
+        "A03 OK [READ-ONLY] EXAMINE completed."
+    );
+    assert_eq!(
+        c.imap("A04 UID FETCH 1:* (FLAGS)").await,
+        ["A04 OK UID FETCH completed."]
+    );
+    assert_eq!(
+        c.imap("A05 FETCH 1:* (FLAGS)").await,
+        ["A05 OK FETCH completed."]
+    );
+    assert_eq!(
+        c.imap("A06 SELECT INBOX").await.last().unwrap(),
+        "A06 OK [READ-WRITE] SELECT completed."
+    );
+    assert_eq!(
+        c.imap("A07 LIST \"\" *").await,
+        [
+            "* LIST (\\Marked \\HasNoChildren) \"/\" INBOX",
+            "A07 OK LIST completed."
+        ]
+    );
+    assert_eq!(c.imap("A08 LSUB \"\" *").await.len(), 2);
+    assert_eq!(
+        c.imap("A09 NAMESPACE").await,
+        [
+            "* NAMESPACE ((\"\" \"/\")) NIL NIL",
+            "A09 OK NAMESPACE completed."
+        ]
+    );
+    assert_eq!(c.imap("A10 NOOP").await, ["A10 OK NOOP completed."]);
+    assert_eq!(
+        c.imap("A11 EXAMINE Nowhere").await,
+        ["A11 NO The requested item could not be found."]
+    );
+    // A synchronising literal gets a continuation.
+    c.send("A12 EXAMINE {5}").await;
+    assert!(c.line().await.starts_with("+ "));
+    c.send("INBOX").await;
+    assert_eq!(
+        c.until(|l| l.starts_with("A12 ")).await.last().unwrap(),
+        "A12 OK [READ-ONLY] EXAMINE completed."
+    );
+    assert_eq!(
+        c.imap("A13 LOGOUT").await,
+        [
+            "* BYE Microsoft Exchange Server IMAP4 server signing off.",
+            "A13 OK LOGOUT completed."
+        ]
+    );
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn pop3_session_commands() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let mut c = pop3_ready(&emu, TlsKind::Implicit).await;
+    assert_eq!(
+        c.pop3_multi("capa").await,
+        [
+            "+OK",
+            "TOP",
+            "UIDL",
+            "SASL PLAIN XOAUTH2 OAUTHBEARER",
+            "USER",
+            "."
+        ]
+    );
+    assert_eq!(
+        c.line_after("STAT").await,
+        "-ERR Command is not valid in this state."
+    );
+    assert_eq!(c.line_after("FROB").await, "-ERR Protocol error. 14");
+    // A client "*" cancels the exchange.
+    c.send("AUTH XOAUTH2").await;
+    c.line().await;
+    assert!(c.line_after("*").await.starts_with("-ERR "));
+    assert_eq!(
+        c.line_after(&format!("auth xoauth2 {}", xoauth2(USER, TOKEN)))
+            .await,
+        POP3_OK
+    );
+    assert_eq!(c.line_after("stat").await, "+OK 0 0");
+    assert_eq!(c.pop3_multi("LIST").await, ["+OK", "."]);
+    assert_eq!(c.pop3_multi("UIDL").await, ["+OK", "."]);
+    assert_eq!(c.line_after("NOOP").await, "+OK");
+    assert_eq!(
+        c.line_after("QUIT").await,
+        "+OK Microsoft Exchange Server POP3 server signing off."
+    );
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn smtp_session_commands() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    assert_eq!(
+        c.smtp("MAIL FROM:<a@b>").await,
+        ["503 5.5.2 Send hello first"]
+    );
+    let ehlo = c.smtp("ehlo client.example").await;
+    assert_eq!(ehlo[0], format!("250-{HOST} Hello [127.0.0.1]"));
+    assert_eq!(
+        ehlo[1..],
+        [
+            "250-SIZE 157286400",
+            "250-PIPELINING",
+            "250-DSN",
+            "250-ENHANCEDSTATUSCODES",
+            "250-STARTTLS",
+            "250-8BITMIME",
+            "250-BINARYMIME",
+            "250-CHUNKING",
+            "250 SMTPUTF8"
+        ]
+    );
+    assert_eq!(c.smtp("starttls").await, ["220 2.0.0 SMTP server ready"]);
+    let mut c = c.upgrade().await;
+    let ehlo = c.smtp("EHLO client.example").await;
+    assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")));
+    assert!(
+        ehlo.contains(&"250-AUTH LOGIN XOAUTH2 OAUTHBEARER".to_string()),
+        "{ehlo:?}"
+    );
+    assert_eq!(
+        c.smtp("MAIL FROM:<a@b>").await,
+        ["530 5.7.57 Client not authenticated to send mail."]
+    );
+    assert_eq!(c.smtp("HELP").await.last().unwrap().get(..4), Some("214 "));
+    assert_eq!(c.smtp("VRFY x").await, ["252 2.1.5 Cannot VRFY user"]);
+    // The seed's lowercase form, with a long token on the continuation line.
+    let long = "x".repeat(3000);
+    let emu2 = start(&[&long], |o| o.smtp_max_auth_line = Some(512)).await;
+    let mut c2 = smtp_ready(&emu2, TlsKind::Implicit).await;
+    let too_long = c2
+        .smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, &long)))
+        .await;
+    assert_eq!(too_long, ["500 5.5.2 Line too long"]);
+    assert_eq!(c2.smtp("auth xoauth2").await[0].trim_end(), "334");
+    assert_eq!(c2.smtp(&xoauth2(USER, &long)).await, [SMTP_OK]);
+    // Back on the first connection: a full mail transaction.
+    assert_eq!(
+        c.smtp(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await,
+        [SMTP_OK]
+    );
+    assert_eq!(c.smtp("NOOP").await, ["250 2.0.0 OK"]);
+    assert_eq!(
+        c.smtp("RCPT TO:<c@d>").await,
+        ["503 5.5.1 Need mail command"]
+    );
+    assert_eq!(c.smtp("MAIL FROM:<a@b>").await, ["250 2.1.0 Sender OK"]);
+    assert_eq!(c.smtp("RCPT TO:<c@d>").await, ["250 2.1.5 Recipient OK"]);
+    assert_eq!(
+        c.smtp("DATA").await,
+        ["354 Start mail input; end with <CRLF>.<CRLF>"]
+    );
+    c.send("Subject: probe\r\n\r\nhello").await;
+    let queued = c.smtp(".").await;
+    assert!(queued[0].starts_with("250 2.6.0 "), "{queued:?}");
+    assert_eq!(c.smtp("RSET").await, ["250 2.0.0 Resetting"]);
+    assert_eq!(c.smtp("FROB").await, ["500 5.3.3 Unrecognized command"]);
+    assert_eq!(
+        c.smtp("QUIT").await,
+        ["221 2.0.0 Service closing transmission channel"]
+    );
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn received_log_keeps_client_lines() {
+    let emu = start(&[TOKEN], |o| o.log_capacity = 3).await;
+    let mut c = imap_ready(&emu, TlsKind::Starttls).await;
+    for i in 0..5 {
+        c.imap(&format!("N{i} NOOP")).await;
+    }
+    assert_eq!(emu.received(Proto::Imap), ["N2 NOOP", "N3 NOOP", "N4 NOOP"]);
+    assert!(emu.received(Proto::Smtp).is_empty());
+    emu.clear_received();
+    assert!(emu.received(Proto::Imap).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Hostile clients, limits, shutdown.
+
+#[tokio::test]
+async fn ten_megabyte_line_is_cut_off_and_others_are_served() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    for (proto, kind) in [
+        (Proto::Imap, TlsKind::Starttls),
+        (Proto::Pop3, TlsKind::Implicit),
+        (Proto::Smtp, TlsKind::Starttls),
+    ] {
+        let mut hostile = Client::connect(&emu, proto, kind).await;
+        hostile.line().await;
+        let (mut reader, mut writer) = tokio::io::split(hostile.io.into_inner());
+        let flood = tokio::spawn(async move {
+            let chunk = vec![b'a'; 64 * 1024];
+            for _ in 0..160 {
+                if writer.write_all(&chunk).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        // The server answers (or not) and closes long before 10 MB.
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(WAIT, reader.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "{proto:?}: connection still open");
+        assert!(sink.len() < 1024, "{proto:?}");
+        let completed = tokio::time::timeout(WAIT, flood)
+            .await
+            .expect("flood ends")
+            .expect("join");
+        assert!(!completed, "{proto:?}: the server swallowed 10 MB");
+        // Others are still served.
+        let mut c = Client::connect(&emu, proto, kind).await;
+        assert!(!c.line().await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn idle_clients_are_dropped() {
+    let emu = start(&[TOKEN], |o| o.idle_timeout = Duration::from_millis(300)).await;
+    let mut c = Client::connect(&emu, Proto::Smtp, TlsKind::Starttls).await;
+    c.line().await;
+    let started = Instant::now();
+    c.expect_closed().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn shutdown_stops_listeners_and_connections() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let addr = emu.addr(Proto::Pop3, TlsKind::Starttls);
+    let mut c = Client::connect(&emu, Proto::Pop3, TlsKind::Starttls).await;
+    c.line().await;
+    emu.shutdown();
+    c.expect_closed().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still open"
+    );
+    drop(emu);
+}
+
+// ---------------------------------------------------------------------------
+// Certificates.
+
+#[tokio::test]
+async fn certificate_is_valid_for_loopback_with_definite_expiry() {
+    let emu = start(&[TOKEN], |_| {}).await;
+    let tcp = TcpStream::connect(emu.addr(Proto::Imap, TlsKind::Implicit))
+        .await
+        .unwrap();
+    let tls = handshake(tcp, emu.ca_der()).await.expect("handshake");
+    let chain = tls.get_ref().1.peer_certificates().expect("chain").to_vec();
+    assert_eq!(chain.len(), 2);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(leaf.validity().not_after.timestamp(), emu.cert_not_after());
+    let days = (emu.cert_not_after() - x509_parser::time::ASN1Time::now().timestamp()) / 86_400;
+    assert!((85..=90).contains(&days), "{days}");
+    assert!(emu.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+}
+
+#[tokio::test]
+async fn bad_certificates_are_rejected_by_a_verifying_client() {
+    for (kind, why) in [
+        (CertKind::Expired, "xpired"),
+        (CertKind::WrongName, "NotValidForName"),
+        (CertKind::Untrusted, "UnknownIssuer"),
+    ] {
+        let emu = start(&[TOKEN], |o| o.certificate = kind).await;
+        let tcp = TcpStream::connect(emu.addr(Proto::Smtp, TlsKind::Implicit))
+            .await
+            .unwrap();
+        let err = handshake(tcp, emu.ca_der())
+            .await
+            .expect_err("handshake must fail");
+        assert!(format!("{err:?}").contains(why), "{kind:?}: {err:?}");
+    }
 }
