@@ -338,10 +338,8 @@ fn transcript(name: &str) -> Vec<Step> {
         } else if let Some(s) = raw.strip_prefix("S: ") {
             steps.push(Step::Server(s.trim_end().to_string()));
             continued = false;
-        } else if continued {
-            if let Some(Step::Client(c)) = steps.last_mut() {
-                *c = format!("{}{}", c.trim_end(), raw.trim());
-            }
+        } else if continued && let Some(Step::Client(c)) = steps.last_mut() {
+            *c = format!("{}{}", c.trim_end(), raw.trim());
         }
     }
     if name.starts_with("imap") && !matches!(steps.first(), Some(Step::Client(_))) {
