@@ -9,7 +9,8 @@ pub enum TokenVerdict {
     Valid,
     /// The token is unknown or malformed.
     Invalid,
-    /// The token was once valid but has expired.
+    /// The token was once valid but has expired. Refused like `Invalid`: Exchange's
+    /// refusal does not say why.
     Expired,
 }
 

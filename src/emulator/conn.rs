@@ -88,6 +88,8 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, proto: Proto) -> Self {
+        // Replies go out at once (no Nagle wait), so a reset right after one cannot swallow it.
+        let _ = tcp.set_nodelay(true);
         Self {
             io: Io::Plain(tcp),
             buf: Vec::new(),
@@ -223,8 +225,10 @@ impl Conn {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.io.shutdown()).await;
     }
 
-    /// Closes with a TCP reset: SO_LINGER 0, then drop.
-    pub(crate) fn reset(self) {
+    /// Closes with a TCP reset: SO_LINGER 0, then drop. SO_LINGER 0 discards unsent
+    /// data, so the last reply is given a moment to leave first.
+    pub(crate) async fn reset(self) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let tcp = match &self.io {
             Io::Plain(tcp) => tcp,
             Io::Tls(tls) => tls.get_ref().0,

@@ -93,7 +93,7 @@ async fn read_command(conn: &mut Conn) -> Result<String, LineError> {
     let max = conn.shared.max_line;
     let mut command = conn.read_line().await?;
     loop {
-        let Some((n, plus)) = trailing_literal(&command) else {
+        let Some((n, plus, open)) = trailing_literal(&command) else {
             return Ok(command);
         };
         if n.saturating_add(command.len()) > max {
@@ -108,6 +108,8 @@ async fn read_command(conn: &mut Conn) -> Result<String, LineError> {
             return Err(LineError::Closed);
         }
         let bytes = conn.read_exact_bytes(n).await?;
+        // The literal's text stands where its `{n}` marker was.
+        command.truncate(open);
         command.push_str(&String::from_utf8_lossy(&bytes));
         let rest = conn.read_line().await?;
         command.push_str(&rest);
@@ -117,8 +119,8 @@ async fn read_command(conn: &mut Conn) -> Result<String, LineError> {
     }
 }
 
-/// `{123}` or `{123+}` at the end of a line.
-fn trailing_literal(line: &str) -> Option<(usize, bool)> {
+/// `{123}` or `{123+}` at the end of a line: size, LITERAL+, marker position.
+fn trailing_literal(line: &str) -> Option<(usize, bool, usize)> {
     let inner = line.strip_suffix('}')?;
     let open = inner.rfind('{')?;
     let spec = &inner[open + 1..];
@@ -129,7 +131,7 @@ fn trailing_literal(line: &str) -> Option<(usize, bool)> {
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some((digits.parse().ok()?, plus))
+    Some((digits.parse().ok()?, plus, open))
 }
 
 /// Strips IMAP quotes from a simple astring.
@@ -151,7 +153,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
         return;
     }
     if s.server == ServerBehaviour::ResetAfterGreeting {
-        conn.reset();
+        conn.reset().await;
         return;
     }
     let mut state = State::NotAuthenticated;
@@ -206,7 +208,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     return;
                 }
                 if s.server == ServerBehaviour::ResetAfterCapability {
-                    conn.reset();
+                    conn.reset().await;
                     return;
                 }
                 continue;
@@ -251,7 +253,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     replies.push(tagged(INVALID_STATE));
                 } else {
                     if s.server == ServerBehaviour::ResetAtAuth {
-                        conn.reset();
+                        conn.reset().await;
                         return;
                     }
                     let (mech, ir) = args.split_once(' ').unwrap_or((args, ""));
@@ -467,8 +469,8 @@ mod tests {
 
     #[test]
     fn literals_are_recognised() {
-        assert_eq!(trailing_literal("A1 LOGIN {5}"), Some((5, false)));
-        assert_eq!(trailing_literal("A1 LOGIN {12+}"), Some((12, true)));
+        assert_eq!(trailing_literal("A1 LOGIN {5}"), Some((5, false, 9)));
+        assert_eq!(trailing_literal("A1 LOGIN {12+}"), Some((12, true, 9)));
         assert_eq!(trailing_literal("A1 LOGIN {}"), None);
         assert_eq!(trailing_literal("A1 LOGIN {99999999999}"), None);
         assert_eq!(trailing_literal("A1 NOOP"), None);

@@ -66,7 +66,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
         return;
     }
     if s.server == ServerBehaviour::ResetAfterGreeting {
-        conn.reset();
+        conn.reset().await;
         return;
     }
     let mut logged_in: Option<AfterLogin> = None;
@@ -110,7 +110,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     return;
                 }
                 if s.server == ServerBehaviour::ResetAfterCapability {
-                    conn.reset();
+                    conn.reset().await;
                     return;
                 }
                 continue;
@@ -149,7 +149,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     replies.push(".".into());
                 } else {
                     if s.server == ServerBehaviour::ResetAtAuth {
-                        conn.reset();
+                        conn.reset().await;
                         return;
                     }
                     let (mech, ir) = args.split_once(' ').unwrap_or((args, ""));

@@ -101,7 +101,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
         return;
     }
     if s.server == ServerBehaviour::ResetAfterGreeting {
-        conn.reset();
+        conn.reset().await;
         return;
     }
     let mut helo = false;
@@ -141,7 +141,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                         return;
                     }
                     if s.server == ServerBehaviour::ResetAfterCapability {
-                        conn.reset();
+                        conn.reset().await;
                         return;
                     }
                     continue;
@@ -186,7 +186,7 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                     UNRECOGNIZED_AUTH.into()
                 } else {
                     if s.server == ServerBehaviour::ResetAtAuth {
-                        conn.reset();
+                        conn.reset().await;
                         return;
                     }
                     if s.server == ServerBehaviour::OldTlsRejected {
