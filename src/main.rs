@@ -33,6 +33,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Bootstrap a delegated credential (device code), or import a refresh token.
+    Login {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        credential: String,
+        /// Import this refresh token (obtained elsewhere) instead of signing in.
+        #[arg(long)]
+        refresh_token_file: Option<PathBuf>,
+    },
     /// The embedded default: an emulated provider with healthy and broken mailboxes,
     /// probed in rounds; prints what it finds.
     Demo,
@@ -79,8 +89,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<ExitCode, CommandError> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::stdout();
     match command {
+        Command::Login {
+            config,
+            credential,
+            refresh_token_file,
+        } => {
+            let config = Config::load(&config)?;
+            command::login::run(
+                &config,
+                &credential,
+                refresh_token_file.as_deref(),
+                &mut out,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config } => {
             command::check::run(&config, &mut out)?;
             Ok(ExitCode::SUCCESS)

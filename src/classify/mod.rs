@@ -34,3 +34,11 @@ pub fn probe_outcome(outcome: &Result<(), crate::probe::ProbeError>) -> Classifi
         },
     }
 }
+
+/// Classifies a failed token request (the probe then reports it; no login is attempted).
+pub fn token_failure(e: &crate::token::TokenError) -> Classified {
+    Classified {
+        reason: token::reason(e),
+        detail: token::detail(e),
+    }
+}

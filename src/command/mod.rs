@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod login;
 pub mod probe;
 
 use crate::config::ConfigError;

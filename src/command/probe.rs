@@ -3,11 +3,11 @@
 
 use super::CommandError;
 use crate::classify::{self, Classified};
-use crate::config::{Config, Credential, GrantKind};
+use crate::config::Config;
 use crate::probe::{self, Phase, ProbeReport, TlsClient};
 use crate::protocol::Protocol;
 use crate::reason::Reason;
-use crate::secret::Secret;
+use crate::token::{TokenService, TokenServiceOptions};
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -33,6 +33,7 @@ pub async fn run(
         })?],
     };
     let tls = TlsClient::new(config.ca_file.as_deref())?;
+    let tokens = token_service(config)?;
     let credential = &config.credentials[&mb.credential];
     let mut all_ok = true;
     for endpoint in endpoints {
@@ -45,13 +46,14 @@ pub async fn run(
             spec.user,
             spec.mechanism.as_str()
         )?;
-        match token(credential) {
-            Err(c) => {
+        match tokens.access_token(credential).await {
+            Err(e) => {
+                // No token, no login: the probe reports the token's reason.
                 all_ok = false;
-                print_result(out, &c)?;
+                print_result(out, &classify::token_failure(&e))?;
             }
             Ok(token) => {
-                let report = probe::run(&spec, &tls, &token).await;
+                let report = probe::run(&spec, &tls, &token.value).await;
                 let c = classify::probe_outcome(&report.outcome);
                 all_ok &= c.reason == Reason::Ok;
                 print_result(out, &c)?;
@@ -63,31 +65,11 @@ pub async fn run(
     Ok(all_ok)
 }
 
-/// The access token for a credential, or the token reason why there is none.
-fn token(credential: &Credential) -> Result<Secret, Classified> {
-    match credential.grant {
-        GrantKind::TokenFile => {
-            let path = credential.token_file.as_ref().expect("validated");
-            match std::fs::read_to_string(path) {
-                Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
-                Ok(_) => Err(Classified {
-                    reason: Reason::TokenMissing,
-                    detail: format!("token file {} is empty", path.display()),
-                }),
-                Err(e) => Err(Classified {
-                    reason: Reason::TokenMissing,
-                    detail: format!("cannot read token file {}: {e}", path.display()),
-                }),
-            }
-        }
-        other => Err(Classified {
-            reason: Reason::TokenError,
-            detail: format!(
-                "grant {} is not available in this build: use grant token_file",
-                other.as_str()
-            ),
-        }),
-    }
+/// The token service over the config's state directory and trust roots.
+pub(crate) fn token_service(config: &Config) -> Result<TokenService, CommandError> {
+    let mut options = TokenServiceOptions::new(&config.state_dir);
+    options.ca_file = config.ca_file.clone();
+    TokenService::new(options).map_err(|e| CommandError::Usage(format!("token client: {e}")))
 }
 
 fn print_result(out: &mut dyn Write, c: &Classified) -> std::io::Result<()> {

@@ -5,11 +5,12 @@
 mod locate;
 mod raw;
 
-pub use raw::{GrantKind, ProviderKind};
+pub use raw::ProviderKind;
 
 use crate::probe::{Limits, ProbeSpec, Target};
 use crate::protocol::{Mechanism, Protocol, TlsMode};
-use raw::{RawConfig, RawCredential, RawEndpoint, RawMailbox};
+use crate::token::{ClientAuth, Credential, Grant, Provider, SecretSource, default_scopes};
+use raw::{RawConfig, RawCredential, RawEndpoint, RawGrant, RawMailbox};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9925";
+/// Where rotated refresh tokens are kept when the config names no `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/mail-oauth-exporter";
+const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,32 +47,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Where a secret value comes from: never the config file itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretSource {
-    File(PathBuf),
-    Env(String),
-}
-
-/// A credential: an OAuth client and grant, or a token file another tool keeps fresh.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub name: String,
-    pub provider: ProviderKind,
-    pub grant: GrantKind,
-    pub tenant: Option<String>,
-    pub authority: Option<String>,
-    pub client_id: Option<String>,
-    pub client_secret: Option<SecretSource>,
-    pub client_secret_expires: Option<SystemTime>,
-    pub certificate_file: Option<PathBuf>,
-    pub private_key_file: Option<PathBuf>,
-    pub token_url: Option<String>,
-    pub device_authorization_url: Option<String>,
-    pub scopes: Option<Vec<String>>,
-    pub token_file: Option<PathBuf>,
-}
-
 /// Where one protocol of a mailbox is probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -82,6 +60,8 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mailbox {
     pub name: String,
+    /// Whose servers are the defaults (Exchange Online, Gmail).
+    pub provider: ProviderKind,
     pub address: String,
     pub credential: String,
     pub mechanism: Mechanism,
@@ -119,7 +99,7 @@ impl Mailbox {
 pub struct Config {
     pub file: PathBuf,
     pub listen: Option<SocketAddr>,
-    pub state_dir: Option<PathBuf>,
+    pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
     pub credentials: BTreeMap<String, Credential>,
     pub mailboxes: BTreeMap<String, Mailbox>,
@@ -161,25 +141,37 @@ impl Config {
             readable(&mut problems, "tls.ca_file", ca);
         }
         for c in self.credentials.values() {
-            match &c.client_secret {
-                Some(SecretSource::File(p)) => readable(
+            let name = &c.name;
+            match &c.client_auth {
+                ClientAuth::Secret(SecretSource::File(p)) => readable(
                     &mut problems,
-                    &format!("credential {}: client_secret_file", c.name),
+                    &format!("credential {name}: client_secret_file"),
                     p,
                 ),
-                Some(SecretSource::Env(v)) if std::env::var_os(v).is_none() => problems.push(
-                    format!("credential {}: client_secret_env {v} is not set", c.name),
-                ),
+                ClientAuth::Secret(SecretSource::Env(v)) if std::env::var_os(v).is_none() => {
+                    problems.push(format!(
+                        "credential {name}: client_secret_env {v} is not set"
+                    ))
+                }
+                ClientAuth::Certificate {
+                    certificate_file,
+                    private_key_file,
+                } => {
+                    for (what, p) in [
+                        ("certificate_file", certificate_file),
+                        ("private_key_file", private_key_file),
+                    ] {
+                        readable(&mut problems, &format!("credential {name}: {what}"), p);
+                    }
+                }
                 _ => {}
             }
-            for (what, p) in [
-                ("token_file", &c.token_file),
-                ("certificate_file", &c.certificate_file),
-                ("private_key_file", &c.private_key_file),
-            ] {
-                if let Some(p) = p {
-                    readable(&mut problems, &format!("credential {}: {what}", c.name), p);
-                }
+            if let Grant::TokenFile { path } = &c.grant {
+                readable(
+                    &mut problems,
+                    &format!("credential {name}: token_file"),
+                    path,
+                );
             }
         }
         problems
@@ -262,19 +254,42 @@ impl Validator<'_> {
         let mechanism = defaults.mechanism.unwrap_or_default();
 
         let mut credentials = BTreeMap::new();
+        let mut kinds = BTreeMap::new();
+        let mut explicit_scopes = BTreeMap::new();
         for (name, c) in raw.credentials {
+            explicit_scopes.insert(name.clone(), c.scopes.clone());
+            kinds.insert(name.clone(), c.provider.unwrap_or(ProviderKind::Microsoft));
             let cred = self.credential(&name, c)?;
             credentials.insert(name, cred);
         }
         let mut mailboxes = BTreeMap::new();
         for (name, m) in raw.mailboxes {
-            let mb = self.mailbox(&name, m, &credentials, interval, timeout, mechanism)?;
+            let mb = self.mailbox(&name, m, &kinds, interval, timeout, mechanism)?;
             mailboxes.insert(name, mb);
+        }
+        // Scopes follow the protocols of the mailboxes that use a credential: Microsoft
+        // delegated tokens carry exactly those permissions (plus offline_access).
+        for (name, cred) in credentials.iter_mut() {
+            cred.scopes = match explicit_scopes.remove(name).flatten() {
+                Some(scopes) => scopes,
+                None => {
+                    let mut protocols: Vec<Protocol> = mailboxes
+                        .values()
+                        .filter(|m: &&Mailbox| &m.credential == name)
+                        .flat_map(|m| m.endpoints.iter().map(|e| e.protocol))
+                        .collect();
+                    protocols.sort();
+                    protocols.dedup();
+                    default_scopes(&cred.provider, &cred.grant, &protocols)
+                }
+            };
         }
         Ok(Config {
             file: self.path.to_owned(),
             listen,
-            state_dir: raw.state_dir,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             ca_file: raw.tls.and_then(|t| t.ca_file),
             credentials,
             mailboxes,
@@ -289,7 +304,7 @@ impl Validator<'_> {
                 "secrets are never written in the config: use client_secret_file or client_secret_env",
             ));
         }
-        let client_secret = match (c.client_secret_file, c.client_secret_env) {
+        let client_secret = match (c.client_secret_file.clone(), c.client_secret_env.clone()) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
                     &at("client_secret_env"),
@@ -320,12 +335,12 @@ impl Validator<'_> {
             }
         };
         match c.grant {
-            GrantKind::TokenFile => {
+            RawGrant::TokenFile => {
                 if c.token_file.is_none() {
                     return Err(self.err(&at("grant"), "grant token_file needs `token_file`"));
                 }
             }
-            GrantKind::ClientCredentials | GrantKind::RefreshToken => {
+            RawGrant::ClientCredentials | RawGrant::RefreshToken => {
                 if c.provider.is_none() {
                     return Err(self.err(
                         &at("grant"),
@@ -338,7 +353,7 @@ impl Validator<'_> {
                     ProviderKind::Generic => needs("token_url", &c.token_url)?,
                     ProviderKind::Google => {}
                 }
-                if c.grant == GrantKind::ClientCredentials
+                if c.grant == RawGrant::ClientCredentials
                     && client_secret.is_none()
                     && c.certificate_file.is_none()
                 {
@@ -374,21 +389,44 @@ impl Validator<'_> {
                 return Err(self.err(&at(k), format!("`{u}` must be an https:// URL")));
             }
         }
+        let provider = match provider {
+            ProviderKind::Microsoft => Provider::Microsoft {
+                tenant: c.tenant.clone().unwrap_or_default(),
+                authority: c
+                    .authority
+                    .clone()
+                    .unwrap_or_else(|| MICROSOFT_AUTHORITY.to_owned()),
+            },
+            ProviderKind::Google => Provider::Google,
+            ProviderKind::Generic => Provider::Generic {
+                token_url: c.token_url.clone().unwrap_or_default(),
+                device_authorization_url: c.device_authorization_url.clone(),
+            },
+        };
+        let grant = match c.grant {
+            RawGrant::RefreshToken => Grant::RefreshToken,
+            RawGrant::ClientCredentials => Grant::ClientCredentials,
+            RawGrant::TokenFile => Grant::TokenFile {
+                path: c.token_file.clone().expect("checked above"),
+            },
+        };
+        let client_auth = match (client_secret, c.certificate_file, c.private_key_file) {
+            (Some(s), _, _) => ClientAuth::Secret(s),
+            (None, Some(certificate_file), Some(private_key_file)) => ClientAuth::Certificate {
+                certificate_file,
+                private_key_file,
+            },
+            _ => ClientAuth::None,
+        };
         Ok(Credential {
             name: name.to_owned(),
             provider,
-            grant: c.grant,
-            tenant: c.tenant,
-            authority: c.authority,
-            client_id: c.client_id,
-            client_secret,
+            client_id: c.client_id.unwrap_or_default(),
+            grant,
+            client_auth,
             client_secret_expires,
-            certificate_file: c.certificate_file,
-            private_key_file: c.private_key_file,
-            token_url: c.token_url,
-            device_authorization_url: c.device_authorization_url,
-            scopes: c.scopes,
-            token_file: c.token_file,
+            // Filled in once the mailboxes using this credential are known.
+            scopes: Vec::new(),
         })
     }
 
@@ -396,13 +434,13 @@ impl Validator<'_> {
         &self,
         name: &str,
         m: RawMailbox,
-        credentials: &BTreeMap<String, Credential>,
+        credentials: &BTreeMap<String, ProviderKind>,
         interval: Duration,
         timeout: Duration,
         mechanism: Mechanism,
     ) -> Result<Mailbox, ConfigError> {
         let at = |k: &'static str| ["mailboxes", name, k];
-        let Some(cred) = credentials.get(&m.credential) else {
+        let Some(provider) = credentials.get(&m.credential).copied() else {
             let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
             return Err(self.err(
                 &at("credential"),
@@ -454,15 +492,11 @@ impl Validator<'_> {
                 }
                 continue;
             }
-            endpoints.push(self.endpoint(
-                name,
-                p,
-                raw.clone().unwrap_or_default(),
-                cred.provider,
-            )?);
+            endpoints.push(self.endpoint(name, p, raw.clone().unwrap_or_default(), provider)?);
         }
         Ok(Mailbox {
             name: name.to_owned(),
+            provider,
             address: m.address,
             credential: m.credential,
             mechanism: m.mechanism.unwrap_or(mechanism),

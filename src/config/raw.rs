@@ -42,18 +42,18 @@ pub enum ProviderKind {
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum GrantKind {
+pub(super) enum RawGrant {
     ClientCredentials,
     RefreshToken,
     TokenFile,
 }
 
-impl GrantKind {
+impl RawGrant {
     pub fn as_str(self) -> &'static str {
         match self {
-            GrantKind::ClientCredentials => "client_credentials",
-            GrantKind::RefreshToken => "refresh_token",
-            GrantKind::TokenFile => "token_file",
+            RawGrant::ClientCredentials => "client_credentials",
+            RawGrant::RefreshToken => "refresh_token",
+            RawGrant::TokenFile => "token_file",
         }
     }
 }
@@ -65,7 +65,7 @@ pub(super) struct RawCredential {
     pub tenant: Option<String>,
     pub authority: Option<String>,
     pub client_id: Option<String>,
-    pub grant: GrantKind,
+    pub grant: RawGrant,
     pub client_secret_file: Option<PathBuf>,
     pub client_secret_env: Option<String>,
     pub client_secret_expires: Option<String>,

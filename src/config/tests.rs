@@ -79,9 +79,15 @@ fn the_contracts_example_is_valid_and_defaults_fill_in() {
     );
     let app = &c.credentials["contoso-app"];
     assert_eq!(
-        app.client_secret,
-        Some(SecretSource::File("/secrets/contoso-app".into()))
+        app.client_auth,
+        ClientAuth::Secret(SecretSource::File("/secrets/contoso-app".into()))
     );
+    // Client credentials: Exchange's .default scope; delegated: exactly the protocols used.
+    assert_eq!(
+        app.scopes,
+        vec!["https://outlook.office365.com/.default".to_string()]
+    );
+    assert!(c.credentials["external"].scopes.is_empty());
     assert_eq!(
         app.client_secret_expires
             .unwrap()
@@ -89,6 +95,28 @@ fn the_contracts_example_is_valid_and_defaults_fill_in() {
             .unwrap()
             .as_secs(),
         1_803_859_200
+    );
+}
+
+#[test]
+fn delegated_scopes_follow_the_protocols_of_the_mailboxes() {
+    let c = parse(
+        "credentials:\n  u:\n    provider: microsoft\n    tenant: t\n    client_id: x\n    grant: refresh_token\n\
+         mailboxes:\n  a:\n    address: a@b.c\n    credential: u\n    protocols: [smtp]\n\
+         \x20 b:\n    address: b@b.c\n    credential: u\n    protocols: [imap]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.credentials["u"].scopes,
+        [
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "https://outlook.office.com/SMTP.Send",
+            "offline_access"
+        ]
+    );
+    assert_eq!(
+        c.credentials["u"].provider.token_url(),
+        "https://login.microsoftonline.com/t/oauth2/v2.0/token"
     );
 }
 

@@ -237,6 +237,9 @@ pub struct ClientSpec {
     pub grants: Vec<EmuGrant>,
     /// App roles/scopes granted; empty: any scope.
     pub scopes: Vec<String>,
+    /// Mailboxes the app's Exchange service principal may open (`Add-MailboxPermission`):
+    /// the emulated mail servers refuse this app's tokens for any other mailbox.
+    pub mailboxes: Vec<String>,
 }
 
 /// What one device poll answers.
@@ -1001,6 +1004,37 @@ fn token(
                         return scripted(s);
                     }
                     issue(st, &client.id, Some(&user), scopes, with_refresh)
+                }
+            }
+        }
+    }
+}
+
+/// The emulated mail servers accept only tokens this endpoint issued and that are still
+/// valid: a revoked grant shows as a token failure, an app without a mailbox permission as
+/// a refused login.
+impl super::TokenCheck for TokenEndpoint {
+    fn check(&self, user: &str, token: &str) -> super::TokenVerdict {
+        use super::TokenVerdict;
+        let state = self.state();
+        let Some(issued) = state.access_tokens.get(token) else {
+            return TokenVerdict::Invalid;
+        };
+        if SystemTime::now() >= issued.expires_at {
+            return TokenVerdict::Expired;
+        }
+        match &issued.user {
+            // Delegated: `user=` may be a shared mailbox's address (Microsoft's article).
+            Some(_) => TokenVerdict::Valid,
+            None => {
+                let granted = state
+                    .clients
+                    .get(&issued.client_id)
+                    .is_some_and(|c| c.mailboxes.iter().any(|m| m.eq_ignore_ascii_case(user)));
+                if granted {
+                    TokenVerdict::Valid
+                } else {
+                    TokenVerdict::Invalid
                 }
             }
         }

@@ -133,7 +133,7 @@ async fn probe_prints_a_readable_result_and_no_secret() {
 }
 
 #[tokio::test]
-async fn a_missing_token_file_is_token_missing_without_a_login() {
+async fn a_missing_token_file_is_a_token_error_without_a_login() {
     let (emu, _) = start(options()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &emu, TOKEN);
@@ -149,7 +149,8 @@ async fn a_missing_token_file_is_token_missing_without_a_login() {
     ])
     .await;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("FAILED: token_missing"), "{out}");
+    assert!(out.contains("FAILED: token_error"), "{out}");
+    assert!(out.contains("No such file"), "{out}");
     assert!(
         emu.received(Proto::Imap).is_empty(),
         "no login may be attempted without a token"

@@ -5,5 +5,6 @@ mod cli;
 mod curl;
 mod demo;
 mod emulator;
+mod oauth;
 mod probe;
 mod token;
