@@ -292,8 +292,7 @@ impl<'a> Session<'a> {
                 });
             }
             let room = (limits.max_line - self.pending.len()).min(8192);
-            let n = self.read_some(room).await?;
-            let _ = n;
+            self.read_some(room).await?;
         }
     }
 
