@@ -6,12 +6,20 @@ pub mod classify;
 pub mod command;
 pub mod config;
 pub mod emulator;
+pub mod http;
+pub mod metrics;
 pub mod probe;
 pub mod protocol;
 pub mod reason;
+pub mod scheduler;
 pub mod secret;
+pub mod service;
+pub mod status;
 pub mod token;
 
 pub use protocol::{Mechanism, Protocol, TlsMode};
 pub use reason::{Reason, Stage};
 pub use secret::Secret;
+
+/// The source revision this binary was built from (`mail_oauth_build_info`).
+pub const REVISION: &str = env!("MAIL_OAUTH_EXPORTER_REVISION");

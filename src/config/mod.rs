@@ -10,7 +10,7 @@ pub use raw::ProviderKind;
 use crate::probe::{Limits, ProbeSpec, Target};
 use crate::protocol::{Mechanism, Protocol, TlsMode};
 use crate::token::{ClientAuth, Credential, Grant, Provider, SecretSource, default_scopes};
-use raw::{RawConfig, RawCredential, RawEndpoint, RawGrant, RawMailbox};
+use raw::{RawConfig, RawCredential, RawEndpoint, RawGrant, RawMailbox, RawScheduler};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +23,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mail-oauth-exporter";
 const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONCURRENT_PROBES: usize = 32;
+const DEFAULT_JITTER: Duration = Duration::from_secs(1);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// A config error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,11 +103,37 @@ impl Mailbox {
     }
 }
 
+/// How probes are spread over time and bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// Probes running at once, over all mailboxes.
+    pub max_concurrent_probes: usize,
+    /// First runs are spread over this window (default: each probe's own interval), so a
+    /// start or reload does not log in to every mailbox at the same second.
+    pub startup_spread: Option<Duration>,
+    /// Each run starts up to this much later than its slot; slots themselves never drift.
+    pub jitter: Duration,
+    /// On SIGTERM, in-flight probes get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            max_concurrent_probes: DEFAULT_MAX_CONCURRENT_PROBES,
+            startup_spread: None,
+            jitter: DEFAULT_JITTER,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub file: PathBuf,
     pub listen: Option<SocketAddr>,
+    pub schedule: Schedule,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
     pub credentials: BTreeMap<String, Credential>,
@@ -240,6 +269,29 @@ impl Validator<'_> {
         Ok(Some(d))
     }
 
+    fn schedule(&self, raw: RawScheduler) -> Result<Schedule, ConfigError> {
+        let d = Schedule::default();
+        let at = |k| ["scheduler", k];
+        let max_concurrent_probes = match raw.max_concurrent_probes {
+            Some(0) => return Err(self.err(&at("max_concurrent_probes"), "must be at least 1")),
+            Some(n) => n,
+            None => d.max_concurrent_probes,
+        };
+        // A zero jitter is allowed (strictly periodic probes), unlike other durations.
+        let jitter = match raw.jitter.as_deref() {
+            Some("0") | Some("0s") => Duration::ZERO,
+            j => self.duration(&at("jitter"), j)?.unwrap_or(d.jitter),
+        };
+        Ok(Schedule {
+            max_concurrent_probes,
+            startup_spread: self.duration(&at("startup_spread"), raw.startup_spread.as_deref())?,
+            jitter,
+            shutdown_grace: self
+                .duration(&at("shutdown_grace"), raw.shutdown_grace.as_deref())?
+                .unwrap_or(d.shutdown_grace),
+        })
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let listen = match &raw.listen {
             None => None,
@@ -258,6 +310,7 @@ impl Validator<'_> {
             .duration(&["defaults", "timeout"], defaults.timeout.as_deref())?
             .unwrap_or(DEFAULT_TIMEOUT);
         let mechanism = defaults.mechanism.unwrap_or_default();
+        let schedule = self.schedule(raw.scheduler.unwrap_or_default())?;
 
         let mut credentials = BTreeMap::new();
         let mut kinds = BTreeMap::new();
@@ -293,6 +346,7 @@ impl Validator<'_> {
         Ok(Config {
             file: self.path.to_owned(),
             listen,
+            schedule,
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),

@@ -12,6 +12,7 @@ pub(super) struct RawConfig {
     pub state_dir: Option<PathBuf>,
     pub tls: Option<RawTls>,
     pub defaults: Option<RawDefaults>,
+    pub scheduler: Option<RawScheduler>,
     #[serde(default)]
     pub credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
@@ -30,6 +31,15 @@ pub(super) struct RawDefaults {
     pub interval: Option<String>,
     pub timeout: Option<String>,
     pub mechanism: Option<Mechanism>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScheduler {
+    pub max_concurrent_probes: Option<usize>,
+    pub startup_spread: Option<String>,
+    pub jitter: Option<String>,
+    pub shutdown_grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

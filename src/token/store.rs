@@ -135,6 +135,21 @@ impl RefreshTokenStore {
         result
     }
 
+    /// Writes the in-memory refresh token of `credential` again if the last save failed
+    /// (at shutdown: the disk may have recovered, and memory is about to go).
+    pub async fn flush(&self, credential: &str) -> io::Result<()> {
+        let pending = {
+            let map = self.lock();
+            map.get(credential)
+                .filter(|s| s.status.save_error.is_some())
+                .and_then(|s| s.token.clone())
+        };
+        match pending {
+            Some(token) => self.save(credential, &token).await,
+            None => Ok(()),
+        }
+    }
+
     pub fn status(&self, credential: &str) -> SaveStatus {
         self.lock()
             .get(credential)

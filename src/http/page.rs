@@ -1,0 +1,275 @@
+//! The HTML status page: one row per mailbox and protocol, failures first, each with its
+//! reason, the fix, the server's words and a link to the redacted transcript. Plain HTML
+//! and CSS, no script: it works in any browser and behind any proxy.
+
+use crate::status::{ProbeStatus, Snapshot, rfc3339};
+use std::fmt::Write;
+use std::time::{Duration, SystemTime};
+
+/// Escapes text for HTML element content and attribute values. Everything shown here
+/// that a server or config wrote goes through it.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn ago(now: SystemTime, t: SystemTime) -> String {
+    let d = now.duration_since(t).unwrap_or_default().as_secs();
+    match d {
+        0..=59 => format!("{d} s ago"),
+        60..=3599 => format!("{} min ago", d / 60),
+        3600..=86_399 => format!("{} h ago", d / 3600),
+        _ => format!("{} days ago", d / 86_400),
+    }
+}
+
+fn until(now: SystemTime, t: SystemTime) -> (String, &'static str) {
+    match t.duration_since(now) {
+        Err(_) => ("expired".into(), "bad"),
+        Ok(d) => {
+            let days = d.as_secs() / 86_400;
+            let class = if days < 2 {
+                "bad"
+            } else if days < 14 {
+                "warn"
+            } else {
+                ""
+            };
+            let text = if d < Duration::from_secs(3600) {
+                format!("in {} min", d.as_secs() / 60)
+            } else if days < 2 {
+                format!("in {} h", d.as_secs() / 3600)
+            } else {
+                format!("in {days} days")
+            };
+            (text, class)
+        }
+    }
+}
+
+fn time_cell(now: SystemTime, t: Option<SystemTime>) -> String {
+    match t {
+        None => "<td class=\"muted\">never</td>".into(),
+        Some(t) => format!(
+            "<td title=\"{}\">{}</td>",
+            escape(&rfc3339(t)),
+            escape(&ago(now, t))
+        ),
+    }
+}
+
+fn expiry_cell(now: SystemTime, t: Option<SystemTime>) -> String {
+    match t {
+        None => "<td class=\"muted\">-</td>".into(),
+        Some(t) => {
+            let (text, class) = until(now, t);
+            format!(
+                "<td class=\"{class}\" title=\"{}\">{}</td>",
+                escape(&rfc3339(t)),
+                escape(&text)
+            )
+        }
+    }
+}
+
+const STYLE: &str = r#"
+:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --muted:#6e7781; --line:#d0d7de; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1f2328; background: #f6f8fa; }
+header { background: #24292f; color: #fff; padding: 14px 24px; display: flex; gap: 24px; align-items: baseline; flex-wrap: wrap; }
+header h1 { font-size: 18px; margin: 0; font-weight: 600; }
+header .meta { color: #afb8c1; font-size: 12px; }
+header a { color: #9ecbff; }
+main { padding: 16px 24px 40px; }
+.summary { display: flex; gap: 12px; margin: 0 0 16px; flex-wrap: wrap; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 120px; }
+.card b { display: block; font-size: 22px; }
+.card.ok b { color: var(--ok); } .card.bad b { color: var(--bad); } .card.pending b { color: var(--muted); }
+.banner { background: #fff1f0; border: 1px solid #ffcecb; color: var(--bad); padding: 10px 14px; border-radius: 8px; margin-bottom: 16px; }
+table { border-collapse: collapse; width: 100%; background: #fff; border: 1px solid var(--line); border-radius: 8px; overflow: hidden; margin-bottom: 24px; }
+th, td { text-align: left; padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { background: #f6f8fa; font-weight: 600; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; color: #57606a; }
+tr:last-child td { border-bottom: 0; }
+.badge { display: inline-block; border-radius: 12px; padding: 1px 9px; font-size: 12px; font-weight: 600; color: #fff; }
+.badge.ok { background: var(--ok); } .badge.failed { background: var(--bad); } .badge.pending { background: var(--muted); }
+.reason { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-weight: 600; }
+.hint { color: var(--warn); }
+.detail { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; color: #57606a; word-break: break-word; max-width: 46em; }
+.muted { color: var(--muted); } .bad { color: var(--bad); font-weight: 600; } .warn { color: var(--warn); font-weight: 600; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+h2 { font-size: 15px; margin: 8px 0; }
+"#;
+
+/// Renders the whole page.
+pub fn render(s: &Snapshot) -> String {
+    let now = s.generated_at.unwrap_or_else(SystemTime::now);
+    let ok = s.probes.iter().filter(|p| p.state == "ok").count();
+    let failed = s.probes.iter().filter(|p| p.state == "failed").count();
+    let pending = s.probes.iter().filter(|p| p.state == "pending").count();
+    let mut h = String::with_capacity(16 * 1024);
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta http-equiv=\"refresh\" content=\"15\">\
+         <title>{title}mail-oauth-exporter</title><style>{STYLE}</style></head><body>\
+         <header><h1>mail-oauth-exporter</h1>\
+         <span class=\"meta\">version {ver} ({rev}) · config {file} · {ready} · updated {at}</span>\
+         <span class=\"meta\"><a href=\"/metrics\">metrics</a> · <a href=\"/api/v1/status\">JSON</a></span></header><main>",
+        title = if failed > 0 {
+            format!("({failed} failing) ")
+        } else {
+            String::new()
+        },
+        ver = escape(s.version),
+        rev = escape(s.revision),
+        file = escape(&s.config.file),
+        ready = if s.ready { "ready" } else { "not ready yet" },
+        at = escape(&rfc3339(now)),
+    );
+    if !s.config.last_reload_successful
+        && let Some(e) = &s.config.last_error
+    {
+        let _ = write!(
+            h,
+            "<div class=\"banner\" id=\"reload-error\">The last config reload was rejected; \
+             the previous config keeps running.<br><code>{}</code></div>",
+            escape(e)
+        );
+    }
+    let _ = write!(
+        h,
+        "<div class=\"summary\">\
+         <div class=\"card ok\" id=\"count-ok\"><b>{ok}</b>logging in</div>\
+         <div class=\"card bad\" id=\"count-failed\"><b>{failed}</b>failing</div>\
+         <div class=\"card pending\" id=\"count-pending\"><b>{pending}</b>not probed yet</div></div>"
+    );
+    h.push_str(
+        "<h2>Mailboxes</h2><table id=\"probes\"><thead><tr><th>mailbox</th><th>protocol</th>\
+         <th>result</th><th>reason and fix</th><th>last success</th><th>last run</th>\
+         <th class=\"num\">latency</th><th>transcript</th></tr></thead><tbody>",
+    );
+    // Failures first: that is what someone opening this page is looking for.
+    let mut rows: Vec<&ProbeStatus> = s.probes.iter().collect();
+    rows.sort_by_key(|p| match p.state {
+        "failed" => 0,
+        "pending" => 1,
+        _ => 2,
+    });
+    for p in rows {
+        row(&mut h, now, p);
+    }
+    h.push_str("</tbody></table>");
+
+    h.push_str(
+        "<h2>Credentials</h2><table id=\"credentials\"><thead><tr><th>credential</th><th>grant</th>\
+         <th>access token expires</th><th>last token</th><th>client secret expires</th>\
+         <th>certificate expires</th><th>refresh token on disk</th></tr></thead><tbody>",
+    );
+    for c in &s.credentials {
+        let _ = write!(
+            h,
+            "<tr data-credential=\"{name}\"><td>{name}</td><td>{grant}</td>{te}{tl}{se}{ce}<td{sc}>{save}</td></tr>",
+            name = escape(&c.name),
+            grant = escape(&c.grant),
+            te = expiry_cell(now, c.token_expiry),
+            tl = time_cell(now, c.token_last_success),
+            se = expiry_cell(now, c.client_secret_expiry),
+            ce = expiry_cell(now, c.certificate_expiry),
+            sc = if c.save_error.is_some() {
+                " class=\"bad\""
+            } else {
+                ""
+            },
+            save = match &c.save_error {
+                Some(e) => format!("NOT SAVED: {}", escape(e)),
+                None if c.grant == "refresh_token" => "saved".into(),
+                None => "-".into(),
+            },
+        );
+    }
+    h.push_str("</tbody></table></main></body></html>\n");
+    h
+}
+
+fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
+    let reason = p.reason.map(|r| r.as_str()).unwrap_or("");
+    let _ = write!(
+        h,
+        "<tr data-mailbox=\"{mb}\" data-protocol=\"{proto}\" data-reason=\"{reason}\" data-state=\"{state}\">\
+         <td><b>{mb}</b><br><span class=\"muted\">{addr}</span></td>\
+         <td>{proto}<br><span class=\"muted\">{target}</span></td>\
+         <td><span class=\"badge {state}\">{label}</span></td><td>",
+        mb = escape(&p.mailbox),
+        addr = escape(&p.address),
+        proto = p.protocol.as_str(),
+        target = escape(&p.target),
+        state = p.state,
+        label = match p.state {
+            "ok" => "OK",
+            "failed" => "FAILED",
+            _ => "PENDING",
+        },
+    );
+    if p.state == "failed" {
+        let _ = write!(
+            h,
+            "<span class=\"reason\">{reason}</span> <span class=\"muted\">({} stage, {})</span>",
+            p.stage.unwrap_or(""),
+            if p.transient == Some(true) {
+                "transient"
+            } else {
+                "permanent"
+            }
+        );
+        if let Some(hint) = p.hint.filter(|h| !h.is_empty()) {
+            let _ = write!(h, "<div class=\"hint\">Fix: {}</div>", escape(hint));
+        }
+        if let Some(d) = &p.detail {
+            let _ = write!(h, "<div class=\"detail\">{}</div>", escape(d));
+        }
+    } else if p.state == "ok" {
+        h.push_str("<span class=\"reason\">ok</span>");
+    } else {
+        h.push_str("<span class=\"muted\">first probe not run yet</span>");
+    }
+    h.push_str("</td>");
+    h.push_str(&time_cell(now, p.last_success));
+    h.push_str(&time_cell(now, p.last_run));
+    match p.duration_seconds {
+        Some(d) => {
+            let _ = write!(h, "<td class=\"num\">{:.0} ms</td>", d * 1000.0);
+        }
+        None => h.push_str("<td class=\"num muted\">-</td>"),
+    }
+    match &p.transcript_url {
+        Some(u) => {
+            let _ = write!(h, "<td><a href=\"{}\">transcript</a></td>", escape(u));
+        }
+        None => h.push_str("<td class=\"muted\">-</td>"),
+    }
+    h.push_str("</tr>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_neutralises_markup() {
+        assert_eq!(
+            escape("<script>alert(\"x\")</script>&'"),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
+        );
+    }
+}

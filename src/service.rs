@@ -1,0 +1,416 @@
+//! The long-running monitor: holds the config in force, the token service, the board and
+//! the scheduler; turns a config into scheduled jobs and reloads it without losing the
+//! old one when the new one is bad.
+
+use crate::classify;
+use crate::config::{Config, ConfigError, Endpoint, Mailbox};
+use crate::metrics::Metrics;
+use crate::probe::{self, TlsClient};
+use crate::reason::Reason;
+use crate::scheduler::{Execute, Job, Scheduler};
+use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
+use crate::token::{
+    Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions,
+};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// What a scheduled job carries: everything one probe needs, shared, compared on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub mailbox: Arc<Mailbox>,
+    pub endpoint: Endpoint,
+    pub credential: Arc<Credential>,
+}
+
+/// The parts rebuilt only when `tls.ca_file` or `state_dir` change: rebuilding the token
+/// service forgets cached access tokens, so it is not done on every reload.
+struct Engine {
+    tls: TlsClient,
+    tokens: TokenService,
+    ca_file: Option<PathBuf>,
+    state_dir: PathBuf,
+}
+
+impl Engine {
+    fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Engine, ConfigError> {
+        let file_error = |field: &str, message: String| ConfigError {
+            file: config.file.clone(),
+            line: 0,
+            column: 0,
+            field: field.to_string(),
+            message,
+        };
+        let tls = TlsClient::new(config.ca_file.as_deref())
+            .map_err(|e| file_error("tls.ca_file", e.to_string()))?;
+        let mut options = TokenServiceOptions::new(&config.state_dir);
+        options.ca_file = config.ca_file.clone();
+        options.observer = metrics.clone();
+        let tokens = TokenService::new(options)
+            .map_err(|e| file_error("tls.ca_file", format!("token client: {e}")))?;
+        Ok(Engine {
+            tls,
+            tokens,
+            ca_file: config.ca_file.clone(),
+            state_dir: config.state_dir.clone(),
+        })
+    }
+}
+
+/// Runs one scheduled probe: token, login, classify, record, log.
+struct Prober {
+    board: Arc<Board>,
+    engine: Arc<RwLock<Arc<Engine>>>,
+}
+
+impl Execute<Payload> for Prober {
+    fn execute(&self, job: Arc<Job<Payload>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let engine = read(&self.engine);
+        let board = self.board.clone();
+        Box::pin(async move {
+            let p = &job.payload;
+            let cred = &p.credential;
+            let result = match engine.tokens.access_token(cred).await {
+                Err(e) => {
+                    let c = classify::token_failure(&e);
+                    ProbeResult {
+                        reason: c.reason,
+                        detail: c.detail,
+                        finished_at: SystemTime::now(),
+                        duration: None,
+                        phases: Default::default(),
+                        tls_not_after: None,
+                        tls_version: None,
+                        transcript: None,
+                    }
+                }
+                Ok(token) => {
+                    let spec = p.mailbox.probe_spec(&p.endpoint);
+                    let report = probe::run(&spec, &engine.tls, &token.value).await;
+                    let c = classify::probe_outcome(&report.outcome);
+                    if c.reason == Reason::AuthTokenExpired {
+                        // The server knows better than our clock: fetch a new one next time.
+                        engine.tokens.invalidate(cred).await;
+                    }
+                    ProbeResult {
+                        reason: c.reason,
+                        detail: c.detail,
+                        finished_at: SystemTime::now(),
+                        duration: report.duration,
+                        phases: report.phases,
+                        tls_not_after: report.tls_not_after,
+                        tls_version: report.tls_version,
+                        transcript: Some(report.transcript.render()),
+                    }
+                }
+            };
+            let save = engine.tokens.save_status(&cred.name);
+            board.token_state(
+                &cred.name,
+                engine.tokens.token_expiry(&cred.name),
+                engine.tokens.last_success(&cred.name),
+                save.save_error,
+            );
+            log_result(&job, &result);
+            board.record(&job.key(), result);
+        })
+    }
+}
+
+fn log_result(job: &Job<Payload>, r: &ProbeResult) {
+    let ms = r.duration.map(|d| d.as_secs_f64() * 1000.0);
+    if r.reason == Reason::Ok {
+        tracing::info!(
+            mailbox = %job.mailbox,
+            protocol = %job.protocol,
+            reason = %r.reason,
+            duration_ms = ms,
+            "probe succeeded"
+        );
+    } else {
+        tracing::warn!(
+            mailbox = %job.mailbox,
+            protocol = %job.protocol,
+            credential = %job.payload.credential.name,
+            reason = %r.reason,
+            detail = %r.detail,
+            duration_ms = ms,
+            "probe failed"
+        );
+    }
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    // Only whole values are swapped in under this lock.
+    l.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    *l.write().unwrap_or_else(|e| e.into_inner()) = v;
+}
+
+/// The running monitor.
+pub struct Service {
+    board: Arc<Board>,
+    metrics: Arc<Metrics>,
+    engine: Arc<RwLock<Arc<Engine>>>,
+    config: RwLock<Arc<Config>>,
+    scheduler: tokio::sync::Mutex<Option<Scheduler<Payload>>>,
+    /// Milliseconds since `started` at the heartbeat's last turn.
+    heartbeat: Arc<AtomicU64>,
+    started: tokio::time::Instant,
+    stopping: AtomicBool,
+}
+
+/// The heartbeat turns this often; `/healthz` fails when it missed many turns.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
+
+impl Service {
+    /// Starts scheduling `config`'s probes. Needs a tokio runtime.
+    pub fn start(config: Config) -> Result<Arc<Service>, ConfigError> {
+        let metrics = Arc::new(Metrics::new());
+        let board = Arc::new(Board::new(metrics.clone()));
+        let engine = Arc::new(RwLock::new(Arc::new(Engine::new(&config, &metrics)?)));
+        let prober = Prober {
+            board: board.clone(),
+            engine: engine.clone(),
+        };
+        let scheduler = Scheduler::new(
+            Arc::new(prober) as Arc<dyn Execute<Payload>>,
+            config.schedule.max_concurrent_probes,
+        );
+        let service = Arc::new(Service {
+            board,
+            metrics,
+            engine,
+            config: RwLock::new(Arc::new(config.clone())),
+            scheduler: tokio::sync::Mutex::new(Some(scheduler)),
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            started: tokio::time::Instant::now(),
+            stopping: AtomicBool::new(false),
+        });
+        service.apply_now(config);
+        // A runtime wedged by a blocking call stops this loop, and `/healthz` says so.
+        let (beat, started) = (Arc::downgrade(&service.heartbeat), service.started);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tick.tick().await;
+                let Some(beat) = beat.upgrade() else { return };
+                beat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        });
+        Ok(service)
+    }
+
+    /// Alive: not shutting down, and the runtime's timers are turning.
+    pub fn healthy(&self) -> bool {
+        let last = Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
+        !self.stopping.load(Ordering::Relaxed)
+            && self.started.elapsed().saturating_sub(last) < HEARTBEAT_STALE
+    }
+
+    pub fn board(&self) -> &Arc<Board> {
+        &self.board
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        read(&self.config)
+    }
+
+    /// Reloads the config file. A bad one is rejected, logged with its location and
+    /// reported by `mail_oauth_config_last_reload_successful`; the old one keeps running.
+    pub async fn reload(&self) -> Result<(), ConfigError> {
+        let path = self.config().file.clone();
+        let mut guard = self.scheduler.lock().await;
+        let Some(scheduler) = guard.as_mut() else {
+            return Err(ConfigError {
+                file: path,
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: "shutting down; not reloaded".into(),
+            });
+        };
+        let result = Config::load(&path).and_then(|config| {
+            let engine = self.engine_for(&config)?;
+            Ok((config, engine))
+        });
+        match result {
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; the previous config keeps running");
+                self.metrics.config_loaded(false, SystemTime::now());
+                let mut st = self.board.config_status();
+                st.last_reload_successful = false;
+                st.last_error = Some(e.to_string());
+                self.board.set_config_status(st);
+                Err(e)
+            }
+            Ok((config, engine)) => {
+                if let Some(engine) = engine {
+                    write(&self.engine, Arc::new(engine));
+                }
+                let old = self.config();
+                if old.listen != config.listen {
+                    tracing::warn!("`listen` changed; it takes effect at the next restart");
+                }
+                self.install(config, scheduler);
+                tracing::info!(file = %path.display(), "config reloaded");
+                Ok(())
+            }
+        }
+    }
+
+    /// A new engine when the config changes what it is built from.
+    fn engine_for(&self, config: &Config) -> Result<Option<Engine>, ConfigError> {
+        let current = read(&self.engine);
+        if current.ca_file == config.ca_file && current.state_dir == config.state_dir {
+            return Ok(None);
+        }
+        Engine::new(config, &self.metrics).map(Some)
+    }
+
+    fn apply_now(&self, config: Config) {
+        // Called from `start` only, before anyone else can hold the lock.
+        let mut guard = self
+            .scheduler
+            .try_lock()
+            .expect("the scheduler is not shared yet");
+        if let Some(s) = guard.as_mut() {
+            self.install(config, s);
+        }
+    }
+
+    fn install(&self, config: Config, scheduler: &mut Scheduler<Payload>) {
+        for problem in config.check_files() {
+            // Not fatal: a token file may be written later by another tool; the probes
+            // report it with a reason until then.
+            tracing::warn!(file = %config.file.display(), "{problem}");
+        }
+        let engine = read(&self.engine);
+        let mut targets = Vec::new();
+        let mut jobs = Vec::new();
+        for mb in config.mailboxes.values() {
+            let mailbox = Arc::new(mb.clone());
+            let Some(cred) = config.credentials.get(&mb.credential) else {
+                continue; // the validator guarantees it exists
+            };
+            let credential = Arc::new(cred.clone());
+            for e in &mb.endpoints {
+                targets.push(TargetInfo {
+                    mailbox: mb.name.clone(),
+                    protocol: e.protocol,
+                    credential: mb.credential.clone(),
+                    address: mb.address.clone(),
+                    target: mb.probe_spec(e).target.to_string(),
+                    interval: mb.interval,
+                });
+                jobs.push(Job {
+                    mailbox: mb.name.clone(),
+                    protocol: e.protocol,
+                    interval: mb.interval,
+                    payload: Payload {
+                        mailbox: mailbox.clone(),
+                        endpoint: e.clone(),
+                        credential: credential.clone(),
+                    },
+                });
+            }
+        }
+        let credentials = config
+            .credentials
+            .values()
+            .map(|c| credential_status(c, &engine.tokens))
+            .collect();
+        self.board.set_targets(targets);
+        self.board.set_credentials(credentials);
+        scheduler.apply(jobs, &config.schedule);
+        let now = SystemTime::now();
+        self.metrics.config_loaded(true, now);
+        self.board.set_config_status(ConfigStatus {
+            file: config.file.display().to_string(),
+            last_reload_successful: true,
+            last_reload_success: Some(now),
+            last_error: None,
+        });
+        write(&self.config, Arc::new(config));
+    }
+
+    /// Stops scheduling, lets probes in flight finish within the config's grace period,
+    /// and writes any refresh token still held only in memory.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.board.set_stopping();
+        let grace = self.config().schedule.shutdown_grace;
+        let scheduler = self.scheduler.lock().await.take();
+        if let Some(s) = scheduler {
+            let left = s.shutdown(grace).await;
+            if left > 0 {
+                tracing::warn!(cancelled = left, ?grace, "probes still running at the end of the grace period were cancelled");
+            }
+        }
+        let engine = read(&self.engine);
+        for cred in self.config().credentials.values() {
+            if let Err(e) = engine.tokens.store().flush(&cred.name).await {
+                tracing::error!(credential = %cred.name, error = %e, "cannot save the refresh token");
+            }
+        }
+    }
+
+    /// The mailbox+protocol pairs configured now.
+    pub fn keys(&self) -> Vec<Key> {
+        self.config()
+            .mailboxes
+            .values()
+            .flat_map(|m| m.endpoints.iter().map(|e| (m.name.clone(), e.protocol)))
+            .collect()
+    }
+
+    /// The config file this service reloads from.
+    pub fn config_file(&self) -> PathBuf {
+        self.config().file.clone()
+    }
+}
+
+fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus {
+    let mut st = CredentialStatus {
+        name: c.name.clone(),
+        grant: match &c.grant {
+            Grant::TokenFile { .. } => "token_file".to_string(),
+            g => g.kind().map(|k| k.as_str().to_string()).unwrap_or_default(),
+        },
+        token_expiry: tokens.token_expiry(&c.name),
+        token_last_success: tokens.last_success(&c.name),
+        save_error: tokens.save_status(&c.name).save_error,
+        ..Default::default()
+    };
+    for e in tokens.credential_expiries(c) {
+        match e.kind {
+            CredentialExpiryKind::ClientSecret => st.client_secret_expiry = Some(e.at),
+            CredentialExpiryKind::Certificate => st.certificate_expiry = Some(e.at),
+        }
+    }
+    st
+}
+
+/// Used by tests and `demo` to wait for a condition without sleeping blindly.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
