@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use mail_oauth_exporter::Protocol;
 use mail_oauth_exporter::command::{self, CommandError};
 use mail_oauth_exporter::config::Config;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,9 +44,21 @@ enum Command {
         #[arg(long)]
         refresh_token_file: Option<PathBuf>,
     },
+    /// The service: scheduler and HTTP server, until SIGTERM/SIGINT; SIGHUP reloads.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Address for /metrics and the status page [default: the config's `listen`, else 0.0.0.0:9925].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// The embedded default: an emulated provider with healthy and broken mailboxes,
-    /// probed in rounds; prints what it finds.
-    Demo,
+    /// and the service running against it; prints the URLs to open.
+    Demo {
+        /// Address for /metrics and the status page.
+        #[arg(long, default_value = "127.0.0.1:9925")]
+        listen: SocketAddr,
+    },
     /// Probe one mailbox now and print the result, phases and redacted transcript.
     Probe {
         #[arg(long)]
@@ -110,8 +123,12 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             command::check::run(&config, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            command::demo::run(&mut out, shutdown_signal()).await?;
+        Command::Run { config, listen } => {
+            command::run::run(&config, listen, shutdown_signal(), reload_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { listen } => {
+            command::demo::run(listen, &mut out, shutdown_signal(), reload_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe {
@@ -154,12 +171,34 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A message per SIGHUP: reload the config.
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    // A reload already queued covers this one too.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload"),
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into a log collector's file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

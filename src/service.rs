@@ -122,7 +122,10 @@ impl Execute<Payload> for Prober {
 }
 
 fn log_result(job: &Job<Payload>, r: &ProbeResult) {
-    let ms = r.duration.map(|d| d.as_secs_f64() * 1000.0);
+    // Tenths of a millisecond: finer is noise in a log line.
+    let ms = r
+        .duration
+        .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0);
     if r.reason == Reason::Ok {
         tracing::info!(
             mailbox = %job.mailbox,

@@ -1,200 +1,350 @@
-//! `demo`: the embedded default. Starts the emulated provider with healthy and broken
-//! mailboxes, writes a real config for it, and probes every mailbox in rounds until stopped.
+//! `demo`: the embedded default. Starts an emulated Exchange Online (token endpoint and
+//! IMAP, POP3, SMTP servers on loopback), writes a real config for it with healthy and
+//! broken mailboxes, and runs the service against it: the status page and metrics show
+//! every kind of failure within seconds.
 
 use super::CommandError;
-use crate::classify;
+use crate::Protocol;
 use crate::config::Config;
-use crate::emulator::{Behaviour, Emulator, EmulatorOptions, Proto, StaticTokens, TlsKind};
-use crate::probe::{self, Phase, TlsClient};
+use crate::emulator::token_endpoint::{ClientSpec, EmuGrant, Scripted, Target, TokenEndpoint};
+use crate::emulator::{Behaviour, Emulator, EmulatorOptions, Proto, TlsKind};
+use crate::reason::Reason;
 use crate::secret::Secret;
+use crate::service::Service;
+use crate::token::RefreshTokenStore;
 use std::future::Future;
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
 
-/// How often the demo probes every mailbox.
-const ROUND: Duration = Duration::from_secs(10);
+/// The delegated app users sign in to, and the service principal apps.
+const DELEGATED_APP: &str = "helpdesk-app";
+const APP: &str = "contoso-monitor";
+const EXPIRED_APP: &str = "legacy-scanner-app";
+const NO_CONSENT_APP: &str = "new-vendor-app";
 
-/// The demo fleet: mailbox name, SASL user, protocols, emulated behaviour.
-const FLEET: &[(&str, &str, &str, Behaviour)] = &[
-    (
-        "healthy",
-        "helpdesk@contoso.com",
-        "[imap, pop3, smtp]",
-        Behaviour::Success,
-    ),
-    (
-        "token-refused",
-        "no-permission@contoso.com",
-        "[imap, pop3, smtp]",
-        Behaviour::TokenRefused,
-    ),
-    (
-        "smtp-auth-disabled",
-        "scanner@contoso.com",
-        "[smtp]",
-        Behaviour::SmtpAuthDisabled,
-    ),
-    (
-        "security-defaults",
-        "printer@contoso.com",
-        "[smtp]",
-        Behaviour::PolicyBlocked,
-    ),
-    (
-        "not-connected",
-        "shared-mailbox@contoso.com",
-        "[imap]",
-        Behaviour::AuthenticatedNotConnected,
-    ),
-    (
-        "throttled",
-        "busy@contoso.com",
-        "[imap, smtp]",
-        Behaviour::Throttled,
-    ),
-    (
-        "gmail-style-challenge",
-        "someone@gmail.example",
-        "[imap, smtp]",
-        Behaviour::ErrorChallenge,
-    ),
-    (
-        "token-expiring",
-        "hve@contoso.com",
-        "[smtp]",
-        Behaviour::TokenExpiring,
-    ),
-    ("slow-server", "slow@contoso.com", "[imap]", Behaviour::Slow),
+/// Client secrets the emulated token endpoint knows. Demo values, not real secrets; they
+/// are still never shown, as a real one would not be.
+const APP_SECRET: &str = "demo-secret-Qm4~contoso-monitor";
+const EXPIRED_SECRET: &str = "demo-secret-Lx2~legacy-scanner";
+const NO_CONSENT_SECRET: &str = "demo-secret-Vn7~new-vendor";
+
+/// Days until the demo's working client secret expires: inside the 14-day alert window.
+const SECRET_EXPIRES_IN_DAYS: u64 = 10;
+
+/// One demo mailbox: name, SASL user, credential, protocols, what the mail server does
+/// with this user, and the reason each protocol ends in.
+struct DemoMailbox {
+    name: &'static str,
+    user: &'static str,
+    credential: &'static str,
+    protocols: &'static [Protocol],
+    behaviour: Behaviour,
+    reason: Reason,
+}
+
+const FLEET: &[DemoMailbox] = &[
+    DemoMailbox {
+        name: "helpdesk",
+        user: "helpdesk@contoso.com",
+        credential: "helpdesk-user",
+        protocols: &[Protocol::Imap, Protocol::Pop3, Protocol::Smtp],
+        behaviour: Behaviour::Success,
+        reason: Reason::Ok,
+    },
+    DemoMailbox {
+        name: "invoices",
+        user: "invoices@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Imap, Protocol::Smtp],
+        behaviour: Behaviour::Success,
+        reason: Reason::Ok,
+    },
+    DemoMailbox {
+        name: "former-employee",
+        user: "former@contoso.com",
+        credential: "former-user",
+        protocols: &[Protocol::Imap],
+        behaviour: Behaviour::Success,
+        reason: Reason::TokenInvalidGrant,
+    },
+    DemoMailbox {
+        name: "legacy-scanner",
+        user: "scanner-legacy@contoso.com",
+        credential: "legacy-scanner",
+        protocols: &[Protocol::Smtp],
+        behaviour: Behaviour::Success,
+        reason: Reason::TokenClientSecretExpired,
+    },
+    DemoMailbox {
+        name: "new-vendor",
+        user: "vendor@contoso.com",
+        credential: "new-vendor",
+        protocols: &[Protocol::Imap],
+        behaviour: Behaviour::Success,
+        reason: Reason::TokenConsentRequired,
+    },
+    DemoMailbox {
+        name: "scanner",
+        user: "scanner@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Smtp],
+        behaviour: Behaviour::SmtpAuthDisabled,
+        reason: Reason::SmtpAuthDisabled,
+    },
+    DemoMailbox {
+        name: "shared-mailbox",
+        user: "shared@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Imap],
+        behaviour: Behaviour::AuthenticatedNotConnected,
+        reason: Reason::MailboxUnavailable,
+    },
+    DemoMailbox {
+        name: "ceo-no-permission",
+        user: "ceo@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Pop3],
+        // The app has no mailbox permission on it: the server refuses the token.
+        behaviour: Behaviour::Success,
+        reason: Reason::AuthRejected,
+    },
+    DemoMailbox {
+        name: "busy",
+        user: "busy@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Smtp],
+        behaviour: Behaviour::Throttled,
+        reason: Reason::Throttled,
+    },
+    DemoMailbox {
+        name: "slow-server",
+        user: "slow@contoso.com",
+        credential: "contoso-monitor",
+        protocols: &[Protocol::Imap],
+        behaviour: Behaviour::Slow,
+        reason: Reason::Ok,
+    },
 ];
 
-const DEMO_TOKEN: &str = "demo-access-token-issued-by-the-emulator";
+/// Mailboxes the monitoring app may open (`Add-MailboxPermission`); `ceo@` is left out.
+const APP_MAILBOXES: &[&str] = &[
+    "invoices@contoso.com",
+    "scanner@contoso.com",
+    "shared@contoso.com",
+    "busy@contoso.com",
+    "slow@contoso.com",
+];
 
-/// Runs until `shutdown` completes.
+/// Every probe of the demo and the reason it is expected to end in.
+pub fn expected() -> Vec<(String, Protocol, Reason)> {
+    FLEET
+        .iter()
+        .flat_map(|m| {
+            m.protocols
+                .iter()
+                .map(move |p| (m.name.to_string(), *p, m.reason))
+        })
+        .collect()
+}
+
+/// The emulated provider and the config written for it. Dropping it stops the servers
+/// and removes the files.
+pub struct Demo {
+    pub endpoint: Arc<TokenEndpoint>,
+    pub emulator: Emulator,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Demo {
+    /// Starts the emulated provider and writes the demo's config, secrets and refresh
+    /// tokens into a fresh temporary directory.
+    pub async fn start() -> Result<Demo, CommandError> {
+        let endpoint = Arc::new(
+            TokenEndpoint::start()
+                .await
+                .map_err(|e| CommandError::Usage(format!("cannot start the token endpoint: {e}")))?,
+        );
+        endpoint.add_client(ClientSpec {
+            id: DELEGATED_APP.into(),
+            grants: vec![EmuGrant::RefreshToken, EmuGrant::DeviceCode],
+            ..Default::default()
+        });
+        endpoint.add_client(ClientSpec {
+            id: APP.into(),
+            secret: Some(APP_SECRET.into()),
+            grants: vec![EmuGrant::ClientCredentials],
+            mailboxes: APP_MAILBOXES.iter().map(|m| m.to_string()).collect(),
+            ..Default::default()
+        });
+        endpoint.add_client(ClientSpec {
+            id: EXPIRED_APP.into(),
+            secret: Some(EXPIRED_SECRET.into()),
+            secret_expired: true,
+            grants: vec![EmuGrant::ClientCredentials],
+            ..Default::default()
+        });
+        endpoint.add_client(ClientSpec {
+            id: NO_CONSENT_APP.into(),
+            secret: Some(NO_CONSENT_SECRET.into()),
+            grants: vec![EmuGrant::ClientCredentials],
+            ..Default::default()
+        });
+        // The tenant's admin never consented to the vendor's app.
+        endpoint.script_always(Target::Client(NO_CONSENT_APP.into()), Scripted::Aadsts(65001));
+
+        let mut options = EmulatorOptions::new(endpoint.clone());
+        options.slow_delay = Duration::from_millis(1500);
+        for m in FLEET {
+            options.users.insert(m.user.to_string(), m.behaviour);
+        }
+        let emulator = Emulator::start(options).await.map_err(|e| {
+            CommandError::Usage(format!("cannot start the emulated mail servers: {e}"))
+        })?;
+
+        let dir = tempfile::Builder::new()
+            .prefix("mail-oauth-exporter-demo.")
+            .tempdir()?;
+        let d = dir.path();
+        emulator.write_ca_pem(&d.join("ca.pem"))?;
+        for (file, secret) in [
+            ("contoso-monitor.secret", APP_SECRET),
+            ("legacy-scanner.secret", EXPIRED_SECRET),
+            ("new-vendor.secret", NO_CONSENT_SECRET),
+        ] {
+            crate::token::write_atomic(&d.join(file), secret)?;
+        }
+        // Delegated users as if `login` had run: one current, one since revoked.
+        let store = RefreshTokenStore::new(d.join("state"));
+        let rt = endpoint.add_user("helpdesk@contoso.com", DELEGATED_APP, &[]);
+        store.save("helpdesk-user", &Secret::new(rt)).await?;
+        let rt = endpoint.add_user("former@contoso.com", DELEGATED_APP, &[]);
+        store.save("former-user", &Secret::new(rt)).await?;
+        endpoint.revoke_user("former@contoso.com");
+
+        let config_path = d.join("demo.yaml");
+        std::fs::write(&config_path, config_text(&emulator, &endpoint, d))?;
+        Ok(Demo {
+            endpoint,
+            emulator,
+            dir,
+            config_path,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, CommandError> {
+        Ok(Config::load(&self.config_path)?)
+    }
+}
+
+/// Runs the demo until `shutdown`; SIGHUP (`reloads`) reloads its config file.
 pub async fn run(
+    listen: SocketAddr,
     out: &mut dyn Write,
     shutdown: impl Future<Output = ()>,
+    reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
-    let mut options = EmulatorOptions::new(Arc::new(StaticTokens::new([DEMO_TOKEN])));
-    options.slow_delay = Duration::from_millis(1500);
-    for (_, user, _, behaviour) in FLEET {
-        options.users.insert(user.to_string(), *behaviour);
-    }
-    let emu = Emulator::start(options)
-        .await
-        .map_err(|e| CommandError::Usage(format!("cannot start the emulated provider: {e}")))?;
-    let dir = tempfile::Builder::new()
-        .prefix("mail-oauth-exporter-demo.")
-        .tempdir()?;
-    let config_path = dir.path().join("demo.yaml");
-    emu.write_ca_pem(&dir.path().join("ca.pem"))?;
-    std::fs::write(dir.path().join("token"), DEMO_TOKEN)?;
-    std::fs::write(&config_path, config_text(&emu, dir.path()))?;
-    let config = Config::load(&config_path)?;
-    let tls = TlsClient::new(config.ca_file.as_deref())?;
-
+    let demo = Demo::start().await?;
+    let config = demo.config()?;
+    let listener = super::run::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let service = Service::start(config)?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let base = format!("http://{host}:{}", addr.port());
     writeln!(
         out,
-        "mail-oauth-exporter demo: an emulated Exchange Online on 127.0.0.1\n  \
-         IMAP {} (TLS), {} (STARTTLS)  POP3 {}  SMTP {} (STARTTLS)\n  \
-         config: {}\n  \
-         one probe by hand: mail-oauth-exporter probe --config {} --mailbox smtp-auth-disabled\n\
-         Probing {} mailboxes every {}s; Ctrl-C to stop.",
-        emu.addr(Proto::Imap, TlsKind::Implicit),
-        emu.addr(Proto::Imap, TlsKind::Starttls),
-        emu.addr(Proto::Pop3, TlsKind::Implicit),
-        emu.addr(Proto::Smtp, TlsKind::Starttls),
-        config_path.display(),
-        config_path.display(),
-        config.mailboxes.len(),
-        ROUND.as_secs(),
+        "mail-oauth-exporter demo: an emulated Exchange Online on 127.0.0.1 and {} mailbox probes.\n\
+         \n  status page   {base}/\n  metrics       {base}/metrics\n  status JSON   {base}/api/v1/status\n\
+         \n  token endpoint {}\n  IMAP {} (TLS)  POP3 {} (TLS)  SMTP {} (STARTTLS)\n  config        {}\n\
+         \nResults appear within a few seconds; probes repeat every 15 s. Ctrl-C to stop.\n\
+         One probe by hand:\n  mail-oauth-exporter probe --config {} --mailbox scanner",
+        expected().len(),
+        demo.endpoint.authority(),
+        demo.emulator.addr(Proto::Imap, TlsKind::Implicit),
+        demo.emulator.addr(Proto::Pop3, TlsKind::Implicit),
+        demo.emulator.addr(Proto::Smtp, TlsKind::Starttls),
+        demo.config_path.display(),
+        demo.config_path.display(),
     )?;
-    tokio::pin!(shutdown);
-    let mut ticker = tokio::time::interval(ROUND);
-    let mut round = 0;
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = ticker.tick() => {}
-        }
-        round += 1;
-        let token = Secret::new(std::fs::read_to_string(dir.path().join("token"))?);
-        // All probes of a round at once, each its own task (as the scheduler will run them).
-        let mut set = tokio::task::JoinSet::new();
-        for mb in config.mailboxes.values() {
-            for e in &mb.endpoints {
-                let (spec, tls, token) = (mb.probe_spec(e), tls.clone(), token.clone());
-                let name = mb.name.clone();
-                set.spawn(async move {
-                    (
-                        name,
-                        spec.target.protocol,
-                        probe::run(&spec, &tls, &token).await,
-                    )
-                });
-            }
-        }
-        let mut results = tokio::select! {
-            _ = &mut shutdown => break,
-            r = set.join_all() => r,
-        };
-        results.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        writeln!(out, "\nround {round}")?;
-        writeln!(
-            out,
-            "{:<22} {:<6} {:<22} {:>9}  detail",
-            "mailbox", "proto", "reason", "auth ms"
-        )?;
-        for (name, protocol, report) in &results {
-            let c = classify::probe_outcome(&report.outcome);
-            let name = name.as_str();
-            let auth = report
-                .phases
-                .get(Phase::Auth)
-                .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
-                .unwrap_or_else(|| "-".into());
-            let detail: String = c.detail.chars().take(70).collect();
-            writeln!(
-                out,
-                "{name:<22} {:<6} {:<22} {auth:>9}  {detail}",
-                protocol.as_str(),
-                c.reason.as_str()
-            )?;
-        }
-        out.flush()?;
-    }
-    emu.shutdown();
-    writeln!(out, "demo stopped")?;
+    out.flush()?;
+    super::run::serve(service, listener, shutdown, reloads).await;
+    demo.emulator.shutdown();
     Ok(())
 }
 
 /// The demo's config: a real file in the contract's shape, pointing at the emulator.
-fn config_text(emu: &Emulator, dir: &std::path::Path) -> String {
+fn config_text(emu: &Emulator, ep: &TokenEndpoint, dir: &Path) -> String {
+    let d = dir.display();
+    let auth = ep.authority();
+    let expires = humantime::format_rfc3339_seconds(
+        SystemTime::now() + Duration::from_secs(SECRET_EXPIRES_IN_DAYS * 86_400),
+    )
+    .to_string();
+    let expires = &expires[..10]; // the date
+    let microsoft = |client: &str, grant: &str| {
+        format!(
+            "    provider: microsoft\n    tenant: contoso.onmicrosoft.com\n    authority: {auth}\n    client_id: {client}\n    grant: {grant}\n"
+        )
+    };
     let mut s = format!(
-        "# Written by `mail-oauth-exporter demo` for its emulated provider.\n\
-         tls:\n  ca_file: {dir}/ca.pem\n\
-         defaults:\n  interval: 10s\n  timeout: 5s\n\
-         credentials:\n  demo:\n    grant: token_file\n    token_file: {dir}/token\n\
-         mailboxes:\n",
-        dir = dir.display()
+        "# Written by `mail-oauth-exporter demo` for its emulated Exchange Online.\n\
+         listen: 127.0.0.1:9925\n\
+         state_dir: {d}/state\n\
+         tls:\n  ca_file: {d}/ca.pem\n\
+         defaults:\n  interval: 15s\n  timeout: 5s\n\
+         scheduler:\n  startup_spread: 2s\n  jitter: 500ms\n  shutdown_grace: 5s\n\
+         credentials:\n"
     );
+    s.push_str(&format!(
+        "  helpdesk-user:\n{}",
+        microsoft(DELEGATED_APP, "refresh_token")
+    ));
+    s.push_str(&format!(
+        "  former-user:\n{}",
+        microsoft(DELEGATED_APP, "refresh_token")
+    ));
+    s.push_str(&format!(
+        "  contoso-monitor:\n{}    client_secret_file: {d}/contoso-monitor.secret\n    client_secret_expires: {expires}\n",
+        microsoft(APP, "client_credentials")
+    ));
+    s.push_str(&format!(
+        "  legacy-scanner:\n{}    client_secret_file: {d}/legacy-scanner.secret\n",
+        microsoft(EXPIRED_APP, "client_credentials")
+    ));
+    s.push_str(&format!(
+        "  new-vendor:\n{}    client_secret_file: {d}/new-vendor.secret\n",
+        microsoft(NO_CONSENT_APP, "client_credentials")
+    ));
+    s.push_str("mailboxes:\n");
     let imap = emu.addr(Proto::Imap, TlsKind::Implicit).port();
     let pop3 = emu.addr(Proto::Pop3, TlsKind::Implicit).port();
     let smtp = emu.addr(Proto::Smtp, TlsKind::Starttls).port();
-    for (name, user, protocols, _) in FLEET {
+    for m in FLEET {
+        let protocols: Vec<&str> = m.protocols.iter().map(|p| p.as_str()).collect();
         s.push_str(&format!(
-            "  {name}:\n    address: {user}\n    credential: demo\n    protocols: {protocols}\n"
+            "  {}:\n    address: {}\n    credential: {}\n    protocols: [{}]\n",
+            m.name,
+            m.user,
+            m.credential,
+            protocols.join(", ")
         ));
-        for (p, port, tls) in [
-            ("imap", imap, "implicit"),
-            ("pop3", pop3, "implicit"),
-            ("smtp", smtp, "starttls"),
-        ] {
-            if protocols.contains(p) {
-                s.push_str(&format!(
-                    "    {p}: {{ host: 127.0.0.1, port: {port}, tls: {tls} }}\n"
-                ));
-            }
+        for p in m.protocols {
+            let (port, tls) = match p {
+                Protocol::Imap => (imap, "implicit"),
+                Protocol::Pop3 => (pop3, "implicit"),
+                Protocol::Smtp => (smtp, "starttls"),
+            };
+            s.push_str(&format!(
+                "    {p}: {{ host: 127.0.0.1, port: {port}, tls: {tls} }}\n"
+            ));
         }
     }
     s

@@ -5,6 +5,7 @@ pub mod check;
 pub mod demo;
 pub mod login;
 pub mod probe;
+pub mod run;
 
 use crate::config::ConfigError;
 use crate::probe::tls::TlsSetupError;

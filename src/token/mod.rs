@@ -57,4 +57,4 @@ pub use observer::{NoopObserver, Observed, RecordingObserver, TokenInfo, TokenOb
 pub use service::{
     AccessToken, CredentialExpiry, CredentialExpiryKind, TokenService, TokenServiceOptions,
 };
-pub use store::{RefreshTokenStore, SaveStatus};
+pub use store::{RefreshTokenStore, SaveStatus, write_atomic};

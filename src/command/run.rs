@@ -1,0 +1,75 @@
+//! `run`: the service. Loads the config, listens, schedules probes, reloads on request,
+//! and on shutdown lets probes in flight finish before it returns.
+
+use super::CommandError;
+use crate::config::{Config, DEFAULT_LISTEN};
+use crate::service::Service;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Runs the service from `config_path` until `shutdown` completes. Every message on
+/// `reloads` (SIGHUP) reloads the config.
+pub async fn run(
+    config_path: &Path,
+    listen: Option<SocketAddr>,
+    shutdown: impl Future<Output = ()>,
+    reloads: mpsc::Receiver<()>,
+) -> Result<(), CommandError> {
+    let config = Config::load(config_path)?;
+    let addr = listen.or(config.listen).unwrap_or_else(|| {
+        DEFAULT_LISTEN
+            .parse()
+            .expect("the default listen address is valid")
+    });
+    let listener = bind(addr).await?;
+    let service = Service::start(config)?;
+    tracing::info!(
+        address = %listener.local_addr().unwrap_or(addr),
+        config = %config_path.display(),
+        probes = service.keys().len(),
+        "mail-oauth-exporter running"
+    );
+    serve(service, listener, shutdown, reloads).await;
+    Ok(())
+}
+
+/// Binds the HTTP listener, with an error that says which address failed.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, CommandError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| CommandError::Usage(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves HTTP and reloads until `shutdown`, then stops scheduling, waits for probes in
+/// flight (the config's `scheduler.shutdown_grace`), saves state and stops serving.
+pub async fn serve(
+    service: Arc<Service>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<()>,
+) {
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(crate::http::serve(listener, service.clone(), async {
+        let _ = http_stopped.await;
+    }));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = reloads.recv() => match r {
+                // Errors are logged and shown by the service; the old config keeps running.
+                Some(()) => { let _ = service.reload().await; }
+                None => { shutdown.as_mut().await; break; }
+            },
+        }
+    }
+    tracing::info!("shutting down: no new probes; waiting for those in flight");
+    service.shutdown().await;
+    let _ = stop_http.send(());
+    let _ = http.await;
+    tracing::info!("stopped");
+}
