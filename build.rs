@@ -4,14 +4,18 @@ use std::process::Command;
 fn main() {
     // A container build has no .git: it passes the revision in.
     let given = std::env::var("MAIL_OAUTH_EXPORTER_REVISION").ok();
-    let revision = given.filter(|s| !s.is_empty()).or_else(|| Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty()))
+    let revision = given
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
         // Built outside a git checkout (a source tarball, a container build context).
         .unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rustc-env=MAIL_OAUTH_EXPORTER_REVISION={revision}");

@@ -184,7 +184,9 @@ fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload")
+        }
     }
     #[cfg(not(unix))]
     drop(tx);

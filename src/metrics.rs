@@ -359,7 +359,10 @@ impl Metrics {
     ) {
         let labels = [credential, kind.as_str()];
         match at {
-            Some(t) => self.credential_expiry.with_label_values(&labels).set(unix(t)),
+            Some(t) => self
+                .credential_expiry
+                .with_label_values(&labels)
+                .set(unix(t)),
             None => {
                 let _ = self.credential_expiry.remove_label_values(&labels);
             }
@@ -496,7 +499,11 @@ mod tests {
         let m = Metrics::new();
         m.config_loaded(true, SystemTime::now());
         m.record_probe("a", Protocol::Imap, &record(Reason::Throttled));
-        m.set_credential_expiry("c", CredentialExpiryKind::ClientSecret, Some(SystemTime::now()));
+        m.set_credential_expiry(
+            "c",
+            CredentialExpiryKind::ClientSecret,
+            Some(SystemTime::now()),
+        );
         m.set_token_state("c", Some(SystemTime::now()), Some(SystemTime::now()));
         let t = text(&m);
         let helps: Vec<&str> = t

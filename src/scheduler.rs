@@ -384,7 +384,10 @@ mod tests {
             let slot = base + Duration::from_secs(10) * n as u32;
             // Each run starts within [slot, slot + jitter): a 700 ms run never pushes the
             // next one later, however many runs came before.
-            assert!(*at >= slot && *at < slot + Duration::from_secs(1), "run {n} at {at:?}, slot {slot:?}");
+            assert!(
+                *at >= slot && *at < slot + Duration::from_secs(1),
+                "run {n} at {at:?}, slot {slot:?}"
+            );
         }
     }
 
@@ -434,7 +437,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(rec.runs_of("goes").len(), goes_before, "a removed job ran");
         let stays = rec.runs_of("stays").len() - stays_before;
-        assert!((11..=13).contains(&stays), "new interval not used: {stays} runs in 60 s");
+        assert!(
+            (11..=13).contains(&stays),
+            "new interval not used: {stays} runs in 60 s"
+        );
         assert!(rec.runs_of("new").len() >= 5);
         assert_eq!(s.len(), 2);
     }
@@ -445,17 +451,27 @@ mod tests {
         let mut s = Scheduler::new(Arc::new(rec.clone()) as Arc<dyn Execute<()>>, 10);
         let mut sch = schedule(10, Duration::ZERO);
         sch.startup_spread = Some(Duration::from_millis(1));
-        s.apply(vec![job("a", Protocol::Imap, Duration::from_secs(60))], &sch);
+        s.apply(
+            vec![job("a", Protocol::Imap, Duration::from_secs(60))],
+            &sch,
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(rec.now_running.load(Ordering::SeqCst), 1);
         let left = s.shutdown(Duration::from_secs(10)).await;
         assert_eq!(left, 0);
-        assert_eq!(rec.now_running.load(Ordering::SeqCst), 0, "run was cut short");
+        assert_eq!(
+            rec.now_running.load(Ordering::SeqCst),
+            0,
+            "run was cut short"
+        );
 
         // A run longer than the grace period is cancelled.
         let rec = Recorder::new(Duration::from_secs(300));
         let mut s = Scheduler::new(Arc::new(rec.clone()) as Arc<dyn Execute<()>>, 10);
-        s.apply(vec![job("b", Protocol::Imap, Duration::from_secs(600))], &sch);
+        s.apply(
+            vec![job("b", Protocol::Imap, Duration::from_secs(600))],
+            &sch,
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(s.shutdown(Duration::from_secs(5)).await, 1);
     }

@@ -9,9 +9,7 @@ use crate::probe::{self, TlsClient};
 use crate::reason::Reason;
 use crate::scheduler::{Execute, Job, Scheduler};
 use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
-use crate::token::{
-    Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions,
-};
+use crate::token::{Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -359,7 +357,11 @@ impl Service {
         if let Some(s) = scheduler {
             let left = s.shutdown(grace).await;
             if left > 0 {
-                tracing::warn!(cancelled = left, ?grace, "probes still running at the end of the grace period were cancelled");
+                tracing::warn!(
+                    cancelled = left,
+                    ?grace,
+                    "probes still running at the end of the grace period were cancelled"
+                );
             }
         }
         let engine = read(&self.engine);

@@ -338,7 +338,9 @@ impl ProbeStatus {
             stage: reason
                 .filter(|r| *r != Reason::Ok)
                 .map(|r| r.stage().as_str()),
-            transient: reason.filter(|r| *r != Reason::Ok).map(|r| r.is_transient()),
+            transient: reason
+                .filter(|r| *r != Reason::Ok)
+                .map(|r| r.is_transient()),
             hint: reason.filter(|r| *r != Reason::Ok).map(|r| r.hint()),
             detail: last.map(|l| l.detail.clone()).filter(|d| !d.is_empty()),
             last_run: last.map(|l| l.finished_at),
@@ -348,9 +350,9 @@ impl ProbeStatus {
             tls_not_after: last.and_then(|l| l.tls_not_after),
             tls_version: last.and_then(|l| l.tls_version.clone()),
             probes: e.probes,
-            transcript_url: last.filter(|l| l.transcript.is_some()).map(|_| {
-                transcript_url(&e.info.mailbox, e.info.protocol)
-            }),
+            transcript_url: last
+                .filter(|l| l.transcript.is_some())
+                .map(|_| transcript_url(&e.info.mailbox, e.info.protocol)),
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::token::RefreshTokenStore;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -164,11 +164,10 @@ impl Demo {
     /// Starts the emulated provider and writes the demo's config, secrets and refresh
     /// tokens into a fresh temporary directory.
     pub async fn start() -> Result<Demo, CommandError> {
-        let endpoint = Arc::new(
-            TokenEndpoint::start()
-                .await
-                .map_err(|e| CommandError::Usage(format!("cannot start the token endpoint: {e}")))?,
-        );
+        let endpoint =
+            Arc::new(TokenEndpoint::start().await.map_err(|e| {
+                CommandError::Usage(format!("cannot start the token endpoint: {e}"))
+            })?);
         endpoint.add_client(ClientSpec {
             id: DELEGATED_APP.into(),
             grants: vec![EmuGrant::RefreshToken, EmuGrant::DeviceCode],
@@ -195,7 +194,10 @@ impl Demo {
             ..Default::default()
         });
         // The tenant's admin never consented to the vendor's app.
-        endpoint.script_always(Target::Client(NO_CONSENT_APP.into()), Scripted::Aadsts(65001));
+        endpoint.script_always(
+            Target::Client(NO_CONSENT_APP.into()),
+            Scripted::Aadsts(65001),
+        );
 
         let mut options = EmulatorOptions::new(endpoint.clone());
         options.slow_delay = Duration::from_millis(1500);
@@ -227,7 +229,19 @@ impl Demo {
         endpoint.revoke_user("former@contoso.com");
 
         let config_path = d.join("demo.yaml");
-        std::fs::write(&config_path, config_text(&emulator, &endpoint, d))?;
+        let expires = humantime::format_rfc3339_seconds(
+            SystemTime::now() + Duration::from_secs(SECRET_EXPIRES_IN_DAYS * 86_400),
+        )
+        .to_string();
+        let places = Places {
+            imap: emulator.addr(Proto::Imap, TlsKind::Implicit).port(),
+            pop3: emulator.addr(Proto::Pop3, TlsKind::Implicit).port(),
+            smtp: emulator.addr(Proto::Smtp, TlsKind::Starttls).port(),
+            authority: endpoint.authority(),
+            dir: d.to_owned(),
+            secret_expires: expires[..10].to_string(),
+        };
+        std::fs::write(&config_path, config_text(&places))?;
         Ok(Demo {
             endpoint,
             emulator,
@@ -280,53 +294,61 @@ pub async fn run(
     Ok(())
 }
 
+/// Where the demo's emulated provider listens and keeps its files.
+struct Places {
+    imap: u16,
+    pop3: u16,
+    smtp: u16,
+    authority: String,
+    dir: PathBuf,
+    /// `YYYY-MM-DD`.
+    secret_expires: String,
+}
+
 /// The demo's config: a real file in the contract's shape, pointing at the emulator.
-fn config_text(emu: &Emulator, ep: &TokenEndpoint, dir: &Path) -> String {
-    let d = dir.display();
-    let auth = ep.authority();
-    let expires = humantime::format_rfc3339_seconds(
-        SystemTime::now() + Duration::from_secs(SECRET_EXPIRES_IN_DAYS * 86_400),
-    )
-    .to_string();
-    let expires = &expires[..10]; // the date
+/// `config/demo.yaml` is this text for fixed ports and paths (a test keeps them equal).
+fn config_text(p: &Places) -> String {
+    let d = p.dir.display();
+    let auth = &p.authority;
+    let expires = &p.secret_expires;
     let microsoft = |client: &str, grant: &str| {
         format!(
             "    provider: microsoft\n    tenant: contoso.onmicrosoft.com\n    authority: {auth}\n    client_id: {client}\n    grant: {grant}\n"
         )
     };
     let mut s = format!(
-        "# Written by `mail-oauth-exporter demo` for its emulated Exchange Online.\n\
+        "# The config `mail-oauth-exporter demo` writes for its emulated Exchange Online\n\
+         # (token endpoint and mail servers on 127.0.0.1, ports chosen at start), into a\n\
+         # temporary directory with the client secrets, the CA and the refresh tokens.\n\
+         # config/demo.yaml shows it with example ports; `demo` prints where the live one is.\n\
          listen: 127.0.0.1:9925\n\
-         state_dir: {d}/state\n\
-         tls:\n  ca_file: {d}/ca.pem\n\
+         state_dir: {d}/state           # refresh tokens of the delegated users\n\
+         tls:\n  ca_file: {d}/ca.pem       # the emulator's own CA\n\
          defaults:\n  interval: 15s\n  timeout: 5s\n\
-         scheduler:\n  startup_spread: 2s\n  jitter: 500ms\n  shutdown_grace: 5s\n\
+         scheduler:\n  startup_spread: 2s               # first results within seconds\n  jitter: 500ms\n  shutdown_grace: 5s\n\
          credentials:\n"
     );
     s.push_str(&format!(
-        "  helpdesk-user:\n{}",
+        "  helpdesk-user:                   # delegated, refresh token stored as if `login` ran\n{}",
         microsoft(DELEGATED_APP, "refresh_token")
     ));
     s.push_str(&format!(
-        "  former-user:\n{}",
+        "  former-user:                     # delegated, refresh token revoked since\n{}",
         microsoft(DELEGATED_APP, "refresh_token")
     ));
     s.push_str(&format!(
-        "  contoso-monitor:\n{}    client_secret_file: {d}/contoso-monitor.secret\n    client_secret_expires: {expires}\n",
+        "  contoso-monitor:                 # service principal; its secret expires in {SECRET_EXPIRES_IN_DAYS} days\n{}    client_secret_file: {d}/contoso-monitor.secret\n    client_secret_expires: {expires}\n",
         microsoft(APP, "client_credentials")
     ));
     s.push_str(&format!(
-        "  legacy-scanner:\n{}    client_secret_file: {d}/legacy-scanner.secret\n",
+        "  legacy-scanner:                  # its client secret has expired\n{}    client_secret_file: {d}/legacy-scanner.secret\n",
         microsoft(EXPIRED_APP, "client_credentials")
     ));
     s.push_str(&format!(
-        "  new-vendor:\n{}    client_secret_file: {d}/new-vendor.secret\n",
+        "  new-vendor:                      # no admin consent in the tenant\n{}    client_secret_file: {d}/new-vendor.secret\n",
         microsoft(NO_CONSENT_APP, "client_credentials")
     ));
     s.push_str("mailboxes:\n");
-    let imap = emu.addr(Proto::Imap, TlsKind::Implicit).port();
-    let pop3 = emu.addr(Proto::Pop3, TlsKind::Implicit).port();
-    let smtp = emu.addr(Proto::Smtp, TlsKind::Starttls).port();
     for m in FLEET {
         let protocols: Vec<&str> = m.protocols.iter().map(|p| p.as_str()).collect();
         s.push_str(&format!(
@@ -336,16 +358,46 @@ fn config_text(emu: &Emulator, ep: &TokenEndpoint, dir: &Path) -> String {
             m.credential,
             protocols.join(", ")
         ));
-        for p in m.protocols {
-            let (port, tls) = match p {
-                Protocol::Imap => (imap, "implicit"),
-                Protocol::Pop3 => (pop3, "implicit"),
-                Protocol::Smtp => (smtp, "starttls"),
+        for proto in m.protocols {
+            let (port, tls) = match proto {
+                Protocol::Imap => (p.imap, "implicit"),
+                Protocol::Pop3 => (p.pop3, "implicit"),
+                Protocol::Smtp => (p.smtp, "starttls"),
             };
             s.push_str(&format!(
-                "    {p}: {{ host: 127.0.0.1, port: {port}, tls: {tls} }}\n"
+                "    {proto}: {{ host: 127.0.0.1, port: {port}, tls: {tls} }}\n"
             ));
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// `config/demo.yaml` is exactly what `demo` writes, for the example places.
+    #[test]
+    fn the_demo_example_in_config_is_what_demo_writes() {
+        let places = Places {
+            imap: 10993,
+            pop3: 10995,
+            smtp: 10587,
+            authority: "http://127.0.0.1:10080".into(),
+            dir: PathBuf::from("/tmp/mail-oauth-exporter-demo"),
+            secret_expires: "2026-12-01".into(),
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
+        let text = config_text(&places);
+        if std::env::var_os("UPDATE_DEMO_EXAMPLE").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let example = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            example, text,
+            "run with UPDATE_DEMO_EXAMPLE=1 to rewrite config/demo.yaml"
+        );
+        Config::parse(&path, &text).unwrap();
+    }
 }

@@ -89,7 +89,10 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     h.insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
@@ -129,7 +132,11 @@ async fn route(
             if service.healthy() {
                 text(StatusCode::OK, PLAIN, "ok\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "scheduler stopped\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "scheduler stopped\n",
+                )
             }
         }
         "/readyz" if get => {
@@ -166,8 +173,16 @@ async fn route(
         }
         "/metrics" | "/healthz" | "/readyz" | "/" | "/api/v1/status" | "/transcript"
         | "/-/reload" => {
-            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n");
-            let allow = if path == "/-/reload" { "POST" } else { "GET, HEAD" };
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                PLAIN,
+                "method not allowed\n",
+            );
+            let allow = if path == "/-/reload" {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
             r.headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));
             r
@@ -188,7 +203,11 @@ fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
         );
     };
     match service.board().transcript(&(mailbox, protocol)) {
-        None => text(StatusCode::NOT_FOUND, PLAIN, "no such mailbox and protocol\n"),
+        None => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "no such mailbox and protocol\n",
+        ),
         Some((info, last)) => {
             let mut body = format!(
                 "# {} {} ({}), user {}\n",

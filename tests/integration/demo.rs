@@ -1,74 +1,647 @@
-//! `demo`, the README's first command: it starts, shows each broken mailbox with its
-//! reason, and stops cleanly on SIGINT.
+//! The service end to end: the demo's emulated provider and the real service on port 0,
+//! scraped over HTTP; reloads good and bad; and the binary (`demo`, `run`) as a child
+//! process that reloads on SIGHUP and exits cleanly on SIGTERM.
 
+use mail_oauth_exporter::command::demo::{Demo, expected};
+use mail_oauth_exporter::command::run;
+use mail_oauth_exporter::config::Config;
+use mail_oauth_exporter::service::Service;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
+/// Every metric name of the contract (a restatement of CONTRACT.md, not of the code).
+pub const CONTRACT_METRICS: &[&str] = &[
+    "mail_oauth_probe_success",
+    "mail_oauth_probe_result",
+    "mail_oauth_probes_total",
+    "mail_oauth_probe_failures_total",
+    "mail_oauth_probe_duration_seconds",
+    "mail_oauth_probe_phase_seconds",
+    "mail_oauth_probe_last_run_timestamp_seconds",
+    "mail_oauth_probe_last_success_timestamp_seconds",
+    "mail_oauth_tls_certificate_expiry_timestamp_seconds",
+    "mail_oauth_token_requests_total",
+    "mail_oauth_token_failures_total",
+    "mail_oauth_token_request_duration_seconds",
+    "mail_oauth_token_expiry_timestamp_seconds",
+    "mail_oauth_token_last_success_timestamp_seconds",
+    "mail_oauth_credential_expiry_timestamp_seconds",
+    "mail_oauth_config_last_reload_successful",
+    "mail_oauth_config_last_reload_success_timestamp_seconds",
+    "mail_oauth_build_info",
+];
+
+pub async fn http(method: &str, url: &str) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let req = match method {
+        "POST" => client.post(url),
+        _ => client.get(url),
+    };
+    let r = req
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    http("GET", url).await
+}
+
+/// Polls `url` until it answers 200, for at most `limit`.
+pub async fn wait_ok(url: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} not 200 within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One sample line of the text format: name, labels, value.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A small parser for the Prometheus text format (label values here never hold `"` or `,`).
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (head, value) = line.rsplit_once(' ').expect("sample has a value");
+        let (name, labels) = match head.split_once('{') {
+            None => (head.to_string(), BTreeMap::new()),
+            Some((n, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").expect("label k=\"v\"");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value: value.parse().expect("numeric value"),
+        });
+    }
+    out
+}
+
+pub fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect()
+}
+
+/// The demo's provider and the service on 127.0.0.1:0, in this process.
+pub struct Running {
+    pub demo: Demo,
+    pub service: Arc<Service>,
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// `edit` changes the demo's config text before the service loads it.
+    pub async fn start(edit: impl FnOnce(String) -> String) -> Running {
+        let demo = Demo::start().await.unwrap();
+        let text = std::fs::read_to_string(&demo.config_path).unwrap();
+        std::fs::write(&demo.config_path, edit(text)).unwrap();
+        let service = Service::start(Config::load(&demo.config_path).unwrap()).unwrap();
+        let listener = run::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (_reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(run::serve(
+            service.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            reloads,
+        ));
+        Running {
+            demo,
+            service,
+            base,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn metrics(&self) -> Vec<Sample> {
+        let (status, body) = get(&self.url("/metrics")).await;
+        assert_eq!(status, 200);
+        parse_metrics(&body)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("service stops")
+            .unwrap();
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 #[tokio::test]
-async fn demo_shows_every_reason_and_stops_on_sigint() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
-        .arg("demo")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("demo starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut round = Vec::new();
+async fn service_end_to_end_metrics_status_and_reload() {
+    // A wider first-run spread than the demo's, so "not ready yet" is certainly observed.
+    let r = Running::start(|t| t.replace("startup_spread: 2s", "startup_spread: 4s")).await;
+
+    let (code, body) = get(&r.url("/readyz")).await;
+    assert_eq!(code, 503, "ready before any probe ran: {body}");
+    assert_eq!(get(&r.url("/healthz")).await.0, 200);
+    wait_ok(&r.url("/readyz"), Duration::from_secs(30)).await;
+
+    let m = r.metrics().await;
+    for name in CONTRACT_METRICS {
+        let present = m.iter().any(|s| {
+            s.name == *name
+                || s.name
+                    .strip_prefix(name)
+                    .is_some_and(|rest| ["_bucket", "_sum", "_count"].contains(&rest))
+        });
+        assert!(present, "contract metric {name} missing");
+    }
+    let expected = expected();
+    assert!(expected.len() >= 8);
+    for (mailbox, protocol, reason) in &expected {
+        let p = protocol.as_str();
+        let results = find(
+            &m,
+            "mail_oauth_probe_result",
+            &[("mailbox", mailbox), ("protocol", p)],
+        );
+        assert_eq!(
+            results.len(),
+            1,
+            "exactly one result series for {mailbox} {p}"
+        );
+        assert_eq!(
+            results[0].labels["reason"],
+            reason.as_str(),
+            "{mailbox} {p}"
+        );
+        assert_eq!(results[0].value, 1.0);
+        let success = find(
+            &m,
+            "mail_oauth_probe_success",
+            &[("mailbox", mailbox), ("protocol", p)],
+        );
+        let ok = *reason == mail_oauth_exporter::Reason::Ok;
+        assert_eq!(
+            success[0].value,
+            if ok { 1.0 } else { 0.0 },
+            "{mailbox} {p}"
+        );
+        let runs = find(
+            &m,
+            "mail_oauth_probes_total",
+            &[("mailbox", mailbox), ("protocol", p)],
+        );
+        assert!(runs[0].value >= 1.0);
+        if !ok {
+            let f = find(
+                &m,
+                "mail_oauth_probe_failures_total",
+                &[
+                    ("mailbox", mailbox),
+                    ("protocol", p),
+                    ("reason", reason.as_str()),
+                ],
+            );
+            assert!(f[0].value >= 1.0, "{mailbox} {p}");
+        }
+    }
+    // No series for anything that is not configured.
+    let configured: Vec<(String, String)> = expected
+        .iter()
+        .map(|(m, p, _)| (m.clone(), p.as_str().to_string()))
+        .collect();
+    for s in m.iter().filter(|s| s.name == "mail_oauth_probe_result") {
+        assert!(configured.contains(&(s.labels["mailbox"].clone(), s.labels["protocol"].clone())));
+    }
+    // The slow server's delay shows in its auth phase, and phases of a login are all there.
+    let phase = |mb: &str, proto: &str, ph: &str| {
+        find(
+            &m,
+            "mail_oauth_probe_phase_seconds",
+            &[("mailbox", mb), ("protocol", proto), ("phase", ph)],
+        )
+        .first()
+        .map(|s| s.value)
+    };
+    for ph in [
+        "resolve",
+        "connect",
+        "tls",
+        "greeting",
+        "capability",
+        "auth",
+        "post_auth",
+    ] {
+        assert!(phase("helpdesk", "imap", ph).is_some(), "phase {ph}");
+    }
+    assert!(phase("slow-server", "imap", "auth").unwrap() >= 1.4);
+    // A token failure never connected: no phases at all.
+    assert!(phase("former-employee", "imap", "connect").is_none());
+    // Token side.
+    let secret = find(
+        &m,
+        "mail_oauth_credential_expiry_timestamp_seconds",
+        &[("credential", "contoso-monitor"), ("kind", "client_secret")],
+    );
+    let days = (secret[0].value - now_unix()) / 86_400.0;
+    assert!(
+        (8.9..=10.1).contains(&days),
+        "secret expires in {days} days"
+    );
+    assert!(
+        !find(
+            &m,
+            "mail_oauth_token_expiry_timestamp_seconds",
+            &[("credential", "helpdesk-user")]
+        )
+        .is_empty()
+    );
+    assert!(
+        !find(
+            &m,
+            "mail_oauth_token_last_success_timestamp_seconds",
+            &[("credential", "contoso-monitor")]
+        )
+        .is_empty()
+    );
+    assert!(
+        find(
+            &m,
+            "mail_oauth_token_requests_total",
+            &[
+                ("credential", "contoso-monitor"),
+                ("grant", "client_credentials")
+            ]
+        )[0]
+        .value
+            >= 1.0
+    );
+    assert!(
+        find(
+            &m,
+            "mail_oauth_token_failures_total",
+            &[
+                ("credential", "former-user"),
+                ("grant", "refresh_token"),
+                ("reason", "token_invalid_grant")
+            ]
+        )[0]
+        .value
+            >= 1.0
+    );
+    let tls = find(
+        &m,
+        "mail_oauth_tls_certificate_expiry_timestamp_seconds",
+        &[("mailbox", "helpdesk"), ("protocol", "imap")],
+    );
+    assert!(tls[0].value > now_unix());
+    assert_eq!(
+        find(&m, "mail_oauth_config_last_reload_successful", &[])[0].value,
+        1.0
+    );
+    let build = find(&m, "mail_oauth_build_info", &[])[0];
+    assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
+
+    // The JSON status says the same as the metrics.
+    let (code, body) = get(&r.url("/api/v1/status")).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["ready"], true);
+    let probes = status["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), expected.len());
+    for (mailbox, protocol, reason) in &expected {
+        let row = probes
+            .iter()
+            .find(|p| p["mailbox"] == mailbox.as_str() && p["protocol"] == protocol.as_str())
+            .unwrap_or_else(|| panic!("no status row {mailbox} {protocol}"));
+        assert_eq!(row["reason"], reason.as_str());
+        if *reason != mail_oauth_exporter::Reason::Ok {
+            assert!(
+                row["hint"].as_str().is_some_and(|h| !h.is_empty()) || reason.hint().is_empty()
+            );
+            assert!(
+                row["detail"].as_str().is_some_and(|d| !d.is_empty()),
+                "{row}"
+            );
+        }
+    }
+    // The transcript link of a login shows the dialogue with the token redacted.
+    let row = probes.iter().find(|p| p["mailbox"] == "scanner").unwrap();
+    let (code, transcript) = get(&r.url(row["transcript_url"].as_str().unwrap())).await;
+    assert_eq!(code, 200);
+    assert!(transcript.contains("AUTH XOAUTH2"), "{transcript}");
+    assert!(transcript.contains("5.7.139"), "{transcript}");
+    assert!(transcript.contains("<redacted>"), "{transcript}");
+    assert_eq!(
+        get(&r.url("/transcript?mailbox=nope&protocol=imap"))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(get(&r.url("/nope")).await.0, 404);
+    assert_eq!(http("POST", &r.url("/metrics")).await.0, 405);
+    assert_eq!(get(&r.url("/-/reload")).await.0, 405);
+
+    // A broken config is rejected with its location; the old one keeps running.
+    let path = r.demo.config_path.clone();
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace(
+            "    credential: contoso-monitor\n",
+            "    credentail: contoso-monitor\n",
+        ),
+    )
+    .unwrap();
+    let (code, body) = http("POST", &r.url("/-/reload")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains(&format!("{}:", path.display())), "{body}");
+    assert!(body.contains("unknown field `credentail`"), "{body}");
+    let m = r.metrics().await;
+    assert_eq!(
+        find(&m, "mail_oauth_config_last_reload_successful", &[])[0].value,
+        0.0
+    );
+    assert_eq!(
+        find(&m, "mail_oauth_probe_result", &[]).len(),
+        expected.len(),
+        "the old config keeps running"
+    );
+    let (_, body) = get(&r.url("/")).await;
+    assert!(
+        body.contains("reload-error"),
+        "the page shows the rejected reload"
+    );
+
+    // A good config that drops a mailbox: its series disappear.
+    let cleaned = remove_mailbox(&good, "busy");
+    assert!(!cleaned.contains("busy@") && cleaned.contains("scanner@"));
+    std::fs::write(&path, &cleaned).unwrap();
+    let (code, body) = http("POST", &r.url("/-/reload")).await;
+    assert_eq!(code, 200, "{body}");
+    let m = r.metrics().await;
+    assert_eq!(
+        find(&m, "mail_oauth_config_last_reload_successful", &[])[0].value,
+        1.0
+    );
+    assert!(
+        !m.iter()
+            .any(|s| s.labels.get("mailbox").is_some_and(|v| v == "busy")),
+        "series of a removed mailbox remain"
+    );
+    assert_eq!(
+        find(&m, "mail_oauth_probe_result", &[]).len(),
+        expected.len() - 1
+    );
+    let (_, body) = get(&r.url("/api/v1/status")).await;
+    assert!(!body.contains("\"busy\""));
+    r.stop().await;
+}
+
+/// The config text without mailbox `name` (its block ends at the next mailbox).
+pub fn remove_mailbox(config: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in config.lines() {
+        if line.starts_with("  ") && !line.starts_with("   ") {
+            skipping = line == format!("  {name}:");
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Reads a child's stdout until a line contains `needle`; returns all lines read.
+async fn read_until(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    needle: &str,
+) -> Vec<String> {
+    let mut seen = Vec::new();
     let read = async {
-        let mut in_round = false;
         while let Some(line) = lines.next_line().await.unwrap() {
-            if line.starts_with("round 1") {
-                in_round = true;
-            } else if in_round && line.is_empty() {
+            let hit = line.contains(needle);
+            seen.push(line);
+            if hit {
                 break;
-            } else if in_round {
-                round.push(line);
-                // 15 probes in the demo fleet, plus the header line.
-                if round.len() == 16 {
-                    break;
-                }
             }
         }
     };
     tokio::time::timeout(Duration::from_secs(30), read)
         .await
-        .expect("a round within 30s");
-    let row = |mailbox: &str, proto: &str| -> String {
-        round
-            .iter()
-            .find(|l| l.split_whitespace().take(2).eq([mailbox, proto]))
-            .unwrap_or_else(|| panic!("no row {mailbox} {proto} in {round:#?}"))
-            .clone()
-    };
-    let expect = [
-        ("healthy", "imap", "ok"),
-        ("healthy", "pop3", "ok"),
-        ("healthy", "smtp", "ok"),
-        ("token-refused", "pop3", "auth_rejected"),
-        ("smtp-auth-disabled", "smtp", "smtp_auth_disabled"),
-        ("security-defaults", "smtp", "auth_policy_blocked"),
-        ("not-connected", "imap", "mailbox_unavailable"),
-        ("throttled", "smtp", "throttled"),
-        ("gmail-style-challenge", "imap", "auth_rejected"),
-        ("token-expiring", "smtp", "auth_token_expired"),
-        ("slow-server", "imap", "ok"),
-    ];
-    for (mailbox, proto, reason) in expect {
-        let r = row(mailbox, proto);
-        assert_eq!(r.split_whitespace().nth(2), Some(reason), "{r}");
-    }
-    let pid = child.id().unwrap().to_string();
-    let status = Command::new("kill")
-        .args(["-INT", &pid])
+        .unwrap_or_else(|_| panic!("no `{needle}` within 30 s"));
+    seen
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
         .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// The README's first command as a user runs it: URLs printed, status page alive,
+/// a clean exit 0 on SIGTERM (a Kubernetes pod's stop).
+#[tokio::test]
+async fn demo_binary_serves_and_exits_cleanly_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("demo starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let printed = read_until(&mut lines, "status page").await;
+    let url = printed
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    wait_ok(&format!("{url}readyz"), Duration::from_secs(30)).await;
+    let (code, page) = get(&url).await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("smtp_auth_disabled"),
+        "status page shows reasons"
+    );
+    let mut stderr = child.stderr.take().unwrap();
+    signal(child.id().unwrap(), "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
+        .expect("exits within the grace period")
         .unwrap();
-    assert!(status.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    let mut logs = String::new();
+    stderr.read_to_string(&mut logs).await.unwrap();
+    assert!(logs.contains("stopped"), "{logs}");
+}
+
+/// `run` against a config: JSON logs with one event per probe, SIGHUP reloads (a bad
+/// file is refused, a good one applied), SIGTERM exits 0.
+#[tokio::test]
+async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
+    let demo = Demo::start().await.unwrap();
+    let good = std::fs::read_to_string(&demo.config_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&demo.config_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run starts");
+    let pid = child.id().unwrap();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut next_event =
+        async |seen: &mut Vec<serde_json::Value>, pred: &dyn Fn(&serde_json::Value) -> bool| {
+            let read = async {
+                while let Some(line) = logs.next_line().await.unwrap() {
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                    let hit = pred(&v);
+                    seen.push(v.clone());
+                    if hit {
+                        return v;
+                    }
+                }
+                panic!("logs ended");
+            };
+            tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("log event within 30 s")
+        };
+    let started = next_event(&mut seen, &|v| {
+        v["fields"]["message"] == "mail-oauth-exporter running"
+    })
+    .await;
+    let addr: SocketAddr = started["fields"]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let base = format!("http://{addr}");
+    // One event per probe result, with the contract's fields.
+    let failed = next_event(&mut seen, &|v| {
+        v["fields"]["message"] == "probe failed" && v["fields"]["mailbox"] == "scanner"
+    })
+    .await;
+    assert_eq!(failed["fields"]["protocol"], "smtp");
+    assert_eq!(failed["fields"]["reason"], "smtp_auth_disabled");
+    assert!(
+        failed["fields"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("5.7.139")
+    );
+    assert!(failed["fields"]["duration_ms"].as_f64().is_some());
+    assert_eq!(failed["level"], "WARN");
+
+    std::fs::write(&demo.config_path, "mailboxes: [oops\n").unwrap();
+    signal(pid, "HUP");
+    let rejected = next_event(&mut seen, &|v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reload failed"))
+    })
+    .await;
+    let error = rejected["fields"]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("{}:", demo.config_path.display())),
+        "{error}"
+    );
+    let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);
+    assert_eq!(
+        find(&m, "mail_oauth_config_last_reload_successful", &[])[0].value,
+        0.0
+    );
+
+    std::fs::write(&demo.config_path, remove_mailbox(&good, "scanner")).unwrap();
+    signal(pid, "HUP");
+    next_event(&mut seen, &|v| v["fields"]["message"] == "config reloaded").await;
+    let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);
+    assert_eq!(
+        find(&m, "mail_oauth_config_last_reload_successful", &[])[0].value,
+        1.0
+    );
+    assert!(find(&m, "mail_oauth_probe_result", &[("mailbox", "scanner")]).is_empty());
+    assert!(!find(&m, "mail_oauth_probe_result", &[("mailbox", "busy")]).is_empty());
+
+    signal(pid, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
-        .expect("exits after SIGINT")
+        .expect("exits within the grace period")
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert_eq!(status.code(), Some(0));
 }
