@@ -267,7 +267,7 @@ impl Board {
             probes: inner
                 .entries
                 .values()
-                .map(|e| ProbeStatus::new(e))
+                .map(ProbeStatus::new)
                 .collect(),
             credentials: inner.credentials.values().cloned().collect(),
         }

@@ -127,6 +127,7 @@ pub fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> V
 /// The demo's provider and the service on 127.0.0.1:0, in this process.
 pub struct Running {
     pub demo: Demo,
+    #[allow(dead_code)] // kept alive beside the HTTP task; tests may inspect it
     pub service: Arc<Service>,
     pub base: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -644,4 +645,13 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
         .expect("exits within the grace period")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    while let Ok(Some(line)) = logs.next_line().await {
+        seen.push(serde_json::Value::String(line));
+    }
+    let all: Vec<String> = seen.iter().map(|v| v.to_string()).collect();
+    crate::secrets::assert_clean(
+        "run's logs",
+        &all.join("\n"),
+        &crate::secrets::secrets_of(&demo),
+    );
 }

@@ -1,10 +1,12 @@
 //! Integration tests, one binary (as ripgrep does): real sockets, emulated servers on
 //! 127.0.0.1:0, the real `mail-oauth-exporter` binary, curl as an independent client.
 
+mod browser;
 mod cli;
 mod curl;
 mod demo;
 mod emulator;
 mod oauth;
 mod probe;
+mod secrets;
 mod token;
