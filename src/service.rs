@@ -407,15 +407,3 @@ fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus 
     }
     st
 }
-
-/// Used by tests and `demo` to wait for a condition without sleeping blindly.
-pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
-}

@@ -264,11 +264,7 @@ impl Board {
             ready,
             generated_at: Some(SystemTime::now()),
             config: inner.config.clone(),
-            probes: inner
-                .entries
-                .values()
-                .map(ProbeStatus::new)
-                .collect(),
+            probes: inner.entries.values().map(ProbeStatus::new).collect(),
             credentials: inner.credentials.values().cloned().collect(),
         }
     }

@@ -121,6 +121,17 @@ fn delegated_scopes_follow_the_protocols_of_the_mailboxes() {
 }
 
 #[test]
+fn scheduler_defaults_and_overrides() {
+    let c = parse("").unwrap();
+    assert_eq!(c.schedule, crate::config::Schedule::default());
+    let c = parse("scheduler:\n  max_concurrent_probes: 4\n  startup_spread: 30s\n  jitter: 0s\n")
+        .unwrap();
+    assert_eq!(c.schedule.max_concurrent_probes, 4);
+    assert_eq!(c.schedule.startup_spread, Some(Duration::from_secs(30)));
+    assert_eq!(c.schedule.jitter, Duration::ZERO);
+}
+
+#[test]
 fn google_defaults_and_port_follows_tls_mode() {
     let c = parse(
         "credentials:\n  g:\n    provider: google\n    client_id: x\n    grant: refresh_token\n\
@@ -171,6 +182,18 @@ fn errors_name_file_line_column_and_field() {
         (
             "listen: [1, 2]\n",
             "mail.yaml:1:9: listen: invalid type: sequence",
+        ),
+        (
+            "scheduler:\n  max_concurrent_probes: 0\n",
+            "mail.yaml:2:3: scheduler.max_concurrent_probes: must be at least 1",
+        ),
+        (
+            "scheduler:\n  jitter: 1s\n  shutdown_grace: soon\n",
+            "mail.yaml:3:3: scheduler.shutdown_grace: `soon` is not a duration",
+        ),
+        (
+            "scheduler:\n  spread: 1s\n",
+            "mail.yaml:2:3: scheduler: unknown field `spread`",
         ),
     ];
     for (text, want) in cases {

@@ -191,3 +191,97 @@ async fn check_validates_files_and_reports_locations() {
         "{err}"
     );
 }
+
+/// `check` on every example under `config/`: with the files each names present (written
+/// into a temp dir, the paths rewritten to point there) it passes; without them it fails
+/// naming a missing file.
+#[tokio::test]
+async fn check_passes_on_every_example_in_config() {
+    use mail_oauth_exporter::config::Config;
+    use mail_oauth_exporter::token::{ClientAuth, Grant, SecretSource};
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut files: Vec<std::path::PathBuf> = config.ca_file.iter().cloned().collect();
+        let mut env = Vec::new();
+        for c in config.credentials.values() {
+            match &c.client_auth {
+                ClientAuth::Secret(SecretSource::File(p)) => files.push(p.clone()),
+                ClientAuth::Secret(SecretSource::Env(v)) => env.push(v.clone()),
+                ClientAuth::Certificate {
+                    certificate_file,
+                    private_key_file,
+                } => files.extend([certificate_file.clone(), private_key_file.clone()]),
+                ClientAuth::None => {}
+            }
+            if let Grant::TokenFile { path } = &c.grant {
+                files.push(path.clone());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        // Longest first, so no path is rewritten inside a longer one.
+        files.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        files.dedup();
+        // Placeholders first: `/secrets/app` must not be rewritten inside `/secrets/app-cert.pem`.
+        for (i, f) in files.iter().enumerate() {
+            text = text.replace(f.to_str().unwrap(), &format!("@@FILE{i}@@"));
+        }
+        for (i, f) in files.iter().enumerate() {
+            let here = dir.path().join(f.strip_prefix("/").unwrap_or(f));
+            std::fs::create_dir_all(here.parent().unwrap()).unwrap();
+            std::fs::write(&here, "example-value\n").unwrap();
+            text = text.replace(&format!("@@FILE{i}@@"), here.to_str().unwrap());
+        }
+        let rewritten = dir.path().join(path.file_name().unwrap());
+        std::fs::write(&rewritten, text).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&rewritten)
+            .envs(env.iter().map(|v| (v.as_str(), "example-value")))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(": ok ("), "{name}: {stdout}");
+
+        if let Some(first) = files.first() {
+            let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]).await;
+            assert_eq!(code, 2, "{name} passed without its files");
+            let named = files.iter().any(|f| err.contains(f.to_str().unwrap()));
+            assert!(
+                named,
+                "{name}: no missing file named (e.g. {}): {err}",
+                first.display()
+            );
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    for want in [
+        "demo.yaml",
+        "generic.yaml",
+        "google.yaml",
+        "microsoft-client-credentials.yaml",
+        "microsoft-delegated.yaml",
+        "token-file.yaml",
+    ] {
+        assert!(
+            checked.iter().any(|c| c == want),
+            "no example {want}: {checked:?}"
+        );
+    }
+}
