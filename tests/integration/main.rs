@@ -4,6 +4,7 @@
 mod cli;
 mod curl;
 mod demo;
+mod dovecot;
 mod emulator;
 mod oauth;
 mod probe;
