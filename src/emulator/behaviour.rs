@@ -144,6 +144,15 @@ pub enum ServerBehaviour {
 }
 
 /// Whether a behaviour that ends in a login lets this verdict in.
+/// Dovecot's `[host:time]` stamp on temporary failures (`NO [UNAVAILABLE] Temporary
+/// authentication failure. [mail:2026-11-21 22:02:51]`), which lets an admin find the
+/// matching log line; the time is UTC here, local time in Dovecot.
+pub(crate) fn dovecot_stamp(host: &str) -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let now = now.trim_end_matches('Z').replacen('T', " ", 1);
+    format!("[{host}:{now}]")
+}
+
 pub(crate) fn granted(verdict: TokenVerdict) -> bool {
     verdict == TokenVerdict::Valid
 }

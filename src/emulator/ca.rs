@@ -62,7 +62,31 @@ impl std::fmt::Debug for ServerCert {
     }
 }
 
+/// PEM armour around DER bytes (RFC 7468: base64 in lines of 64 characters).
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 impl ServerCert {
+    /// The chain (leaf first) in PEM, for servers configured with files (Dovecot's
+    /// `ssl_cert`).
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(|c| pem("CERTIFICATE", c)).collect()
+    }
+
+    /// The leaf's PKCS#8 private key in PEM (Dovecot's `ssl_key`). It is a test key.
+    pub fn key_pem(&self) -> String {
+        pem("PRIVATE KEY", self.key.secret_der())
+    }
+
     /// A rustls server configuration (ring provider, TLS 1.2 and 1.3) presenting this chain.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, CaError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -202,6 +226,10 @@ mod tests {
         assert!(text.contains("mail.example.test"), "{text}");
         assert!(text.contains("IPAddress"), "{text}");
         assert!(leaf.server_config().is_ok());
+        let chain = leaf.chain_pem();
+        assert_eq!(chain.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+        assert!(chain.lines().all(|l| l.len() <= 64), "{chain}");
+        assert!(leaf.key_pem().starts_with("-----BEGIN PRIVATE KEY-----\n"));
         assert!(ca.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
     }
 

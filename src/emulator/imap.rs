@@ -431,7 +431,12 @@ async fn authenticate(
             None,
         ),
         Behaviour::TemporaryFailure | Behaviour::ServerError451 | Behaviour::TryAgainLater => (
-            format!("{tag} NO [UNAVAILABLE] Temporary authentication failure"),
+            // Dovecot's words, which the response code comes from (recorded in
+            // tests/integration/fixtures/dovecot_2.3_replies.txt).
+            format!(
+                "{tag} NO [UNAVAILABLE] Temporary authentication failure. {}",
+                super::behaviour::dovecot_stamp(&shared.hostname)
+            ),
             None,
         ),
         Behaviour::ErrorChallenge => {

@@ -40,7 +40,7 @@
 //! | `Throttled` | `TAG NO Request is throttled. Suggested Backoff Time: 299961 milliseconds` | `-ERR [IN-USE] Request is throttled.` | `432 4.3.2 Concurrent connections limit exceeded. ...` |
 //! | `ErrorChallenge` | `+ <b64 JSON>`, then `TAG NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)` | `+ <b64 JSON>`, then `-ERR [AUTH] Invalid credentials.` | `334 <b64 JSON>`, then `535-5.7.8 ...` / `535 5.7.8 ...` |
 //! | `TokenExpiring` | next command: `* BYE Session invalidated - AccessTokenExpired` | next command: `-ERR Session invalidated - AccessTokenExpired` | `501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon` |
-//! | `TemporaryFailure` | `TAG NO [UNAVAILABLE] Temporary authentication failure` | `-ERR [SYS/TEMP] Temporary authentication failure` | `454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.` |
+//! | `TemporaryFailure` | `TAG NO [UNAVAILABLE] Temporary authentication failure. [host:time]` (Dovecot's words) | `-ERR [SYS/TEMP] Temporary authentication failure. [host:time]` | `454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.` |
 //!
 //! After an error challenge the client must answer with an empty line (XOAUTH2) or `AQ==`
 //! (OAUTHBEARER); anything else gets a protocol error (`BAD`, `-ERR`, `501`).
@@ -74,6 +74,11 @@ pub use behaviour::{Behaviour, ServerBehaviour, StaticTokens, TokenCheck, TokenV
 pub use ca::{CaError, ServerCert, TestCa};
 
 use conn::Conn;
+
+/// The longest SMTP `AUTH` command line (CRLF not counted) Dovecot's submission server
+/// accepts before `500 5.5.2 Line too long`, as measured against Dovecot 2.3.19 by
+/// `tests/integration/dovecot.rs`: a value for [`EmulatorOptions::smtp_max_auth_line`].
+pub const DOVECOT_SMTP_MAX_AUTH_LINE: usize = 1030;
 
 /// The mail protocols served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -241,7 +241,11 @@ async fn authenticate(
         }
         Behaviour::Throttled => ("-ERR [IN-USE] Request is throttled.".to_string(), None),
         Behaviour::TemporaryFailure | Behaviour::ServerError451 | Behaviour::TryAgainLater => (
-            "-ERR [SYS/TEMP] Temporary authentication failure".to_string(),
+            // Dovecot's words (tests/integration/fixtures/dovecot_2.3_replies.txt).
+            format!(
+                "-ERR [SYS/TEMP] Temporary authentication failure. {}",
+                super::behaviour::dovecot_stamp(&shared.hostname)
+            ),
             None,
         ),
         Behaviour::ErrorChallenge => {

@@ -2,7 +2,9 @@
 //!
 //! `POST /{tenant}/oauth2/v2.0/token` (grants `refresh_token`, `client_credentials` with
 //! `client_secret` or a certificate-signed `client_assertion`, device code) and
-//! `POST /{tenant}/oauth2/v2.0/devicecode`, on 127.0.0.1. Scriptable: clients, users,
+//! `POST /{tenant}/oauth2/v2.0/devicecode`, on 127.0.0.1, plus an RFC 7662 introspection
+//! endpoint (`POST /introspect`) so that a real mail server (Dovecot's `oauth2` passdb)
+//! checks the very tokens this endpoint issued. Scriptable: clients, users,
 //! lifetimes, forced errors exactly as FAILURES.md lists them, 429/5xx/HTML/hangs, device
 //! flow states. It counts requests, and [`TokenEndpoint::validate`] tells the emulated mail
 //! servers whether an access token is one it issued and still valid.
@@ -15,6 +17,12 @@
 //!   `temporarily_unavailable` (FAILURES.md allows both statuses).
 //! - Device flow denial is `authorization_declined` (Microsoft's word; RFC 8628 says
 //!   `access_denied`), expiry is `expired_token`.
+//! - Microsoft has no introspection endpoint; ours follows RFC 7662: HTTP 200 with
+//!   `{"active": false}` for any token that is unknown, expired or revoked (Dovecot treats
+//!   any non-2xx answer as a *temporary* failure), and for a live token `active`, `scope`,
+//!   `client_id`, `token_type`, `exp`, `sub` and, for delegated tokens only,
+//!   `username` (an application token has no user: a server that needs one refuses it).
+//!   It asks the caller for no credentials: it only ever listens on loopback.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -215,6 +223,8 @@ pub enum Scripted {
 pub enum Target {
     Client(String),
     User(String),
+    /// Requests to the introspection endpoint (a mail server checking a token).
+    Introspection,
 }
 
 /// The grants a client may use.
@@ -300,7 +310,12 @@ struct State {
     revoked_users: Vec<String>,
     refresh_tokens: HashMap<String, RtRecord>,
     access_tokens: HashMap<String, IssuedToken>,
+    /// Access tokens revoked before their expiry (refused by the mail servers and by
+    /// introspection, like a token whose session an admin revoked).
+    revoked_access: Vec<String>,
     lifetime: Duration,
+    /// Length of issued access tokens; real Entra tokens are JWTs of 1,500-2,500 chars.
+    access_token_len: usize,
     scripts: HashMap<Target, VecDeque<Scripted>>,
     always: HashMap<Target, Scripted>,
     device_script: VecDeque<DevicePoll>,
@@ -340,6 +355,9 @@ fn guid() -> String {
     )
 }
 
+/// Where the RFC 7662 introspection endpoint listens.
+const INTROSPECT_PATH: &str = "/introspect";
+
 enum Reply {
     Now(Response<Full<Bytes>>),
     Hang,
@@ -356,7 +374,9 @@ impl TokenEndpoint {
             revoked_users: Vec::new(),
             refresh_tokens: HashMap::new(),
             access_tokens: HashMap::new(),
+            revoked_access: Vec::new(),
             lifetime: Duration::from_secs(3600),
+            access_token_len: 0,
             scripts: HashMap::new(),
             always: HashMap::new(),
             device_script: VecDeque::new(),
@@ -439,6 +459,55 @@ impl TokenEndpoint {
         }
     }
 
+    /// `http://127.0.0.1:port/introspect`: the RFC 7662 endpoint a mail server posts
+    /// `token=...` to (Dovecot's `introspection_mode = post`).
+    pub fn introspection_url(&self) -> String {
+        format!("{}{INTROSPECT_PATH}", self.authority())
+    }
+
+    /// Access tokens issued from now on are padded to `len` characters (at least the
+    /// ~55 of a bare emulator token): long enough, like real ones, to pass SMTP's line
+    /// limits. `0` turns padding off.
+    pub fn set_access_token_length(&self, len: usize) {
+        self.state().access_token_len = len;
+    }
+
+    /// Issues an access token directly, as if `client_id` had obtained it for `user`
+    /// (`None`: an application token), valid for the current lifetime. For tests that
+    /// hand a token to a `token_file` credential.
+    pub fn issue_access_token(
+        &self,
+        client_id: &str,
+        user: Option<&str>,
+        scopes: &[&str],
+    ) -> String {
+        let mut st = self.state();
+        let scopes = scopes.iter().map(|s| s.to_string()).collect();
+        new_access_token(&mut st, client_id, user, scopes)
+    }
+
+    /// Revokes one access token before its expiry: the mail servers and introspection
+    /// refuse it from now on.
+    pub fn revoke_access_token(&self, token: &str) {
+        self.state().revoked_access.push(token.into());
+    }
+
+    /// Makes one access token expire now.
+    pub fn expire_access_token(&self, token: &str) {
+        if let Some(t) = self.state().access_tokens.get_mut(token) {
+            t.expires_at = SystemTime::now() - Duration::from_secs(1);
+        }
+    }
+
+    /// How many introspection requests arrived (what proves a mail server asked).
+    pub fn introspection_count(&self) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.grant == "introspect")
+            .count()
+    }
+
     /// The next request of `target` answers `reply` (queued: several calls, several replies).
     pub fn script_once(&self, target: Target, reply: Scripted) {
         self.state()
@@ -505,8 +574,11 @@ impl TokenEndpoint {
 
     /// Whether `token` is an access token issued here and not yet expired.
     pub fn validate(&self, token: &str) -> Option<IssuedToken> {
-        self.state()
-            .access_tokens
+        let st = self.state();
+        if st.revoked_access.iter().any(|t| t == token) {
+            return None;
+        }
+        st.access_tokens
             .get(token)
             .filter(|t| SystemTime::now() < t.expires_at)
             .cloned()
@@ -533,6 +605,8 @@ async fn handle(
         };
         let grant = if path.ends_with("/devicecode") {
             "devicecode".to_string()
+        } else if path == INTROSPECT_PATH {
+            "introspect".to_string()
         } else {
             form.get("grant_type").cloned().unwrap_or_default()
         };
@@ -660,6 +734,9 @@ fn respond(
     path: &str,
     form: &HashMap<String, String>,
 ) -> Reply {
+    if path == INTROSPECT_PATH {
+        return introspect(st, method, form);
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (tenant, endpoint) = match segments.as_slice() {
         [tenant, "oauth2", "v2.0", endpoint] => (*tenant, *endpoint),
@@ -830,17 +907,8 @@ fn issue(
     scopes: Vec<String>,
     with_refresh: bool,
 ) -> Reply {
-    let access = format!("emu-at-{}", random_hex(24));
+    let access = new_access_token(st, client_id, user, scopes.clone());
     let lifetime = st.lifetime;
-    st.access_tokens.insert(
-        access.clone(),
-        IssuedToken {
-            client_id: client_id.into(),
-            user: user.map(str::to_string),
-            scopes: scopes.clone(),
-            expires_at: SystemTime::now() + lifetime,
-        },
-    );
     let mut body = serde_json::json!({
         "token_type": "Bearer",
         "scope": scopes.join(" "),
@@ -860,6 +928,68 @@ fn issue(
             },
         );
         body["refresh_token"] = serde_json::Value::String(rt);
+    }
+    json(200, body)
+}
+
+/// Mints and records an access token: `emu-at-<random>`, padded with more random
+/// characters up to the configured length.
+fn new_access_token(
+    st: &mut State,
+    client_id: &str,
+    user: Option<&str>,
+    scopes: Vec<String>,
+) -> String {
+    let mut access = format!("emu-at-{}", random_hex(24));
+    while access.len() < st.access_token_len {
+        access.push_str(&random_hex(32));
+    }
+    if st.access_token_len > 0 {
+        access.truncate(st.access_token_len.max(55));
+    }
+    st.access_tokens.insert(
+        access.clone(),
+        IssuedToken {
+            client_id: client_id.into(),
+            user: user.map(str::to_string),
+            scopes,
+            expires_at: SystemTime::now() + st.lifetime,
+        },
+    );
+    access
+}
+
+/// RFC 7662 token introspection (`POST /introspect`, form `token=...`).
+fn introspect(st: &mut State, method: &http::Method, form: &HashMap<String, String>) -> Reply {
+    if method != http::Method::POST {
+        return Reply::Now(plain(405, "method not allowed"));
+    }
+    if let Some(s) = take_script(st, &Target::Introspection) {
+        return scripted(s);
+    }
+    let Some(token) = form.get("token") else {
+        // RFC 7662 §2.1: `token` is required; a malformed request is a 400.
+        return json(400, serde_json::json!({"error": "invalid_request"}));
+    };
+    let live = st
+        .access_tokens
+        .get(token)
+        .filter(|t| SystemTime::now() < t.expires_at)
+        .filter(|_| !st.revoked_access.contains(token));
+    let Some(t) = live else {
+        // §2.2: an unknown, expired or revoked token is not an error, just inactive.
+        return json(200, serde_json::json!({"active": false}));
+    };
+    let mut body = serde_json::json!({
+        "active": true,
+        "scope": t.scopes.join(" "),
+        "client_id": t.client_id,
+        "token_type": "Bearer",
+        "exp": t.expires_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+        "sub": t.user.as_deref().unwrap_or(&t.client_id),
+    });
+    if let Some(user) = &t.user {
+        body["username"] = serde_json::Value::String(user.clone());
     }
     json(200, body)
 }
@@ -1020,6 +1150,9 @@ impl super::TokenCheck for TokenEndpoint {
         let Some(issued) = state.access_tokens.get(token) else {
             return TokenVerdict::Invalid;
         };
+        if state.revoked_access.iter().any(|t| t == token) {
+            return TokenVerdict::Invalid;
+        }
         if SystemTime::now() >= issued.expires_at {
             return TokenVerdict::Expired;
         }

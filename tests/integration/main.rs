@@ -5,6 +5,7 @@ mod browser;
 mod cli;
 mod curl;
 mod demo;
+mod dovecot;
 mod emulator;
 mod oauth;
 mod probe;

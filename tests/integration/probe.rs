@@ -231,7 +231,7 @@ async fn the_seeds_dialogues_are_reproduced() {
 async fn smtp_uses_the_continuation_for_long_tokens() {
     let long = format!("{TOKEN}{}", "x".repeat(1500));
     let mut opts = EmulatorOptions::new(Arc::new(StaticTokens::new([long.as_str()])));
-    opts.smtp_max_auth_line = Some(1017);
+    opts.smtp_max_auth_line = Some(mail_oauth_exporter::emulator::DOVECOT_SMTP_MAX_AUTH_LINE);
     let (emu, tls) = start(opts).await;
     let r = run(
         &emu,
