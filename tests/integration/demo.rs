@@ -490,7 +490,7 @@ async fn read_until(
     seen
 }
 
-fn signal(pid: u32, sig: &str) {
+pub fn signal_pid(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
@@ -529,7 +529,7 @@ async fn demo_binary_serves_and_exits_cleanly_on_sigterm() {
         "status page shows reasons"
     );
     let mut stderr = child.stderr.take().unwrap();
-    signal(child.id().unwrap(), "TERM");
+    signal_pid(child.id().unwrap(), "TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits within the grace period")
@@ -610,7 +610,7 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
     assert_eq!(failed["level"], "WARN");
 
     std::fs::write(&demo.config_path, "mailboxes: [oops\n").unwrap();
-    signal(pid, "HUP");
+    signal_pid(pid, "HUP");
     let rejected = next_event(&mut seen, &|v| {
         v["fields"]["message"]
             .as_str()
@@ -629,7 +629,7 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
     );
 
     std::fs::write(&demo.config_path, remove_mailbox(&good, "scanner")).unwrap();
-    signal(pid, "HUP");
+    signal_pid(pid, "HUP");
     next_event(&mut seen, &|v| v["fields"]["message"] == "config reloaded").await;
     let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);
     assert_eq!(
@@ -639,7 +639,7 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
     assert!(find(&m, "mail_oauth_probe_result", &[("mailbox", "scanner")]).is_empty());
     assert!(!find(&m, "mail_oauth_probe_result", &[("mailbox", "busy")]).is_empty());
 
-    signal(pid, "TERM");
+    signal_pid(pid, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits within the grace period")

@@ -1110,3 +1110,169 @@ async fn introspection_answers_as_rfc_7662_says() {
         REAL_TOKEN_LEN
     );
 }
+
+/// The service (`run`) against Dovecot: every protocol × TLS mode × mechanism shows `ok`
+/// in `/metrics` with its phases; the tokens in the service's cache revoked at the token
+/// endpoint turn into `auth_rejected` with Dovecot's reply on the status API; Dovecot
+/// stopped turns into `connect_refused`; SIGTERM exits 0; no token in any output.
+#[tokio::test]
+async fn run_reports_dovecot_logins_rejections_and_outage() {
+    use crate::demo::{find, get, parse_metrics, wait_ok};
+    let mut w = World::start().await;
+    let mut names = Vec::new();
+    for tls in [TlsMode::Implicit, TlsMode::Starttls] {
+        for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+            names.push((format!("{}-{}", tls.as_str(), mech.as_str()), tls, mech));
+        }
+    }
+    let mailboxes: Vec<Mailbox<'_>> = names
+        .iter()
+        .map(|(name, tls, mech)| Mailbox {
+            name,
+            credential: "delegated",
+            protocols: &ALL,
+            tls: *tls,
+            mechanism: *mech,
+            source: Some(REMOTE),
+        })
+        .collect();
+    w.write_config(&mailboxes);
+    // Short rounds, first runs within a second.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let text = text.replace("    timeout: 20s\n", "    timeout: 4s\n    interval: 5s\n");
+    std::fs::write(
+        &w.config,
+        format!("scheduler:\n  startup_spread: 1s\n  jitter: 0s\n{text}"),
+    )
+    .unwrap();
+    w.login().await;
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&w.config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Log lines up to the start event, which names the address.
+    let mut early = Vec::new();
+    let base = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            early.push(line);
+            if v["fields"]["message"] == "mail-oauth-exporter running" {
+                return format!("http://{}", v["fields"]["address"].as_str().unwrap());
+            }
+        }
+        panic!("run exited: {early:?}");
+    })
+    .await
+    .expect("run logs its start");
+    let first = early.join("\n");
+    // Keep reading the logs, to scan them at the end.
+    let logs = tokio::spawn(async move {
+        let mut all = vec![first];
+        while let Ok(Some(l)) = lines.next_line().await {
+            all.push(l);
+        }
+        all.join("\n")
+    });
+
+    wait_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);
+    for (name, _, _) in &names {
+        for p in ALL {
+            let labels = [("mailbox", name.as_str()), ("protocol", p.as_str())];
+            let r = find(&m, "mail_oauth_probe_result", &labels);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].labels["reason"], "ok", "{name} {p}: {r:?}");
+            for phase in [
+                "connect",
+                "tls",
+                "greeting",
+                "capability",
+                "auth",
+                "post_auth",
+            ] {
+                let mut l = labels.to_vec();
+                l.push(("phase", phase));
+                let s = find(&m, "mail_oauth_probe_phase_seconds", &l);
+                assert!(
+                    s.first().is_some_and(|s| s.value > 0.0),
+                    "{name} {p} {phase}"
+                );
+            }
+        }
+    }
+
+    // Revoked at the token endpoint while cached in the service: Dovecot refuses them.
+    for t in w.ep.all_access_tokens() {
+        w.ep.revoke_access_token(&t);
+    }
+    let reasons = async |want: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);
+            let results = find(&m, "mail_oauth_probe_result", &[]);
+            if results.len() == names.len() * 3
+                && results.iter().all(|s| s.labels["reason"] == want)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not all {want} within 30 s: {:?}",
+                results
+                    .iter()
+                    .map(|s| (
+                        &s.labels["mailbox"],
+                        &s.labels["protocol"],
+                        &s.labels["reason"]
+                    ))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    reasons("auth_rejected").await;
+    let (_, body) = get(&format!("{base}/api/v1/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for row in status["probes"].as_array().unwrap() {
+        let detail = row["detail"].as_str().unwrap_or_default();
+        let reply = match row["protocol"].as_str().unwrap() {
+            "imap" => "NO [AUTHENTICATIONFAILED] Authentication failed.",
+            "pop3" => "-ERR [AUTH] Authentication failed.",
+            _ => "535 5.7.8 Authentication failed.",
+        };
+        assert!(detail.contains(reply), "{row}");
+    }
+
+    w.outputs.push(get(&format!("{base}/metrics")).await.1);
+    w.dovecot.stop().await;
+    reasons("connect_refused").await;
+
+    crate::demo::signal_pid(child.id().unwrap(), "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let logs = logs.await.unwrap();
+    assert!(
+        logs.contains("\"reason\":\"auth_rejected\""),
+        "one event per probe result"
+    );
+    w.outputs.push(logs);
+    w.outputs.push(body);
+    w.assert_no_secret_leaked();
+}
