@@ -14,6 +14,7 @@ pub mod reason;
 pub mod scheduler;
 pub mod secret;
 pub mod service;
+pub mod shard;
 pub mod status;
 pub mod token;
 

@@ -51,6 +51,10 @@ enum Command {
         /// Address for /metrics and the status page [default: the config's `listen`, else 0.0.0.0:9925].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Probe only this replica's share of the mailboxes: INDEX/COUNT, INDEX may be a
+        /// StatefulSet pod name ending in -INDEX (`--shard $(POD_NAME)/3`).
+        #[arg(long)]
+        shard: Option<mail_oauth_exporter::shard::Shard>,
     },
     /// The embedded default: an emulated provider with healthy and broken mailboxes,
     /// and the service running against it; prints the URLs to open.
@@ -123,8 +127,12 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             command::check::run(&config, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config, listen } => {
-            command::run::run(&config, listen, shutdown_signal(), reload_signal()).await?;
+        Command::Run {
+            config,
+            listen,
+            shard,
+        } => {
+            command::run::run(&config, listen, shard, shutdown_signal(), reload_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen } => {

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::probe::{self, TlsClient};
 use crate::reason::Reason;
 use crate::scheduler::{Execute, Job, Scheduler};
+use crate::shard::Shard;
 use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
 use crate::token::{Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions};
 use std::future::Future;
@@ -165,6 +166,7 @@ pub struct Service {
     heartbeat: Arc<AtomicU64>,
     started: tokio::time::Instant,
     stopping: AtomicBool,
+    shard: Option<Shard>,
 }
 
 /// The heartbeat turns this often; `/healthz` fails when it missed many turns.
@@ -174,6 +176,14 @@ const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
 impl Service {
     /// Starts scheduling `config`'s probes. Needs a tokio runtime.
     pub fn start(config: Config) -> Result<Arc<Service>, ConfigError> {
+        Service::start_sharded(config, None)
+    }
+
+    /// Like [`Service::start`], probing only `shard`'s mailboxes (also after reloads).
+    pub fn start_sharded(
+        config: Config,
+        shard: Option<Shard>,
+    ) -> Result<Arc<Service>, ConfigError> {
         let metrics = Arc::new(Metrics::new());
         let board = Arc::new(Board::new(metrics.clone()));
         let engine = Arc::new(RwLock::new(Arc::new(Engine::new(&config, &metrics)?)));
@@ -194,6 +204,7 @@ impl Service {
             heartbeat: Arc::new(AtomicU64::new(0)),
             started: tokio::time::Instant::now(),
             stopping: AtomicBool::new(false),
+            shard,
         });
         service.apply_now(config);
         // A runtime wedged by a blocking call stops this loop, and `/healthz` says so.
@@ -293,6 +304,10 @@ impl Service {
     }
 
     fn install(&self, config: Config, scheduler: &mut Scheduler<Payload>) {
+        let config = match self.shard {
+            Some(shard) => shard.filter(config),
+            None => config,
+        };
         for problem in config.check_files() {
             // Not fatal: a token file may be written later by another tool; the probes
             // report it with a reason until then.

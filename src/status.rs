@@ -232,10 +232,8 @@ impl Board {
         if inner.stopping {
             return false;
         }
-        if !inner.ready_latched
-            && !inner.entries.is_empty()
-            && inner.entries.values().all(|e| e.last.is_some())
-        {
+        // An empty shard has nothing to wait for: ready at once.
+        if !inner.ready_latched && inner.entries.values().all(|e| e.last.is_some()) {
             inner.ready_latched = true;
         }
         inner.ready_latched

@@ -4,6 +4,7 @@
 use super::CommandError;
 use crate::config::{Config, DEFAULT_LISTEN};
 use crate::service::Service;
+use crate::shard::Shard;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 pub async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
+    shard: Option<Shard>,
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
@@ -26,10 +28,11 @@ pub async fn run(
             .expect("the default listen address is valid")
     });
     let listener = bind(addr).await?;
-    let service = Service::start(config)?;
+    let service = Service::start_sharded(config, shard)?;
     tracing::info!(
         address = %listener.local_addr().unwrap_or(addr),
         config = %config_path.display(),
+        shard = shard.map(|s| s.to_string()),
         probes = service.keys().len(),
         "mail-oauth-exporter running"
     );

@@ -655,3 +655,47 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
         &crate::secrets::secrets_of(&demo),
     );
 }
+
+/// `--shard INDEX/COUNT`: three replicas on one config probe every mailbox exactly once,
+/// each only its own; a bad shard is a usage error (exit 2).
+#[tokio::test]
+async fn shards_cover_the_fleet_exactly_once() {
+    use mail_oauth_exporter::shard::Shard;
+    let demo = Demo::start().await.unwrap();
+    let all: std::collections::BTreeSet<_> =
+        expected().into_iter().map(|(m, p, _)| (m, p)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut services = Vec::new();
+    for index in 0..3 {
+        let shard = Shard { index, count: 3 };
+        let service = Service::start_sharded(demo.config().unwrap(), Some(shard)).unwrap();
+        let keys = service.keys();
+        for k in &keys {
+            assert!(seen.insert(k.clone()), "{k:?} probed by two replicas");
+            assert!(shard.owns(&k.0));
+        }
+        // The board (and so /metrics and the page) holds only this replica's rows.
+        let rows = service.board().snapshot().probes.len();
+        assert_eq!(rows, keys.len(), "shard {shard}");
+        // Each replica exports the credentials its mailboxes use, and no other.
+        let config = service.config();
+        for c in config.credentials.keys() {
+            assert!(config.mailboxes.values().any(|m| &m.credential == c));
+        }
+        services.push(service);
+    }
+    assert_eq!(seen, all, "the replicas together cover the fleet");
+    assert!(services.iter().filter(|s| !s.keys().is_empty()).count() >= 2);
+    for s in services {
+        s.shutdown().await;
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args(["run", "--shard", "3/3", "--config"])
+        .arg(&demo.config_path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INDEX must be below COUNT"));
+}
