@@ -5,6 +5,7 @@ mod browser;
 mod cli;
 mod curl;
 mod demo;
+mod deploy;
 mod dovecot;
 mod emulator;
 mod oauth;
