@@ -324,7 +324,7 @@ fn config_text(p: &Places) -> String {
          listen: 127.0.0.1:9925\n\
          state_dir: {d}/state           # refresh tokens of the delegated users\n\
          tls:\n  ca_file: {d}/ca.pem       # the emulator's own CA\n\
-         defaults:\n  interval: 15s\n  timeout: 5s\n\
+         defaults:\n  interval: 15s\n  timeout: 10s             # the slow server takes ~4.5 s\n\
          scheduler:\n  startup_spread: 2s               # first results within seconds\n  jitter: 500ms\n  shutdown_grace: 5s\n\
          credentials:\n"
     );

@@ -10,5 +10,6 @@ mod dovecot;
 mod emulator;
 mod oauth;
 mod probe;
+mod prometheus;
 mod secrets;
 mod token;
