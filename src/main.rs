@@ -51,6 +51,9 @@ enum Command {
         /// Address for /metrics and the status page [default: the config's `listen`, else 0.0.0.0:9925].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// TLS and basic auth for the HTTP endpoints (Prometheus exporter web config format).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
     },
     /// The embedded default: an emulated provider with healthy and broken mailboxes,
     /// and the service running against it; prints the URLs to open.
@@ -58,6 +61,9 @@ enum Command {
         /// Address for /metrics and the status page.
         #[arg(long, default_value = "127.0.0.1:9925")]
         listen: SocketAddr,
+        /// TLS and basic auth for the HTTP endpoints (Prometheus exporter web config format).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
     },
     /// Probe one mailbox now and print the result, phases and redacted transcript.
     Probe {
@@ -123,12 +129,33 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             command::check::run(&config, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config, listen } => {
-            command::run::run(&config, listen, shutdown_signal(), reload_signal()).await?;
+        Command::Run {
+            config,
+            listen,
+            web_config_file,
+        } => {
+            command::run::run(
+                &config,
+                listen,
+                web_config_file.as_deref(),
+                shutdown_signal(),
+                reload_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { listen } => {
-            command::demo::run(listen, &mut out, shutdown_signal(), reload_signal()).await?;
+        Command::Demo {
+            listen,
+            web_config_file,
+        } => {
+            command::demo::run(
+                listen,
+                web_config_file.as_deref(),
+                &mut out,
+                shutdown_signal(),
+                reload_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe {
