@@ -11,3 +11,4 @@ mod oauth;
 mod probe;
 mod secrets;
 mod token;
+mod web;
