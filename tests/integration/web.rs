@@ -133,7 +133,14 @@ async fn send(
 
 /// Words that appear only in what auth protects: mailbox names, metric names.
 fn assert_no_content(what: &str, body: &str) {
-    for word in ["helpdesk", "invoices", "mail_oauth_", "contoso", "<html", "\"version\""] {
+    for word in [
+        "helpdesk",
+        "invoices",
+        "mail_oauth_",
+        "contoso",
+        "<html",
+        "\"version\"",
+    ] {
         assert!(
             !body.contains(word),
             "{what} leaked {word:?} to an unauthenticated client: {body}"
