@@ -315,7 +315,7 @@ impl<'de> Deserialize<'de> for BcryptHash {
 fn check_hash(s: &str) -> Result<BcryptHash, String> {
     // The value is not echoed: a password pasted where the hash belongs stays out of logs.
     let parts: bcrypt::HashParts = s.parse().map_err(|e| {
-        format!("not a bcrypt hash ({e}); make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`")
+        format!("not a bcrypt hash ({e}); `htpasswd -nbBC 10 USER PASSWORD` prints USER:HASH")
     })?;
     // The crate's own limits; outside them every verification would fail.
     if !(4..=31).contains(&parts.get_cost()) {
@@ -552,7 +552,7 @@ mod tests {
     use super::*;
     use crate::emulator::TestCa;
 
-    const HASH: &str = "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze";
+    const HASH: &str = "$2b$10$WtAJ6v/mCwe1TjFxak1BsOKHLldXrZoCTalKXYxsysuUhQkJ1./CS";
 
     fn err(text: &str) -> String {
         WebConfig::parse(Path::new("/etc/web.yml"), text)
