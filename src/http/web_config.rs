@@ -124,7 +124,13 @@ impl WebConfig {
         };
         match &self.auth {
             None => format!("{tls}, no basic auth"),
-            Some(a) => format!("{tls}, basic auth ({} users)", a.user_count()),
+            Some(a) => {
+                let n = a.user_count();
+                format!(
+                    "{tls}, basic auth for {n} user{}",
+                    if n == 1 { "" } else { "s" }
+                )
+            }
         }
     }
 }
@@ -587,7 +593,7 @@ mod tests {
         let w = WebConfig::parse(Path::new("web.yml"), &text).unwrap();
         assert!(w.has_basic_auth() && !w.is_tls());
         assert_eq!(w.headers.len(), 2);
-        assert_eq!(w.describe(), "plain HTTP, basic auth (2 users)");
+        assert_eq!(w.describe(), "plain HTTP, basic auth for 2 users");
     }
 
     #[test]
