@@ -55,6 +55,9 @@ enum Command {
         /// StatefulSet pod name ending in -INDEX (`--shard $(POD_NAME)/3`).
         #[arg(long)]
         shard: Option<mail_oauth_exporter::shard::Shard>,
+        /// TLS and basic auth for the HTTP endpoints (Prometheus exporter web config format).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
     },
     /// The embedded default: an emulated provider with healthy and broken mailboxes,
     /// and the service running against it; prints the URLs to open.
@@ -62,6 +65,9 @@ enum Command {
         /// Address for /metrics and the status page.
         #[arg(long, default_value = "127.0.0.1:9925")]
         listen: SocketAddr,
+        /// TLS and basic auth for the HTTP endpoints (Prometheus exporter web config format).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
     },
     /// Probe one mailbox now and print the result, phases and redacted transcript.
     Probe {
@@ -131,12 +137,31 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             config,
             listen,
             shard,
+            web_config_file,
         } => {
-            command::run::run(&config, listen, shard, shutdown_signal(), reload_signal()).await?;
+            command::run::run(
+                &config,
+                listen,
+                shard,
+                web_config_file.as_deref(),
+                shutdown_signal(),
+                reload_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { listen } => {
-            command::demo::run(listen, &mut out, shutdown_signal(), reload_signal()).await?;
+        Command::Demo {
+            listen,
+            web_config_file,
+        } => {
+            command::demo::run(
+                listen,
+                web_config_file.as_deref(),
+                &mut out,
+                shutdown_signal(),
+                reload_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe {

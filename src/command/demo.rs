@@ -256,12 +256,15 @@ impl Demo {
 }
 
 /// Runs the demo until `shutdown`; SIGHUP (`reloads`) reloads its config file.
+/// `web_config` (`--web.config.file`) protects its HTTP endpoints as in `run`.
 pub async fn run(
     listen: SocketAddr,
+    web_config: Option<&std::path::Path>,
     out: &mut dyn Write,
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
+    let web = super::run::load_web_config(web_config)?;
     let demo = Demo::start().await?;
     let config = demo.config()?;
     let listener = super::run::bind(listen).await?;
@@ -272,7 +275,8 @@ pub async fn run(
     } else {
         addr.ip().to_string()
     };
-    let base = format!("http://{host}:{}", addr.port());
+    let scheme = if web.is_tls() { "https" } else { "http" };
+    let base = format!("{scheme}://{host}:{}", addr.port());
     writeln!(
         out,
         "mail-oauth-exporter demo: an emulated Exchange Online on 127.0.0.1 and {} mailbox probes.\n\
@@ -289,7 +293,7 @@ pub async fn run(
         demo.config_path.display(),
     )?;
     out.flush()?;
-    super::run::serve(service, listener, shutdown, reloads).await;
+    super::run::serve_with(service, listener, Arc::new(web), shutdown, reloads).await;
     demo.emulator.shutdown();
     Ok(())
 }

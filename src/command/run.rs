@@ -3,6 +3,7 @@
 
 use super::CommandError;
 use crate::config::{Config, DEFAULT_LISTEN};
+use crate::http::WebConfig;
 use crate::service::Service;
 use crate::shard::Shard;
 use std::future::Future;
@@ -13,15 +14,18 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Runs the service from `config_path` until `shutdown` completes. Every message on
-/// `reloads` (SIGHUP) reloads the config.
+/// `reloads` (SIGHUP) reloads the config. `web_config` (`--web.config.file`) turns on TLS
+/// and basic auth for the HTTP endpoints; it is read once, at start.
 pub async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
     shard: Option<Shard>,
+    web_config: Option<&Path>,
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
     let config = Config::load(config_path)?;
+    let web = load_web_config(web_config)?;
     let addr = listen.or(config.listen).unwrap_or_else(|| {
         DEFAULT_LISTEN
             .parse()
@@ -34,10 +38,20 @@ pub async fn run(
         config = %config_path.display(),
         shard = shard.map(|s| s.to_string()),
         probes = service.keys().len(),
+        http = %web.describe(),
         "mail-oauth-exporter running"
     );
-    serve(service, listener, shutdown, reloads).await;
+    serve_with(service, listener, Arc::new(web), shutdown, reloads).await;
     Ok(())
+}
+
+/// The web config at `path`, or plain HTTP open to all without one. A bad file is a
+/// config error (exit 2), before anything listens.
+pub fn load_web_config(path: Option<&Path>) -> Result<WebConfig, CommandError> {
+    Ok(match path {
+        Some(p) => WebConfig::load(p)?,
+        None => WebConfig::default(),
+    })
 }
 
 /// Binds the HTTP listener, with an error that says which address failed.
@@ -47,18 +61,43 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, CommandError> {
         .map_err(|e| CommandError::Usage(format!("cannot listen on {addr}: {e}")))
 }
 
-/// Serves HTTP and reloads until `shutdown`, then stops scheduling, waits for probes in
-/// flight (the config's `scheduler.shutdown_grace`), saves state and stops serving.
+/// Serves plain HTTP, open to all, and reloads until `shutdown`: [`serve_with`] without a
+/// web config.
 pub async fn serve(
     service: Arc<Service>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    reloads: mpsc::Receiver<()>,
+) {
+    serve_with(
+        service,
+        listener,
+        Arc::new(WebConfig::default()),
+        shutdown,
+        reloads,
+    )
+    .await
+}
+
+/// Serves HTTP (TLS and basic auth as `web` says) and reloads until `shutdown`, then
+/// stops scheduling, waits for probes in flight (the config's `scheduler.shutdown_grace`),
+/// saves state and stops serving.
+pub async fn serve_with(
+    service: Arc<Service>,
+    listener: TcpListener,
+    web: Arc<WebConfig>,
+    shutdown: impl Future<Output = ()>,
     mut reloads: mpsc::Receiver<()>,
 ) {
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(crate::http::serve(listener, service.clone(), async {
-        let _ = http_stopped.await;
-    }));
+    let http = tokio::spawn(crate::http::serve_with(
+        listener,
+        service.clone(),
+        web,
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

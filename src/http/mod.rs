@@ -1,7 +1,12 @@
 //! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, the status page, its
 //! JSON, the last transcripts, and `POST /-/reload`.
 
+mod auth;
 pub mod page;
+mod tls;
+pub mod web_config;
+
+pub use web_config::WebConfig;
 
 use crate::Protocol;
 use crate::service::Service;
@@ -14,8 +19,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -28,10 +35,22 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 type Body = Full<Bytes>;
 
-/// Serves until `shutdown` completes, then lets open requests finish briefly.
+/// Serves plain HTTP, open to all, until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     service: Arc<Service>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with(listener, service, Arc::new(WebConfig::default()), shutdown).await
+}
+
+/// Serves until `shutdown` completes, then lets open requests finish briefly. With TLS in
+/// `web`, every connection must complete a TLS handshake first (a plain HTTP request is
+/// dropped at the handshake); with basic auth, requests are checked before routing.
+pub async fn serve_with(
+    listener: TcpListener,
+    service: Arc<Service>,
+    web: Arc<WebConfig>,
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -56,24 +75,30 @@ pub async fn serve(
             },
         };
         let service = service.clone();
-        let mut stop = stop_rx.clone();
+        let web = web.clone();
+        let stop = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |req| {
-                let service = service.clone();
-                async move { Ok::<_, Infallible>(route(&service, req, peer).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = async { drop(stop.wait_for(|s| *s).await) } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN, conn).await;
+            let Some(acceptor) = web.tls.clone() else {
+                let conn = Conn {
+                    peer,
+                    client_cert: false,
+                };
+                return serve_connection(stream, conn, service, web, stop).await;
+            };
+            // The handshake gets the same time as a request's headers: a client that
+            // connects and says nothing cannot hold a connection slot.
+            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let conn = Conn {
+                        peer,
+                        client_cert: tls.get_ref().1.peer_certificates().is_some(),
+                    };
+                    serve_connection(tls, conn, service, web, stop).await
                 }
+                // A plain HTTP request to the TLS port ends here, without a byte of content.
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
         while conns.try_join_next().is_some() {}
@@ -83,6 +108,119 @@ pub async fn serve(
         while conns.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// What the server knows about a connection beyond its requests.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    /// The client presented a certificate the configured client CA verified.
+    client_cert: bool,
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    conn: Conn,
+    service: Arc<Service>,
+    web: Arc<WebConfig>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let service = service.clone();
+        let web = web.clone();
+        async move { Ok::<_, Infallible>(handle(&service, &web, req, conn).await) }
+    });
+    let http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(http);
+    tokio::select! {
+        _ = http.as_mut() => {}
+        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+            http.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, http).await;
+        }
+    }
+}
+
+/// Paths served without basic auth even when it is on: kubelet probes cannot easily send
+/// credentials, and these answer only "ok"/"ready" (nothing about mailboxes). Everything
+/// else, unknown paths included, needs the password.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+}
+
+/// The realm clients are asked to authenticate for.
+const CHALLENGE: &str = "Basic realm=\"mail-oauth-exporter\"";
+
+/// Checks who is asking, then routes; adds the configured response headers.
+async fn handle(
+    service: &Service,
+    web: &WebConfig,
+    req: Request<Incoming>,
+    conn: Conn,
+) -> Response<Body> {
+    let mut response = match gate(web, &req, conn).await {
+        Ok(()) => route(service, req, conn.peer).await,
+        Err(refused) => refused,
+    };
+    for (name, value) in &web.headers {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
+}
+
+/// `Err` is the response for a request that may not go on: 401 without the right user
+/// and password, 403 for a reload nobody vouched for.
+async fn gate(web: &WebConfig, req: &Request<Incoming>, conn: Conn) -> Result<(), Response<Body>> {
+    let path = req.uri().path();
+    let authenticated = match &web.auth {
+        None => false,
+        Some(_) if open_path(path) => false,
+        Some(auth) => {
+            if !auth.check(req.headers().get(header::AUTHORIZATION)).await {
+                tracing::info!(peer = %conn.peer, path, "HTTP request refused: no valid basic auth");
+                let mut r = text(StatusCode::UNAUTHORIZED, PLAIN, "unauthorized\n");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static(CHALLENGE),
+                );
+                return Err(r);
+            }
+            true
+        }
+    };
+    if path == "/-/reload"
+        && req.method() == Method::POST
+        && !may_reload(web.auth.is_some(), authenticated, conn)
+    {
+        tracing::warn!(peer = %conn.peer, "reload over HTTP refused: client not authenticated and not on loopback");
+        return Err(text(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            "reload over HTTP needs basic auth, a verified client certificate, or a loopback \
+             client; or send SIGHUP\n",
+        ));
+    }
+    Ok(())
+}
+
+/// Who may reload the config over HTTP. With basic auth on, an authenticated user (the
+/// gate already refused everyone else). Without it, a client whose certificate the client
+/// CA verified, or a client on this host: 127.0.0.0/8 and ::1, also as IPv4-mapped IPv6
+/// from a dual-stack listener. A reverse proxy on the same host counts as on this host.
+fn may_reload(basic_auth: bool, authenticated: bool, conn: Conn) -> bool {
+    if basic_auth {
+        return authenticated;
+    }
+    conn.client_cert || is_loopback(conn.peer.ip())
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -233,6 +371,66 @@ fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
                 }
             }
             text(StatusCode::OK, PLAIN, body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(peer: &str, client_cert: bool) -> Conn {
+        Conn {
+            peer: peer.parse().unwrap(),
+            client_cert,
+        }
+    }
+
+    #[test]
+    fn reload_without_basic_auth_only_from_loopback_or_a_verified_certificate() {
+        for local in [
+            "127.0.0.1:5000",
+            "127.0.0.2:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(may_reload(false, false, conn(local, false)), "{local}");
+        }
+        for remote in [
+            "10.1.2.3:5000",
+            "192.168.0.9:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.0.0.1]:5000",
+            "0.0.0.0:5000",
+        ] {
+            assert!(!may_reload(false, false, conn(remote, false)), "{remote}");
+            assert!(
+                may_reload(false, false, conn(remote, true)),
+                "{remote} with a client certificate"
+            );
+        }
+    }
+
+    #[test]
+    fn reload_with_basic_auth_needs_the_password_even_from_loopback() {
+        assert!(!may_reload(true, false, conn("127.0.0.1:5000", false)));
+        assert!(!may_reload(true, false, conn("10.1.2.3:5000", true)));
+        assert!(may_reload(true, true, conn("10.1.2.3:5000", false)));
+    }
+
+    #[test]
+    fn only_health_checks_are_open() {
+        assert!(open_path("/healthz") && open_path("/readyz"));
+        for p in [
+            "/",
+            "/metrics",
+            "/api/v1/status",
+            "/transcript",
+            "/-/reload",
+            "/nope",
+            "/healthz/",
+        ] {
+            assert!(!open_path(p), "{p}");
         }
     }
 }

@@ -13,3 +13,4 @@ mod probe;
 mod prometheus;
 mod secrets;
 mod token;
+mod web;
