@@ -524,6 +524,11 @@ impl Validator<'_> {
         if m.protocols.is_empty() {
             return Err(self.err(&at("protocols"), "list at least one of imap, pop3, smtp"));
         }
+        for (i, p) in m.protocols.iter().enumerate() {
+            if m.protocols[..i].contains(p) {
+                return Err(self.err(&at("protocols"), format!("{p} is listed twice")));
+            }
+        }
         let interval = self
             .duration(&at("interval"), m.interval.as_deref())?
             .unwrap_or(interval);

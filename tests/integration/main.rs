@@ -1,6 +1,7 @@
 //! Integration tests, one binary (as ripgrep does): real sockets, emulated servers on
 //! 127.0.0.1:0, the real `mail-oauth-exporter` binary, curl as an independent client.
 
+mod bad_config;
 mod browser;
 mod cli;
 mod curl;
