@@ -12,6 +12,7 @@ mod emulator;
 mod oauth;
 mod probe;
 mod prometheus;
+mod proptests;
 mod secrets;
 mod token;
 mod web;

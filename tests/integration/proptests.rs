@@ -1,0 +1,157 @@
+//! Property tests (proptest) of what parses hostile input: the reply classifier, the token
+//! error classifier, the SASL error-challenge decoder and the config loader. None may
+//! panic on any input, and each keeps its promises (a failure never classifies as `ok`,
+//! HTTP 429 is always `token_throttled`, errors are located inside the file).
+
+use base64::Engine as _;
+use mail_oauth_exporter::classify;
+use mail_oauth_exporter::config::Config;
+use mail_oauth_exporter::probe::sasl::decode_challenge;
+use mail_oauth_exporter::probe::{Phase, ProbeError};
+use mail_oauth_exporter::token::{OAuthErrorBody, TokenError};
+use mail_oauth_exporter::{Reason, Stage};
+use proptest::prelude::*;
+use std::path::Path;
+
+fn phase() -> impl Strategy<Value = Phase> {
+    proptest::sample::select(Phase::ALL.to_vec())
+}
+
+/// Server replies: mostly reply-shaped (tags, codes, known words), sometimes anything.
+fn reply() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        (
+            proptest::sample::select(vec![
+                "A01 NO", "A01 BAD", "* BYE", "-ERR", "+OK", "535", "454", "421", "432", "501",
+                "334", "+", "* OK", "250",
+            ]),
+            proptest::sample::select(vec![
+                " 5.7.139 SmtpClientAuthentication is disabled",
+                " 4.3.2 Concurrent connections limit exceeded",
+                " AUTHENTICATE failed.",
+                " [UNAVAILABLE] Temporary authentication failure.",
+                " AccessTokenExpired",
+                " 5.5.127",
+                " User is authenticated but not connected.",
+                "",
+            ]),
+            "[ -~]{0,40}",
+        )
+            .prop_map(|(a, b, c)| format!("{a}{b}{c}")),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn a_refused_reply_never_classifies_as_ok(
+        phase in phase(),
+        reply in reply(),
+        challenge in proptest::option::of(any::<String>()),
+    ) {
+        let e = ProbeError::Refused { phase, reply, challenge };
+        let c = classify::probe_outcome(&Err(e.clone()));
+        prop_assert_ne!(c.reason, Reason::Ok);
+        prop_assert!(c.reason.stage() != Stage::Token, "{:?} -> {}", e, c.reason);
+        prop_assert_eq!(classify::probe::reason(&e), c.reason);
+    }
+
+    #[test]
+    fn any_probe_error_has_a_reason(
+        phase in phase(),
+        reply in reply(),
+        kind in 0usize..6,
+    ) {
+        let e = match kind {
+            0 => ProbeError::Unexpected { phase, reply },
+            1 => ProbeError::Closed { phase },
+            2 => ProbeError::Timeout { phase },
+            3 => ProbeError::Io { phase, message: reply },
+            4 => ProbeError::StarttlsUnavailable { detail: reply },
+            _ => ProbeError::Tls { certificate: false, message: reply },
+        };
+        let c = classify::probe_outcome(&Err(e));
+        prop_assert_ne!(c.reason, Reason::Ok);
+        prop_assert!(Reason::ALL.contains(&c.reason));
+    }
+
+    #[test]
+    fn token_errors_classify_as_token_reasons_and_429_is_throttled(
+        status in 100u16..600,
+        error in prop_oneof![
+            any::<String>(),
+            proptest::sample::select(vec![
+                "invalid_grant", "invalid_client", "unauthorized_client", "invalid_scope",
+                "temporarily_unavailable", "server_error", "interaction_required",
+            ]).prop_map(String::from),
+        ],
+        codes in proptest::collection::vec(any::<u64>(), 0..3),
+        description in proptest::option::of(any::<String>()),
+    ) {
+        let body: OAuthErrorBody = serde_json::from_value(serde_json::json!({
+            "error": error,
+            "error_codes": codes,
+            "error_description": description,
+        })).unwrap();
+        let e = TokenError::Endpoint { status, body: Box::new(body), retry_after: None };
+        let c = classify::token_failure(&e);
+        prop_assert_eq!(c.reason.stage(), Stage::Token);
+        if status == 429 {
+            prop_assert_eq!(c.reason, Reason::TokenThrottled);
+        }
+        let http = TokenError::Http { status, excerpt: "x".into(), retry_after: None };
+        prop_assert_eq!(classify::token_failure(&http).reason.stage(), Stage::Token);
+    }
+
+    #[test]
+    fn challenge_decoder_takes_any_input_and_roundtrips_json_objects(
+        junk in any::<String>(),
+        key in "[a-z]{1,10}",
+        value in any::<String>(),
+    ) {
+        let _ = decode_challenge(&junk);
+        let json = serde_json::json!({ key: value }).to_string();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&json);
+        let decoded = decode_challenge(&b64);
+        prop_assert!(decoded.is_some());
+        let decoded = decoded.unwrap();
+        prop_assert!(decoded.len() <= 1024 + 4, "unbounded detail");
+        if json.len() <= 1024 {
+            prop_assert_eq!(decoded, json);
+        }
+    }
+
+    #[test]
+    fn config_loader_never_panics_and_locates_errors_inside_the_file(text in any::<String>()) {
+        check_config(&text)?;
+    }
+
+    /// Mutations of a real example: closer to what a person mistypes than random text.
+    #[test]
+    fn config_loader_handles_mutated_examples(
+        cut in any::<proptest::sample::Index>(),
+        len in 0usize..12,
+        insert in "[ -~\n\t:{}\\[\\]-]{0,6}",
+    ) {
+        let example = include_str!("../../config/microsoft-client-credentials.yaml");
+        let at = cut.index(example.len());
+        let at = (0..=at).rev().find(|i| example.is_char_boundary(*i)).unwrap_or(0);
+        let end = (at + len).min(example.len());
+        let end = (end..=example.len()).find(|i| example.is_char_boundary(*i)).unwrap();
+        let text = format!("{}{}{}", &example[..at], insert, &example[end..]);
+        check_config(&text)?;
+    }
+}
+
+fn check_config(text: &str) -> Result<(), TestCaseError> {
+    let path = Path::new("fuzz.yaml");
+    if let Err(e) = Config::parse(path, text) {
+        let lines = text.lines().count().max(1);
+        prop_assert!(e.line <= lines + 1, "line {} of {}: {}", e.line, lines, e);
+        prop_assert!(e.to_string().starts_with("fuzz.yaml:"), "{}", e);
+        prop_assert!(!e.message.is_empty());
+    }
+    Ok(())
+}
