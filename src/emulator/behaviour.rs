@@ -123,6 +123,8 @@ pub enum ServerBehaviour {
     EndlessLine,
     /// Sends the greeting one byte every 200 ms, never finishing the line.
     Trickle,
+    /// 100 MB of short, well-formed lines (`* OK ...`, `+OK ...`, `220-...`), then close.
+    Flood,
     /// Sends binary noise, then closes.
     Garbage,
     /// Greeting, then TCP reset.

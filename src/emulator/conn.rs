@@ -278,6 +278,24 @@ impl Conn {
         }
     }
 
+    /// `Flood`: short, well-formed lines, `total` bytes of them, then close. A client
+    /// that keeps every line it reads would hold all of them.
+    pub(crate) async fn flood(mut self, line: &str, total: usize) {
+        let mut chunk = Vec::with_capacity(64 * 1024);
+        while chunk.len() + line.len() + 2 <= 64 * 1024 {
+            chunk.extend_from_slice(line.as_bytes());
+            chunk.extend_from_slice(b"\r\n");
+        }
+        let mut sent = 0;
+        while sent < total {
+            if self.write_timed(&chunk).await.is_err() {
+                return;
+            }
+            sent += chunk.len();
+        }
+        self.close().await;
+    }
+
     /// `Garbage`: 4 KiB of pseudo-random bytes, then close.
     pub(crate) async fn garbage(mut self) {
         // xorshift64: deterministic noise is enough and needs no extra crate.

@@ -452,6 +452,9 @@ async fn accept_loop(
 }
 
 /// Per-connection settings the protocol servers need.
+/// How much the `Flood` behaviour sends: far more than any client should keep.
+pub const FLOOD_BYTES: usize = 100 * 1024 * 1024;
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Session {
     pub(crate) server: ServerBehaviour,
@@ -482,6 +485,14 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, proto: Pro
         ServerBehaviour::Silent => conn.silent().await,
         ServerBehaviour::EndlessLine => conn.endless(prefix).await,
         ServerBehaviour::Trickle => conn.trickle(&greeting).await,
+        ServerBehaviour::Flood => {
+            let line = match proto {
+                Proto::Imap => "* OK this server never stops talking",
+                Proto::Pop3 => "+OK this server never stops talking",
+                Proto::Smtp => "220-this server never stops talking",
+            };
+            conn.flood(line, FLOOD_BYTES).await
+        }
         ServerBehaviour::Garbage => conn.garbage().await,
         _ => match proto {
             Proto::Imap => imap::run(conn, session).await,

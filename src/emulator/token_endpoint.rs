@@ -214,6 +214,8 @@ pub enum Scripted {
     Html(u16),
     /// A 200 with an empty body.
     Empty,
+    /// A 200 whose JSON body is this many bytes (a hostile or broken endpoint).
+    Huge(usize),
     /// Never answers.
     Hang,
 }
@@ -717,6 +719,22 @@ fn scripted(s: Scripted) -> Reply {
                 .body(Full::new(Bytes::new()))
                 .unwrap_or_default(),
         ),
+        Scripted::Huge(size) => {
+            // A valid JSON object, padded: only its size is wrong.
+            let head = b"{\"token_type\":\"Bearer\",\"padding\":\"";
+            let tail = b"\"}";
+            let mut body = Vec::with_capacity(size.max(head.len() + tail.len()));
+            body.extend_from_slice(head);
+            body.resize(size.saturating_sub(tail.len()).max(head.len()), b'A');
+            body.extend_from_slice(tail);
+            Reply::Now(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_default(),
+            )
+        }
         Scripted::Hang => Reply::Hang,
     }
 }

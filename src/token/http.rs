@@ -216,6 +216,19 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
             body: Box::new(body),
             retry_after: meta.retry_after,
         },
+        // An endpoint that answered, but far too much, is broken, not unreachable: it is
+        // classified by its HTTP status like any other reply that is not OAuth JSON.
+        E::Request(e)
+            if (&e as &dyn std::error::Error)
+                .downcast_ref::<TransportError>()
+                .is_some_and(|t| matches!(t, TransportError::TooLarge)) =>
+        {
+            TokenError::Http {
+                status,
+                excerpt: format!("reply larger than {MAX_BODY} bytes"),
+                retry_after: meta.retry_after,
+            }
+        }
         E::Request(e) => TokenError::Network {
             detail: e.to_string(),
         },

@@ -9,6 +9,7 @@ mod demo;
 mod deploy;
 mod dovecot;
 mod emulator;
+mod hostile;
 mod oauth;
 mod probe;
 mod prometheus;
