@@ -310,6 +310,8 @@ struct State {
     base_url: String,
     clients: HashMap<String, ClientSpec>,
     revoked_users: Vec<String>,
+    /// Used refresh tokens stay valid (Entra ID's behaviour) instead of single use.
+    refresh_token_reuse: bool,
     refresh_tokens: HashMap<String, RtRecord>,
     access_tokens: HashMap<String, IssuedToken>,
     /// Access tokens revoked before their expiry (refused by the mail servers and by
@@ -374,6 +376,7 @@ impl TokenEndpoint {
             base_url: format!("http://{addr}"),
             clients: HashMap::new(),
             revoked_users: Vec::new(),
+            refresh_token_reuse: false,
             refresh_tokens: HashMap::new(),
             access_tokens: HashMap::new(),
             revoked_access: Vec::new(),
@@ -448,6 +451,13 @@ impl TokenEndpoint {
     /// Access token lifetime for tokens issued from now on (whole seconds on the wire).
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.state().lifetime = lifetime;
+    }
+
+    /// `true`: a refresh token stays valid after use, as Entra ID's do (until they expire
+    /// or are revoked). `false` (the default): single use, the strictest rotation, which
+    /// proves the exporter never sends an old one.
+    pub fn allow_refresh_token_reuse(&self, allow: bool) {
+        self.state().refresh_token_reuse = allow;
     }
 
     /// Invalidates every refresh token of `user` (password change, admin revoke).
@@ -1093,7 +1103,9 @@ fn token(
             if !allowed_scopes(client, &scopes) {
                 return aad(70011);
             }
-            if let Some(r) = st.refresh_tokens.get_mut(&presented) {
+            if !st.refresh_token_reuse
+                && let Some(r) = st.refresh_tokens.get_mut(&presented)
+            {
                 r.valid = false;
             }
             issue(st, &client.id, Some(&record.user), scopes, true)

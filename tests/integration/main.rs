@@ -4,6 +4,7 @@
 mod bad_config;
 mod browser;
 mod cli;
+mod crash;
 mod curl;
 mod demo;
 mod deploy;
