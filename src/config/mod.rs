@@ -213,7 +213,9 @@ impl Config {
     }
 }
 
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
+/// serde_yaml's error as file:line:column, key path and message (shared by every YAML
+/// file the exporter reads: the config and the web config).
+pub(crate) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
     let (line, column) = e
         .location()
         .map(|l| (l.line(), l.column()))
@@ -243,16 +245,27 @@ struct Validator<'a> {
     text: &'a str,
 }
 
+/// An error found after parsing, at the key path `field` of `text` (read from `path`);
+/// an absent key is reported where its nearest written ancestor is.
+pub(crate) fn located(
+    path: &Path,
+    text: &str,
+    field: &[&str],
+    message: impl Into<String>,
+) -> ConfigError {
+    let (line, column) = locate::locate(text, field);
+    ConfigError {
+        file: path.to_owned(),
+        line,
+        column,
+        field: field.join("."),
+        message: message.into(),
+    }
+}
+
 impl Validator<'_> {
     fn err(&self, field: &[&str], message: impl Into<String>) -> ConfigError {
-        let (line, column) = locate::locate(self.text, field);
-        ConfigError {
-            file: self.path.to_owned(),
-            line,
-            column,
-            field: field.join("."),
-            message: message.into(),
-        }
+        located(self.path, self.text, field, message)
     }
 
     fn duration(&self, field: &[&str], v: Option<&str>) -> Result<Option<Duration>, ConfigError> {

@@ -7,7 +7,7 @@
 
 use super::auth::BasicAuth;
 use super::tls::{self, ClientAuth, TlsSettings, TlsVersion};
-use crate::config::ConfigError;
+use crate::config::{ConfigError, located, yaml_error};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -42,8 +42,13 @@ impl WebConfig {
     /// Reads and validates `path`, loads the certificate, key and client CA it names
     /// (so a bad file stops the start, not the first scrape) and checks every bcrypt hash.
     pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| file_error(path, "", 0, 0, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
         WebConfig::parse(path, &text)
     }
 
@@ -65,26 +70,18 @@ impl WebConfig {
             .is_some_and(|t| t.client_auth != ClientAuth::None);
         let acceptor = match &tls {
             None => None,
-            Some(settings) => Some(tls::acceptor(settings).map_err(|e| {
-                let (line, column) = key_position(text, e.field);
-                file_error(
-                    path,
-                    &format!("tls_server_config.{}", e.field),
-                    line,
-                    column,
-                    e.message,
-                )
-            })?),
+            Some(settings) => Some(
+                tls::acceptor(settings)
+                    .map_err(|e| located(path, text, &["tls_server_config", e.field], e.message))?,
+            ),
         };
         // Basic auth splits user and password at the first colon (RFC 7617).
         if let Some(user) = raw.basic_auth_users.keys().find(|u| u.contains(':')) {
-            let (line, column) = key_position(text, user);
-            return Err(file_error(
+            return Err(located(
                 path,
-                &format!("basic_auth_users.{user}"),
-                line,
-                column,
-                "a user name cannot contain ':'".to_string(),
+                text,
+                &["basic_auth_users", user],
+                "a user name cannot contain ':'",
             ));
         }
         let users: BTreeMap<String, String> = raw
@@ -444,13 +441,11 @@ fn tls_settings(
     raw: RawTls,
 ) -> Result<TlsSettings, ConfigError> {
     let missing = |field: &str| {
-        let (line, column) = key_position(text, "tls_server_config");
-        file_error(
+        located(
             path,
-            &format!("tls_server_config.{field}"),
-            line,
-            column,
-            "is required when tls_server_config is set".to_string(),
+            text,
+            &["tls_server_config", field],
+            "is required when tls_server_config is set",
         )
     };
     let cert_file = base.join(raw.cert_file.ok_or_else(|| missing("cert_file"))?);
@@ -460,27 +455,22 @@ fn tls_settings(
         return Err(missing("client_ca_file"));
     }
     if raw.client_auth_type == ClientAuth::None && client_ca_file.is_some() {
-        let (line, column) = key_position(text, "client_ca_file");
-        return Err(file_error(
+        return Err(located(
             path,
-            "tls_server_config.client_ca_file",
-            line,
-            column,
+            text,
+            &["tls_server_config", "client_ca_file"],
             "is set but client_auth_type is NoClientCert: set client_auth_type to \
-             RequireAndVerifyClientCert, or remove client_ca_file"
-                .to_string(),
+             RequireAndVerifyClientCert, or remove client_ca_file",
         ));
     }
     let min = raw.min_version.unwrap_or(TlsVersion::Tls12);
     let max = raw.max_version.unwrap_or(TlsVersion::Tls13);
     if min > max {
-        let (line, column) = key_position(text, "min_version");
-        return Err(file_error(
+        return Err(located(
             path,
-            "tls_server_config.min_version",
-            line,
-            column,
-            "is above max_version".to_string(),
+            text,
+            &["tls_server_config", "min_version"],
+            "is above max_version",
         ));
     }
     Ok(TlsSettings {
@@ -492,65 +482,6 @@ fn tls_settings(
         max,
         prefer_server_order: raw.prefer_server_cipher_suites,
     })
-}
-
-fn file_error(
-    path: &Path,
-    field: &str,
-    line: usize,
-    column: usize,
-    message: String,
-) -> ConfigError {
-    ConfigError {
-        file: path.to_owned(),
-        line,
-        column,
-        field: field.to_string(),
-        message,
-    }
-}
-
-/// Where `key:` is first written, for errors found after parsing (a file that cannot be
-/// read). Each key of this small file appears once, so the first match is the one.
-fn key_position(text: &str, key: &str) -> (usize, usize) {
-    let pats = [
-        format!("{key}:"),
-        format!("\"{key}\":"),
-        format!("'{key}':"),
-    ];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim_start().starts_with('#') {
-            continue;
-        }
-        for pat in &pats {
-            if let Some(at) = line.find(pat.as_str()) {
-                let before = line[..at].trim_end();
-                if before.is_empty() || before.ends_with('{') || before.ends_with(',') {
-                    return (i + 1, at + 1);
-                }
-            }
-        }
-    }
-    (0, 0)
-}
-
-/// serde_yaml's error as file:line:column, key path and message (the key path prefix and
-/// the trailing position of its message are moved into the fields).
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
-    let msg = e.to_string();
-    let msg = msg
-        .rsplit_once(" at line ")
-        .map(|(m, _)| m.to_owned())
-        .unwrap_or(msg);
-    let (field, message) = match msg.split_once(": ") {
-        Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
-        _ => (String::new(), msg),
-    };
-    file_error(path, &field, line, column, message)
 }
 
 #[cfg(test)]
