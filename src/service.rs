@@ -395,11 +395,6 @@ impl Service {
             .flat_map(|m| m.endpoints.iter().map(|e| (m.name.clone(), e.protocol)))
             .collect()
     }
-
-    /// The config file this service reloads from.
-    pub fn config_file(&self) -> PathBuf {
-        self.config().file.clone()
-    }
 }
 
 fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus {

@@ -105,10 +105,6 @@ impl Board {
         }
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Plain data behind this lock: a panic cannot leave it half-updated.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())

@@ -35,15 +35,6 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 type Body = Full<Bytes>;
 
-/// Serves plain HTTP, open to all, until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    service: Arc<Service>,
-    shutdown: impl Future<Output = ()>,
-) {
-    serve_with(listener, service, Arc::new(WebConfig::default()), shutdown).await
-}
-
 /// Serves until `shutdown` completes, then lets open requests finish briefly. With TLS in
 /// `web`, every connection must complete a TLS handshake first (a plain HTTP request is
 /// dropped at the handshake); with basic auth, requests are checked before routing.

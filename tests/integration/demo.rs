@@ -469,6 +469,55 @@ pub fn remove_mailbox(config: &str, name: &str) -> String {
     out
 }
 
+/// `run` as a child (JSON logs at info, HTTP on 127.0.0.1:0): waits for its start event
+/// and returns the child, its base URL, and a task that collects every log line until it
+/// exits (to be scanned for secrets).
+pub async fn spawn_run(
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let base = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.push(line);
+            if v["fields"]["message"] == "mail-oauth-exporter running" {
+                return format!("http://{}", v["fields"]["address"].as_str().unwrap());
+            }
+        }
+        panic!("run exited: {seen:?}");
+    })
+    .await
+    .expect("run logs its start");
+    let logs = tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push(l);
+        }
+        seen.join("\n")
+    });
+    (child, base, logs)
+}
+
 /// Reads a child's stdout until a line contains `needle`; returns all lines read.
 async fn read_until(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,

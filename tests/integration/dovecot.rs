@@ -1147,46 +1147,7 @@ async fn run_reports_dovecot_logins_rejections_and_outage() {
     .unwrap();
     w.login().await;
 
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&w.config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // Log lines up to the start event, which names the address.
-    let mut early = Vec::new();
-    let base = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            early.push(line);
-            if v["fields"]["message"] == "mail-oauth-exporter running" {
-                return format!("http://{}", v["fields"]["address"].as_str().unwrap());
-            }
-        }
-        panic!("run exited: {early:?}");
-    })
-    .await
-    .expect("run logs its start");
-    let first = early.join("\n");
-    // Keep reading the logs, to scan them at the end.
-    let logs = tokio::spawn(async move {
-        let mut all = vec![first];
-        while let Ok(Some(l)) = lines.next_line().await {
-            all.push(l);
-        }
-        all.join("\n")
-    });
+    let (mut child, base, logs) = crate::demo::spawn_run(&w.config).await;
 
     wait_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
     let m = parse_metrics(&get(&format!("{base}/metrics")).await.1);

@@ -11,10 +11,8 @@ use mail_oauth_exporter::emulator::token_endpoint::{
 use mail_oauth_exporter::emulator::{
     Emulator, EmulatorOptions, FLOOD_BYTES, Proto, ServerBehaviour, TlsKind,
 };
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const USER: &str = "victim@contoso.com";
 
@@ -128,35 +126,8 @@ async fn hostile_peers_end_in_named_reasons_and_the_service_stays_up() {
     let path = d.join("config.yaml");
     std::fs::write(&path, config).unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, base, _logs) = crate::demo::spawn_run(&path).await;
     let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["fields"]["message"] == "mail-oauth-exporter running" {
-                return format!("http://{}", v["fields"]["address"].as_str().unwrap());
-            }
-        }
-        panic!("run exited");
-    })
-    .await
-    .expect("run starts");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // While probes hang on silent servers and a hanging token endpoint, /metrics answers.
     tokio::time::sleep(Duration::from_secs(2)).await;
