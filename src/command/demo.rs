@@ -283,13 +283,17 @@ pub async fn run(
          \n  status page   {base}/\n  metrics       {base}/metrics\n  status JSON   {base}/api/v1/status\n\
          \n  token endpoint {}\n  IMAP {} (TLS)  POP3 {} (TLS)  SMTP {} (STARTTLS)\n  config        {}\n\
          \nResults appear within a few seconds; probes repeat every 15 s. Ctrl-C to stop.\n\
-         One probe by hand:\n  mail-oauth-exporter probe --config {} --mailbox scanner",
+         One probe by hand:\n  {} probe --config {} --mailbox scanner",
         expected().len(),
         demo.endpoint.authority(),
         demo.emulator.addr(Proto::Imap, TlsKind::Implicit),
         demo.emulator.addr(Proto::Pop3, TlsKind::Implicit),
         demo.emulator.addr(Proto::Smtp, TlsKind::Starttls),
         demo.config_path.display(),
+        // The binary as started (under `cargo run` it is not on PATH).
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "mail-oauth-exporter".into()),
         demo.config_path.display(),
     )?;
     out.flush()?;
