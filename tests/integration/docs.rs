@@ -274,6 +274,7 @@ fn raw_key_paths() -> BTreeSet<String> {
     let mut structs: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     let mut current: Option<String> = None;
     let mut rename: Option<String> = None;
+    let mut renames_all = false;
     for line in src.lines() {
         let t = line.trim();
         if let Some(cur) = &current {
@@ -309,17 +310,22 @@ fn raw_key_paths() -> BTreeSet<String> {
                 .push((key, ty.trim().trim_end_matches(',').to_owned()));
             continue;
         }
-        if let Some(rest) = t.split("struct ").nth(1)
+        if t.starts_with("#[serde(") && t.contains("rename_all") {
+            // Enums use it for their values; on a struct it would rename the keys.
+            renames_all = true;
+        } else if let Some(rest) = t.split("struct ").nth(1)
             && t.ends_with('{')
             && !t.starts_with("//")
         {
             let name = rest.trim_end_matches('{').trim().to_owned();
+            assert!(
+                !renames_all,
+                "teach tests/integration/docs.rs about rename_all on struct {name}"
+            );
             structs.insert(name.clone(), Vec::new());
             current = Some(name);
-        } else if t.starts_with("#[serde(") && t.contains("rename_all") {
-            // Only enums use rename_all (their values, not keys); a struct with it would
-            // change its keys, which this reader does not follow.
-            rename = None;
+        } else if t.contains("enum ") {
+            renames_all = false;
         }
     }
     assert!(structs.contains_key("RawConfig"), "raw.rs has RawConfig");
