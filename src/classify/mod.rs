@@ -1,7 +1,7 @@
 //! Classification: the one place where a failure becomes a contract [`Reason`].
 //!
 //! Matching is on reply codes and stable words, never on whole lines: real servers vary
-//! the bracketed host names, case and line splitting (../shared/FAILURES.md).
+//! the bracketed host names, case and line splitting (docs/field-replies.md).
 
 pub mod probe;
 pub mod token;

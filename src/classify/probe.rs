@@ -87,7 +87,7 @@ mod tests {
         })
     }
 
-    /// Every reply of ../shared/FAILURES.md, with the phase it arrives in, and variants a
+    /// Every reply of docs/field-replies.md, with the phase it arrives in, and variants a
     /// real server sends (another bracketed host, other case, multi-line).
     #[test]
     fn every_reply_of_failures_md() {

@@ -5,7 +5,7 @@
 //! `POST /{tenant}/oauth2/v2.0/devicecode`, on 127.0.0.1, plus an RFC 7662 introspection
 //! endpoint (`POST /introspect`) so that a real mail server (Dovecot's `oauth2` passdb)
 //! checks the very tokens this endpoint issued. Scriptable: clients, users,
-//! lifetimes, forced errors exactly as FAILURES.md lists them, 429/5xx/HTML/hangs, device
+//! lifetimes, forced errors exactly as docs/field-replies.md lists them, 429/5xx/HTML/hangs, device
 //! flow states. It counts requests, and [`TokenEndpoint::validate`] tells the emulated mail
 //! servers whether an access token is one it issued and still valid.
 //!
@@ -14,7 +14,7 @@
 //!   an old one, or using one of a user whose grant was revoked, gets `invalid_grant`
 //!   AADSTS50173 ("the grant has expired due to it being revoked"), HTTP 400.
 //! - AADSTS50196 answers HTTP 400 `invalid_request`, AADSTS90055 HTTP 429
-//!   `temporarily_unavailable` (FAILURES.md allows both statuses).
+//!   `temporarily_unavailable` (docs/field-replies.md allows both statuses).
 //! - Device flow denial is `authorization_declined` (Microsoft's word; RFC 8628 says
 //!   `access_denied`), expiry is `expired_token`.
 //! - Microsoft has no introspection endpoint; ours follows RFC 7662: HTTP 200 with
@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// One AADSTS error of FAILURES.md as Microsoft sends it.
+/// One AADSTS error of docs/field-replies.md as Microsoft sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AadError {
     pub code: u64,
@@ -48,8 +48,8 @@ pub struct AadError {
     pub text: &'static str,
 }
 
-/// Every AADSTS error of FAILURES.md's token endpoint table (plus 65004, 50158, 500011
-/// which the contract names).
+/// Every AADSTS error of docs/field-replies.md's token endpoint table (plus 65004, 50158,
+/// 500011, which docs/reasons.md names).
 pub const AAD_ERRORS: &[AadError] = &[
     AadError {
         code: 70008,

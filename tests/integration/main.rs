@@ -8,6 +8,7 @@ mod crash;
 mod curl;
 mod demo;
 mod deploy;
+mod docs;
 mod dovecot;
 mod emulator;
 mod hostile;
