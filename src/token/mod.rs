@@ -55,6 +55,7 @@ pub use device::{LoginError, device_login, import_refresh_token};
 pub use error::{OAuthErrorBody, TokenError};
 pub use observer::{NoopObserver, Observed, RecordingObserver, TokenInfo, TokenObserver};
 pub use service::{
-    AccessToken, CredentialExpiry, CredentialExpiryKind, TokenService, TokenServiceOptions,
+    AccessToken, CredentialExpiry, CredentialExpiryKind, TokenBudget, TokenService,
+    TokenServiceOptions,
 };
 pub use store::{RefreshTokenStore, SaveStatus, write_atomic};

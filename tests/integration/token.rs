@@ -8,7 +8,7 @@ use mail_oauth_exporter::emulator::token_endpoint::{
 use mail_oauth_exporter::token::store::write_atomic;
 use mail_oauth_exporter::token::{
     ClientAuth, Credential, CredentialExpiryKind, Grant, GrantKind, LoginError, Provider,
-    RecordingObserver, RefreshTokenStore, SecretSource, TokenError, TokenService,
+    RecordingObserver, RefreshTokenStore, SecretSource, TokenBudget, TokenError, TokenService,
     TokenServiceOptions, device_login, import_refresh_token,
 };
 use std::path::{Path, PathBuf};
@@ -860,5 +860,109 @@ async fn no_secret_in_logs_debug_or_errors() {
             &s[..12.min(s.len())]
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §5: after a 240 s outage of the token endpoint (it accepts and never answers),
+/// a mailbox probed every 5 s with a 2 s timeout is `ok` again at its first run after the
+/// endpoint returns, whatever the exponential backoff has grown to; meanwhile every run
+/// ends within its timeout (not the HTTP client's 30 s). A mailbox with a 10 min interval
+/// sharing the credential does not slow the short one down. Then a `Retry-After` longer
+/// than the interval is still honoured. Paused time, real sockets.
+#[tokio::test(start_paused = true)]
+async fn outage_then_ok_within_one_interval_and_hangs_bounded_by_the_probe_timeout() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("outage");
+    app_client(&ep, "app", "s", false);
+    // Short-lived tokens: every run needs the endpoint.
+    ep.set_token_lifetime(Duration::from_secs(1));
+    let c = cred(
+        &ep,
+        "shared",
+        "app",
+        Grant::ClientCredentials,
+        secret_file(&dir, "s"),
+    );
+    // The defaults a service runs with: 30 s per request, backoff up to 300 s.
+    let svc = TokenService::new(TokenServiceOptions::new(dir.join("state"))).unwrap();
+    let (interval, timeout) = (Duration::from_secs(5), Duration::from_secs(2));
+
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let start = tokio::time::Instant::now();
+    let back_at = start + Duration::from_millis(241_300);
+    let mut run = 0u32;
+    let mut recovered_at = None;
+    while recovered_at.is_none() {
+        let slot = start + interval * run;
+        tokio::time::sleep_until(slot).await;
+        if slot >= back_at {
+            ep.clear_scripts();
+        }
+        if run % 12 == 3 {
+            // The long-interval mailbox of the same credential runs in between.
+            let r = svc
+                .access_token_within(&c, TokenBudget::new(timeout, Duration::from_secs(600)))
+                .await;
+            assert!(r.is_err() || slot >= back_at);
+        }
+        let began = tokio::time::Instant::now();
+        let result = svc
+            .access_token_within(&c, TokenBudget::new(timeout, interval))
+            .await;
+        assert!(
+            began.elapsed() <= timeout,
+            "run {run} took {:?}, beyond its {timeout:?} timeout",
+            began.elapsed()
+        );
+        match result {
+            Ok(_) => {
+                assert!(slot >= back_at, "run {run}: ok during the outage");
+                recovered_at = Some(slot);
+            }
+            Err(e) => {
+                assert_eq!(reason(&e), Reason::TokenNetworkError, "run {run}: {e}");
+                assert!(
+                    slot < back_at,
+                    "run {run}: still failing {:?} after the endpoint returned",
+                    slot - back_at
+                );
+            }
+        }
+        run += 1;
+    }
+    let recovered_at = recovered_at.unwrap();
+    assert!(recovered_at - back_at <= interval);
+    // Single flight and backoff still hold: never more than one request per run.
+    let hung = ep.request_count("app", "client_credentials");
+    assert!(hung <= run as usize + 5, "{hung} requests in {run} runs");
+
+    // A Retry-After longer than the interval wins over it.
+    tokio::time::sleep(Duration::from_secs(2)).await; // the 1 s token has expired
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Throttle {
+            retry_after: Some(20),
+        },
+    );
+    let before = ep.request_count("app", "client_credentials");
+    let throttled_at = tokio::time::Instant::now();
+    let e = svc
+        .access_token_within(&c, TokenBudget::new(timeout, interval))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenThrottled);
+    for _ in 0..3 {
+        tokio::time::sleep(interval).await;
+        let e = svc
+            .access_token_within(&c, TokenBudget::new(timeout, interval))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&e), Reason::TokenThrottled);
+    }
+    assert_eq!(ep.request_count("app", "client_credentials"), before + 1);
+    tokio::time::sleep_until(throttled_at + Duration::from_secs(21)).await;
+    svc.access_token_within(&c, TokenBudget::new(timeout, interval))
+        .await
+        .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
