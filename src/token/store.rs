@@ -287,9 +287,11 @@ impl RefreshTokenStore {
         let path = self.path_for(credential);
         let value = token.clone();
         // The blocking write runs to its end even if the caller is cancelled meanwhile.
+        let file = path.display().to_string();
         let result = tokio::task::spawn_blocking(move || write_atomic(&path, value.expose()))
             .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write {file}: {e}")));
         let mut map = self.lock();
         let slot = map.entry(credential.to_string()).or_default();
         match &result {

@@ -5,6 +5,7 @@ use mail_oauth_exporter::classify::token::{detail, reason};
 use mail_oauth_exporter::emulator::token_endpoint::{
     AAD_ERRORS, ClientSpec, DevicePoll, EmuGrant, Scripted, Target, TokenEndpoint,
 };
+use mail_oauth_exporter::secret::Secret;
 use mail_oauth_exporter::token::store::write_atomic;
 use mail_oauth_exporter::token::{
     ClientAuth, Credential, CredentialExpiryKind, Grant, GrantKind, LoginError, Provider,
@@ -964,5 +965,257 @@ async fn outage_then_ok_within_one_interval_and_hangs_bounded_by_the_probe_timeo
     svc.access_token_within(&c, TokenBudget::new(timeout, interval))
         .await
         .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Asks the endpoint for a rotation directly, as a process that then died would have.
+async fn rotate_behind_our_back(ep: &TokenEndpoint, client_id: &str, rt: &str) -> String {
+    let reply = reqwest::Client::new()
+        .post(ep.token_url(TENANT))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", client_id),
+            ("refresh_token", rt),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
+    body["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// What a crash between a temp file's write and its rename leaves beside the state file.
+fn temp_file_of(store: &RefreshTokenStore, credential: &str, tag: &str) -> PathBuf {
+    let path = store.path_for(credential);
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    store.dir().join(format!(".{name}.1.{tag}.tmp"))
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+/// Issue 16 §6: with single-use rotation, a token that reached a temp file before the
+/// crash is the only valid one. The next start sends it (never the rotated-out committed
+/// one), commits the token it is rotated into, and removes the temp files: the recovered
+/// one and a torn one whose writer is long gone. A young torn one is left alone (it may be
+/// a `login` writing right now).
+#[tokio::test]
+async fn a_rotated_token_left_in_a_temp_file_is_recovered_at_start() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    ep.allow_refresh_token_reuse(false);
+    let dir = tmpdir("recover-temp");
+    public_client(&ep, "pub");
+    let user = "dave@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "dave", "pub", Grant::RefreshToken, ClientAuth::None);
+    let store = RefreshTokenStore::new(dir.join("state"));
+    store.save("dave", &Secret::new(rt0.clone())).await.unwrap();
+
+    let rt1 = rotate_behind_our_back(&ep, "pub", &rt0).await;
+    let survivor = temp_file_of(&store, "dave", "aaaa");
+    std::fs::write(&survivor, format!("{rt1}\n")).unwrap();
+    let torn_old = temp_file_of(&store, "dave", "bbbb");
+    std::fs::write(&torn_old, &rt1[..10]).unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&torn_old)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let torn_young = temp_file_of(&store, "dave", "cccc");
+    std::fs::write(&torn_young, "").unwrap();
+    assert_eq!(ep.valid_refresh_tokens(user), vec![rt1.clone()]);
+
+    let obs = Arc::new(RecordingObserver::default());
+    let svc = service(&dir, obs.clone());
+    let t = svc.access_token(&c).await.unwrap();
+    assert!(ep.validate(t.value.expose()).is_some());
+    let sent: Vec<String> = ep
+        .requests()
+        .iter()
+        .filter_map(|r| r.refresh_token.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![rt0.clone(), rt1.clone()],
+        "sent the rotated-out token"
+    );
+    let committed = std::fs::read_to_string(store.path_for("dave")).unwrap();
+    assert_eq!(
+        ep.valid_refresh_tokens(user),
+        vec![committed.trim().to_string()]
+    );
+    let left = temp_files(store.dir());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(torn_young.exists() && !survivor.exists() && !torn_old.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The newest candidate is tried first; when the endpoint refuses it with `invalid_grant`
+/// the older one is tried, wins, and the loser is deleted. When all are refused, the
+/// reason is `token_invalid_grant` and nothing is deleted.
+#[tokio::test]
+async fn a_refused_newer_candidate_falls_back_to_the_older_one() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("fallback");
+    public_client(&ep, "pub");
+    let user = "erin@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "erin", "pub", Grant::RefreshToken, ClientAuth::None);
+    let store = RefreshTokenStore::new(dir.join("state"));
+    store.save("erin", &Secret::new(rt0.clone())).await.unwrap();
+    // Newer by mtime, but never issued by this endpoint.
+    let bogus = temp_file_of(&store, "erin", "dddd");
+    std::fs::write(&bogus, "emu-rt-never-issued\n").unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&bogus)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    svc.access_token(&c).await.unwrap();
+    let sent: Vec<String> = ep
+        .requests()
+        .iter()
+        .filter_map(|r| r.refresh_token.clone())
+        .collect();
+    assert_eq!(sent, vec!["emu-rt-never-issued".to_string(), rt0]);
+    assert!(!bogus.exists(), "the loser was kept");
+    assert!(temp_files(store.dir()).is_empty());
+    let committed = std::fs::read_to_string(store.path_for("erin")).unwrap();
+    assert_eq!(
+        ep.valid_refresh_tokens(user),
+        vec![committed.trim().to_string()]
+    );
+
+    // Everything refused: the reason says so, the files stay for the operator.
+    ep.revoke_user(user);
+    let again = temp_file_of(&store, "erin", "eeee");
+    std::fs::write(&again, "emu-rt-also-never-issued\n").unwrap();
+    drop(svc);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let e = svc.access_token(&c).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenInvalidGrant);
+    assert!(again.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A 2xx reply whose access token cannot be used still carries the rotated refresh token:
+/// it is saved, so the next request sends it instead of the rotated-out one.
+#[tokio::test]
+async fn the_refresh_token_of_an_unusable_reply_is_saved_first() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("unusable");
+    public_client(&ep, "pub");
+    let user = "fay@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "fay", "pub", Grant::RefreshToken, ClientAuth::None);
+    let obs = Arc::new(RecordingObserver::default());
+    let svc = service(&dir, obs);
+    login_with(&svc, &c, &dir, &rt0).await;
+    // A rotation without an access token: unusable by any reading of the reply.
+    let rt1 = "emu-rt-in-an-unusable-reply";
+    ep.script_once(
+        Target::User(user.into()),
+        Scripted::Raw {
+            status: 200,
+            body: format!(r#"{{"token_type":"Bearer","refresh_token":"{rt1}"}}"#),
+        },
+    );
+    let e = svc.access_token(&c).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenError, "{e}");
+    let committed = std::fs::read_to_string(svc.store().path_for("fay")).unwrap();
+    assert_eq!(committed.trim(), rt1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §6: a `state_dir` that stops being writable while `run` goes on is a metric
+/// (`mail_oauth_token_save_failures_total{credential}`) and an error on the status page's
+/// credential row, and rotation goes on from memory.
+#[tokio::test]
+async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
+    use mail_oauth_exporter::config::Config;
+    use mail_oauth_exporter::emulator::{Emulator, EmulatorOptions, Proto, TlsKind};
+    use mail_oauth_exporter::service::Service;
+
+    let ep = Arc::new(TokenEndpoint::start().await.unwrap());
+    public_client(&ep, "pub");
+    // Renewed at half-life: every second.
+    ep.set_token_lifetime(Duration::from_secs(2));
+    let user = "gus@contoso.com";
+    let rt0 = ep.add_user(user, "pub", &[]);
+    let emu = Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tmpdir("unwritable");
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    let state = dir.join("state");
+    RefreshTokenStore::new(&state)
+        .save("delegated", &Secret::new(rt0))
+        .await
+        .unwrap();
+    let port = emu.addr(Proto::Imap, TlsKind::Implicit).port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {state}\ntls:\n  ca_file: {d}/ca.pem\n\
+             credentials:\n  delegated:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: pub\n    grant: refresh_token\n\
+             mailboxes:\n  m:\n    address: {user}\n    credential: delegated\n    protocols: [imap]\n    interval: 1s\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+            state = state.display(),
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    let service = Service::start(Config::load(&config).unwrap()).unwrap();
+    let rotations = || ep.request_count("pub", "refresh_token");
+    let waited = tokio::time::Instant::now();
+    while rotations() == 0 {
+        assert!(waited.elapsed() < Duration::from_secs(20), "no refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The directory goes away and a file takes its place: every write fails.
+    std::fs::rename(&state, dir.join("state.gone")).unwrap();
+    std::fs::write(&state, "not a directory").unwrap();
+    let metric = "mail_oauth_token_save_failures_total{credential=\"delegated\"}";
+    let waited = tokio::time::Instant::now();
+    loop {
+        let text = String::from_utf8(service.metrics().encode()).unwrap();
+        let row = service
+            .board()
+            .snapshot()
+            .credentials
+            .into_iter()
+            .find(|c| c.name == "delegated")
+            .unwrap();
+        if text.lines().any(|l| l.starts_with(metric)) && row.save_error.is_some() {
+            let error = row.save_error.unwrap();
+            assert!(error.contains("state"), "{error}");
+            for t in ep.all_refresh_tokens() {
+                assert!(!error.contains(&t) && !text.contains(&t));
+            }
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "no save failure reported:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Rotation went on from memory: the endpoint saw no rotated-out token.
+    assert!(ep.requests().iter().all(|r| r.status == 200));
+    service.shutdown().await;
+    drop(emu);
     std::fs::remove_dir_all(&dir).unwrap();
 }
