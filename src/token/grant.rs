@@ -41,10 +41,10 @@ pub type OAuthClient<HasDeviceAuthUrl = EndpointNotSet> = oauth2::Client<
 struct Sender<'a> {
     http: &'a HttpClient,
     meta: &'a Mutex<ReplyMeta>,
-    /// Where a 2xx reply's `refresh_token` is put the moment the reply is in, before
-    /// anything parses the rest: with single-use rotation it is the only valid one left,
-    /// even when the rest of the reply turns out unusable.
-    rotated: Option<&'a Mutex<Option<Secret>>>,
+    /// Given a 2xx reply's `refresh_token` the moment the reply is in, before anything
+    /// parses the rest: with single-use rotation it is the only valid one left, even when
+    /// the rest of the reply turns out unusable.
+    rotated: Option<OnRotated<'a>>,
 }
 
 type SendFuture<'c> =
@@ -57,16 +57,20 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
             let response = self.http.send(request, self.meta).await?;
-            if let Some(slot) = self.rotated
+            if let Some(on_rotated) = self.rotated
                 && response.status().is_success()
+                && let Some(rt) = rotated_refresh_token(response.body())
             {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) =
-                    rotated_refresh_token(response.body());
+                on_rotated(rt);
             }
             Ok(response)
         })
     }
 }
+
+/// What [`refresh`] calls with a rotated refresh token, synchronously, as soon as the
+/// reply carrying it is in (the store writes it there).
+pub type OnRotated<'a> = &'a (dyn Fn(Secret) + Send + Sync);
 
 /// The `refresh_token` member of a token reply body, whatever else it holds.
 fn rotated_refresh_token(body: &[u8]) -> Option<Secret> {
@@ -172,13 +176,14 @@ fn granted(reply: TokenReply) -> Granted {
 }
 
 /// The refresh token grant. `refresh_token` is borrowed from the store for this one request.
-/// A refresh token in a 2xx reply is also put in `rotated` as soon as the reply is in, so
-/// the caller can store it even when this returns an error (or is cancelled after it).
+/// A refresh token in a 2xx reply is handed to `on_rotated` as soon as the reply is in,
+/// before the rest is parsed, so it is stored even when this returns an error (or is
+/// cancelled after it).
 pub async fn refresh(
     http: &HttpClient,
     cred: &Credential,
     refresh_token: &Secret,
-    rotated: &Mutex<Option<Secret>>,
+    on_rotated: OnRotated<'_>,
 ) -> Result<Granted, TokenError> {
     let proof = client_proof(cred)?;
     let client = oauth_client(cred, &proof)?;
@@ -194,7 +199,7 @@ pub async fn refresh(
         .request_async(&Sender {
             http,
             meta: &meta,
-            rotated: Some(rotated),
+            rotated: Some(on_rotated),
         })
         .await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());

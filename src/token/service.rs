@@ -479,24 +479,29 @@ impl TokenService {
         }
         for (i, candidate) in candidates.iter().enumerate() {
             // Outside the request's future: it survives the deadline cutting the request.
-            let rotated = std::sync::Mutex::new(None);
-            let request = grant::refresh(&self.inner.http, cred, &candidate.token, &rotated);
+            let staged = std::sync::Mutex::new(None);
+            let stage = |rt: Secret| {
+                let s = store.stage(&cred.name, &rt);
+                *staged.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            };
+            let request = grant::refresh(&self.inner.http, cred, &candidate.token, &stage);
             let result = match tokio::time::timeout_at(deadline, request).await {
                 Ok(r) => r,
                 Err(_) => Err(no_reply_within(started, "the token endpoint")),
             };
-            let new_rt = rotated
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .or_else(|| result.as_ref().ok()?.refresh_token.clone());
+            let staged = staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let staged = staged.or_else(|| {
+                // A reply the hook could not read but the grant could.
+                let rt = result.as_ref().ok()?.refresh_token.as_ref()?;
+                Some(store.stage(&cred.name, rt))
+            });
+            let rotated = staged.is_some();
             let mut save_error = None;
-            if let Some(rt) = &new_rt
-                && let Err(e) = store.save(&cred.name, rt).await
+            if let Some(staged) = staged
+                && let Err(e) = store.commit(&cred.name, staged).await
             {
                 tracing::error!(
                     credential = %cred.name,
-                    file = %store.path_for(&cred.name).display(),
                     error = %e,
                     "cannot save the rotated refresh token; it is kept in memory and used next"
                 );
@@ -504,17 +509,17 @@ impl TokenService {
                 save_error = Some(e.to_string());
             }
             let refused = matches!(&result, Err(e) if is_invalid_grant(e));
-            if refused && new_rt.is_none() && i + 1 < candidates.len() {
+            if refused && !rotated && i + 1 < candidates.len() {
                 tracing::warn!(
                     credential = %cred.name,
                     "the newest stored refresh token was refused (invalid_grant); trying the older one"
                 );
                 continue;
             }
-            let accepted = result.is_ok() || new_rt.is_some();
+            let accepted = result.is_ok() || rotated;
             if accepted && save_error.is_none() {
                 let settled = store
-                    .settle(&cred.name, candidate, &candidates, new_rt.is_some())
+                    .settle(&cred.name, candidate, &candidates, rotated)
                     .await;
                 if let Err(e) = settled {
                     self.observer().save_failed(&cred.name, &e.to_string());
@@ -524,7 +529,7 @@ impl TokenService {
             return result.map(|mut granted| {
                 // Already in the store (from `rotated`, the same value).
                 granted.refresh_token = None;
-                (granted, new_rt.is_some(), save_error)
+                (granted, rotated, save_error)
             });
         }
         // Every candidate was refused; the last refusal was returned above.

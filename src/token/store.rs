@@ -280,18 +280,42 @@ impl RefreshTokenStore {
     /// Records a new refresh token: memory at once, then the disk. The returned error (also
     /// kept in [`SaveStatus`]) does not undo the memory update.
     pub async fn save(&self, credential: &str, token: &Secret) -> io::Result<()> {
+        let staged = self.stage(credential, token);
+        self.commit(credential, staged).await
+    }
+
+    /// The first half of [`RefreshTokenStore::save`], synchronous and fast, for the moment a
+    /// reply carrying a rotated token is in: memory, then a temp file holding the token and
+    /// its newline (one `write`, no fsync). From here a killed process loses nothing: the
+    /// page cache outlives it and the next start recovers the temp file. Power loss needs
+    /// [`RefreshTokenStore::commit`]'s fsync.
+    pub fn stage(&self, credential: &str, token: &Secret) -> Staged {
         {
             let mut map = self.lock();
             map.entry(credential.to_string()).or_default().token = Some(token.clone());
         }
         let path = self.path_for(credential);
-        let value = token.clone();
-        // The blocking write runs to its end even if the caller is cancelled meanwhile.
+        let temp = write_temp(&path, token.expose());
+        Staged {
+            token: token.clone(),
+            temp,
+        }
+    }
+
+    /// The second half of [`RefreshTokenStore::save`]: fsync the staged temp file, rename
+    /// it over the committed one, fsync the directory (a staging that failed is retried
+    /// whole). The outcome goes to [`SaveStatus`].
+    pub async fn commit(&self, credential: &str, staged: Staged) -> io::Result<()> {
+        let path = self.path_for(credential);
         let file = path.display().to_string();
-        let result = tokio::task::spawn_blocking(move || write_atomic(&path, value.expose()))
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot write {file}: {e}")));
+        // The blocking write runs to its end even if the caller is cancelled meanwhile.
+        let result = tokio::task::spawn_blocking(move || match staged.temp {
+            Ok(tmp) => commit_temp(&tmp, &path),
+            Err(_) => write_atomic(&path, staged.token.expose()),
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot write {file}: {e}")));
         let mut map = self.lock();
         let slot = map.entry(credential.to_string()).or_default();
         match &result {
@@ -373,10 +397,17 @@ fn complete_token(content: &str) -> Option<&str> {
         .then(|| value.trim())
 }
 
-/// Writes `value` to `path` so that a crash leaves the old or the new content, whole: the
-/// value and a newline in one write to a temp file beside it (its completeness mark for
-/// [`RefreshTokenStore::candidates`]), fsync, rename, directory fsync.
-pub fn write_atomic(path: &Path, value: &str) -> io::Result<()> {
+/// A refresh token written to a temp file beside its state file, not yet fsynced nor
+/// renamed ([`RefreshTokenStore::stage`]).
+#[derive(Debug)]
+pub struct Staged {
+    token: Secret,
+    temp: io::Result<PathBuf>,
+}
+
+/// Creates a temp file beside `path` holding `value` and a newline, written with one
+/// `write` (the newline is the completeness mark [`RefreshTokenStore::candidates`] checks).
+fn write_temp(path: &Path, value: &str) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("state file has no directory"))?;
@@ -402,17 +433,40 @@ pub fn write_atomic(path: &Path, value: &str) -> io::Result<()> {
         let mut content = String::with_capacity(value.len() + 1);
         content.push_str(value);
         content.push('\n');
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
+        f.write_all(content.as_bytes())
+    })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// fsync `tmp`, rename it to `path`, fsync the directory.
+fn commit_temp(tmp: &Path, path: &Path) -> io::Result<()> {
+    let result = (|| {
+        fs::File::open(tmp)?.sync_all()?;
+        fs::rename(tmp, path)?;
         // Without this the rename itself may not survive a power cut.
+        let dir = path
+            .parent()
+            .ok_or_else(|| io::Error::other("state file has no directory"))?;
         fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// Writes `value` to `path` so that a crash leaves the old or the new content, whole: the
+/// value and a newline in one write to a temp file beside it (its completeness mark for
+/// [`RefreshTokenStore::candidates`]), fsync, rename, directory fsync.
+pub fn write_atomic(path: &Path, value: &str) -> io::Result<()> {
+    let tmp = write_temp(path, value)?;
+    commit_temp(&tmp, path)
 }
 
 #[cfg(test)]
@@ -489,5 +543,86 @@ mod tests {
         assert!(status.save_error.is_some());
         assert!(!status.save_error.unwrap().contains("rt-new"));
         fs::remove_file(&dir).unwrap();
+    }
+
+    fn set_mtime(path: &Path, t: SystemTime) {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn candidates_newest_first_torn_and_foreign_temp_files_ignored() {
+        let dir = tmpdir("candidates");
+        let s = RefreshTokenStore::new(&dir);
+        s.save("c", &Secret::new("rt-committed")).await.unwrap();
+        let name = s
+            .path_for("c")
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let temp = |tag: &str| dir.join(format!(".{name}.1.{tag}.tmp"));
+        let now = SystemTime::now();
+        fs::write(temp("newer"), "rt-staged\n").unwrap();
+        set_mtime(&temp("newer"), now + Duration::from_secs(2));
+        fs::write(temp("torn"), "rt-torn").unwrap();
+        set_mtime(&temp("torn"), now + Duration::from_secs(3));
+        fs::write(temp("binary"), b"rt\x00\xff\n").unwrap();
+        fs::write(temp("empty"), "").unwrap();
+        fs::write(
+            dir.join(".other-000000.refresh_token.1.x.tmp"),
+            "rt-other\n",
+        )
+        .unwrap();
+        let fresh = RefreshTokenStore::new(&dir);
+        let got: Vec<(String, bool)> = fresh
+            .candidates("c")
+            .unwrap()
+            .into_iter()
+            .map(|c| {
+                (
+                    c.token.expose().to_string(),
+                    matches!(c.origin, Origin::Temp(_)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("rt-staged".into(), true), ("rt-committed".into(), false)]
+        );
+        assert_eq!(fresh.current("c").unwrap().unwrap().expose(), "rt-staged");
+
+        // Settled on the staged one without a rotation: it becomes the committed token,
+        // the other temp files of this credential go when torn and old.
+        let all = fresh.candidates("c").unwrap();
+        set_mtime(&temp("empty"), now - Duration::from_secs(60));
+        fresh.settle("c", &all[0], &all, false).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(s.path_for("c")).unwrap().trim(),
+            "rt-staged"
+        );
+        assert!(!temp("newer").exists() && !temp("empty").exists());
+        // Young torn files may be a writer at work; other credentials' files are not ours.
+        assert!(temp("torn").exists());
+        assert!(dir.join(".other-000000.refresh_token.1.x.tmp").exists());
+        let again = RefreshTokenStore::new(&dir);
+        assert_eq!(again.candidates("c").unwrap().len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_staged_token_survives_without_its_commit() {
+        let dir = tmpdir("staged");
+        let s = RefreshTokenStore::new(&dir);
+        s.save("c", &Secret::new("rt-1")).await.unwrap();
+        // Staged, then the process dies before the commit.
+        let _staged = s.stage("c", &Secret::new("rt-2"));
+        let next_start = RefreshTokenStore::new(&dir);
+        assert_eq!(next_start.current("c").unwrap().unwrap().expose(), "rt-2");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

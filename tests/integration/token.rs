@@ -1199,8 +1199,9 @@ async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
             .into_iter()
             .find(|c| c.name == "delegated")
             .unwrap();
-        if text.lines().any(|l| l.starts_with(metric)) && row.save_error.is_some() {
-            let error = row.save_error.unwrap();
+        if text.lines().any(|l| l.starts_with(metric))
+            && let Some(error) = row.save_error
+        {
             assert!(error.contains("state"), "{error}");
             for t in ep.all_refresh_tokens() {
                 assert!(!error.contains(&t) && !text.contains(&t));
