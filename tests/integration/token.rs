@@ -1220,3 +1220,43 @@ async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
     drop(emu);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 16 §5 through the binary: a token endpoint that accepts and never answers makes
+/// `probe` report `token_network_error` at the mailbox's `timeout` (1 s here), where it
+/// used to wait for the HTTP client's 30 s. Real sockets, real time.
+#[tokio::test]
+async fn a_hanging_token_endpoint_costs_the_probe_its_timeout_not_30_s() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    app_client(&ep, "app", "s", false);
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let dir = tmpdir("hang-probe");
+    std::fs::write(dir.join("secret"), "s\n").unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\n\
+             credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  m:\n    address: a@contoso.com\n    credential: app\n    protocols: [imap]\n    interval: 1m\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: 1 }}\n",
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args(["probe", "--mailbox", "m", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .output();
+    // A guard, not a measurement: the old behaviour would block here for 30 s.
+    let out = tokio::time::timeout(Duration::from_secs(25), run)
+        .await
+        .expect("probe waited for the HTTP client's timeout, not the probe's")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("token_network_error"), "{text}");
+    assert!(text.contains("probe's timeout (1.0 s)"), "{text}");
+    assert_eq!(ep.request_count("app", "client_credentials"), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
