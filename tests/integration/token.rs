@@ -1260,3 +1260,79 @@ async fn a_hanging_token_endpoint_costs_the_probe_its_timeout_not_30_s() {
     assert_eq!(ep.request_count("app", "client_credentials"), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 16 §5 through the service (scheduler, prober, board) in paused time: a 240 s
+/// outage of the token endpoint at a 5 s interval, then `ok` at the first run after it
+/// ends; the detail no longer says "unreachable" from then on.
+#[tokio::test(start_paused = true)]
+async fn the_service_shows_ok_within_one_interval_after_a_token_endpoint_outage() {
+    use mail_oauth_exporter::config::Config;
+    use mail_oauth_exporter::emulator::{Emulator, EmulatorOptions, Proto, TlsKind};
+    use mail_oauth_exporter::service::Service;
+
+    let ep = Arc::new(TokenEndpoint::start().await.unwrap());
+    let user = "hal@contoso.com";
+    ep.add_client(ClientSpec {
+        id: "app".into(),
+        secret: Some("s".into()),
+        grants: vec![EmuGrant::ClientCredentials],
+        mailboxes: vec![user.into()],
+        ..Default::default()
+    });
+    // Short-lived tokens: every run needs the endpoint.
+    ep.set_token_lifetime(Duration::from_secs(1));
+    let emu = Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tmpdir("service-outage");
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    std::fs::write(dir.join("secret"), "s\n").unwrap();
+    let port = emu.addr(Proto::Imap, TlsKind::Implicit).port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
+             scheduler:\n  startup_spread: 1ms\n  jitter: 0s\n\
+             credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  m:\n    address: {user}\n    credential: app\n    protocols: [imap]\n    interval: 5s\n    timeout: 2s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let service = Service::start(Config::load(&config).unwrap()).unwrap();
+    let row = || {
+        service
+            .board()
+            .snapshot()
+            .probes
+            .into_iter()
+            .find(|p| p.mailbox == "m")
+            .unwrap()
+    };
+    let start = tokio::time::Instant::now();
+    let outage = Duration::from_secs(240);
+    // Every second of the outage the row shows the token failure (after the first run).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while start.elapsed() < outage {
+        let r = row();
+        assert_eq!(r.reason, Some(Reason::TokenNetworkError), "{:?}", r.detail);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    ep.clear_scripts();
+    let back = tokio::time::Instant::now();
+    while row().reason != Some(Reason::Ok) {
+        assert!(
+            back.elapsed() <= Duration::from_secs(5 + 2),
+            "not ok {:?} after the endpoint returned: {:?}",
+            back.elapsed(),
+            row().detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    service.shutdown().await;
+    drop(emu);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
