@@ -10,7 +10,9 @@ use crate::reason::Reason;
 use crate::scheduler::{Execute, Job, Scheduler};
 use crate::shard::Shard;
 use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
-use crate::token::{Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions};
+use crate::token::{
+    Credential, CredentialExpiryKind, Grant, TokenBudget, TokenService, TokenServiceOptions,
+};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -73,7 +75,10 @@ impl Execute<Payload> for Prober {
         Box::pin(async move {
             let p = &job.payload;
             let cred = &p.credential;
-            let result = match engine.tokens.access_token(cred).await {
+            // One deadline for the run, token request included: a token endpoint that
+            // never answers costs this probe its `timeout`, not the HTTP client's.
+            let budget = TokenBudget::new(p.mailbox.timeout, p.mailbox.interval);
+            let result = match engine.tokens.access_token_within(cred, budget).await {
                 Err(e) => {
                     let c = classify::token_failure(&e);
                     ProbeResult {
@@ -88,7 +93,10 @@ impl Execute<Payload> for Prober {
                     }
                 }
                 Ok(token) => {
-                    let spec = p.mailbox.probe_spec(&p.endpoint);
+                    let mut spec = p.mailbox.probe_spec(&p.endpoint);
+                    spec.timeout = budget
+                        .deadline
+                        .saturating_duration_since(tokio::time::Instant::now());
                     let report = probe::run(&spec, &engine.tls, &token.value).await;
                     let c = classify::probe_outcome(&report.outcome);
                     if c.reason == Reason::AuthTokenExpired {

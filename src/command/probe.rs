@@ -46,13 +46,19 @@ pub async fn run(
             spec.user,
             spec.mechanism.as_str()
         )?;
-        match tokens.access_token(credential).await {
+        // The token request counts against the mailbox's `timeout`, as in `run`.
+        let budget = crate::token::TokenBudget::new(mb.timeout, mb.interval);
+        match tokens.access_token_within(credential, budget).await {
             Err(e) => {
                 // No token, no login: the probe reports the token's reason.
                 all_ok = false;
                 print_result(out, &classify::token_failure(&e))?;
             }
             Ok(token) => {
+                let mut spec = spec.clone();
+                spec.timeout = budget
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
                 let report = probe::run(&spec, &tls, &token.value).await;
                 let c = classify::probe_outcome(&report.outcome);
                 all_ok &= c.reason == Reason::Ok;

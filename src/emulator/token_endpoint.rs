@@ -218,6 +218,8 @@ pub enum Scripted {
     Huge(usize),
     /// Never answers.
     Hang,
+    /// This status and body as they are, `application/json` (a reply no dialect expects).
+    Raw { status: u16, body: String },
 }
 
 /// Who a script applies to.
@@ -295,6 +297,8 @@ struct RtRecord {
     client_id: String,
     scopes: Vec<String>,
     valid: bool,
+    /// When the reply carrying it was handed to the connection (`None`: [`TokenEndpoint::add_user`]).
+    sent_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -443,6 +447,7 @@ impl TokenEndpoint {
                 client_id: client_id.into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 valid: true,
+                sent_at: None,
             },
         );
         rt
@@ -454,8 +459,10 @@ impl TokenEndpoint {
     }
 
     /// `true`: a refresh token stays valid after use, as Entra ID's do (until they expire
-    /// or are revoked). `false` (the default): single use, the strictest rotation, which
-    /// proves the exporter never sends an old one.
+    /// or are revoked). `false` (the default): single use, revoke-on-use rotation as Okta,
+    /// Auth0 and Keycloak do it: the presented token is invalid the moment the reply with
+    /// its successor is built, which proves the exporter never sends an old one and that a
+    /// crash never loses a token that reached its disk.
     pub fn allow_refresh_token_reuse(&self, allow: bool) {
         self.state().refresh_token_reuse = allow;
     }
@@ -572,6 +579,13 @@ impl TokenEndpoint {
     /// Every access token ever issued.
     pub fn all_access_tokens(&self) -> Vec<String> {
         self.state().access_tokens.keys().cloned().collect()
+    }
+
+    /// When the reply carrying the rotated refresh token `token` was handed to the
+    /// connection (a wall-clock `std` instant, comparable across processes' events such as
+    /// a kill); `None` for tokens never sent or given by [`TokenEndpoint::add_user`].
+    pub fn refresh_token_sent_at(&self, token: &str) -> Option<std::time::Instant> {
+        self.state().refresh_tokens.get(token)?.sent_at
     }
 
     /// The currently valid refresh tokens of `user`.
@@ -746,6 +760,13 @@ fn scripted(s: Scripted) -> Reply {
             )
         }
         Scripted::Hang => Reply::Hang,
+        Scripted::Raw { status, body } => Reply::Now(
+            Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default(),
+        ),
     }
 }
 
@@ -953,6 +974,7 @@ fn issue(
                 client_id: client_id.into(),
                 scopes,
                 valid: true,
+                sent_at: Some(std::time::Instant::now()),
             },
         );
         body["refresh_token"] = serde_json::Value::String(rt);

@@ -41,6 +41,10 @@ pub type OAuthClient<HasDeviceAuthUrl = EndpointNotSet> = oauth2::Client<
 struct Sender<'a> {
     http: &'a HttpClient,
     meta: &'a Mutex<ReplyMeta>,
+    /// Given a 2xx reply's `refresh_token` the moment the reply is in, before anything
+    /// parses the rest: with single-use rotation it is the only valid one left, even when
+    /// the rest of the reply turns out unusable.
+    rotated: Option<OnRotated<'a>>,
 }
 
 type SendFuture<'c> =
@@ -51,8 +55,34 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
     type Future = SendFuture<'c>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
-        Box::pin(self.http.send(request, self.meta))
+        Box::pin(async move {
+            let response = self.http.send(request, self.meta).await?;
+            if let Some(on_rotated) = self.rotated
+                && response.status().is_success()
+                && let Some(rt) = rotated_refresh_token(response.body())
+            {
+                on_rotated(rt);
+            }
+            Ok(response)
+        })
     }
+}
+
+/// What [`refresh`] calls with a rotated refresh token, synchronously, as soon as the
+/// reply carrying it is in (the store writes it there).
+pub type OnRotated<'a> = &'a (dyn Fn(Secret) + Send + Sync);
+
+/// The `refresh_token` member of a token reply body, whatever else it holds.
+fn rotated_refresh_token(body: &[u8]) -> Option<Secret> {
+    #[derive(serde::Deserialize)]
+    struct Rotated {
+        refresh_token: Option<String>,
+    }
+    serde_json::from_slice::<Rotated>(body)
+        .ok()?
+        .refresh_token
+        .filter(|t| !t.trim().is_empty())
+        .map(Secret::new)
 }
 
 /// What a successful grant produced. The new refresh token (if any) goes straight to the
@@ -146,10 +176,14 @@ fn granted(reply: TokenReply) -> Granted {
 }
 
 /// The refresh token grant. `refresh_token` is borrowed from the store for this one request.
+/// A refresh token in a 2xx reply is handed to `on_rotated` as soon as the reply is in,
+/// before the rest is parsed, so it is stored even when this returns an error (or is
+/// cancelled after it).
 pub async fn refresh(
     http: &HttpClient,
     cred: &Credential,
     refresh_token: &Secret,
+    on_rotated: OnRotated<'_>,
 ) -> Result<Granted, TokenError> {
     let proof = client_proof(cred)?;
     let client = oauth_client(cred, &proof)?;
@@ -161,7 +195,13 @@ pub async fn refresh(
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let result = req.request_async(&Sender { http, meta: &meta }).await;
+    let result = req
+        .request_async(&Sender {
+            http,
+            meta: &meta,
+            rotated: Some(on_rotated),
+        })
+        .await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map(granted).map_err(|e| from_oauth2(e, meta))
 }
@@ -182,7 +222,13 @@ pub async fn client_credentials(
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let result = req.request_async(&Sender { http, meta: &meta }).await;
+    let result = req
+        .request_async(&Sender {
+            http,
+            meta: &meta,
+            rotated: None,
+        })
+        .await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map(granted).map_err(|e| from_oauth2(e, meta))
 }
@@ -206,7 +252,13 @@ pub async fn device_authorization(
             .add_extra_param("client_assertion", a.expose().to_string());
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let result = req.request_async(&Sender { http, meta: &meta }).await;
+    let result = req
+        .request_async(&Sender {
+            http,
+            meta: &meta,
+            rotated: None,
+        })
+        .await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
     result.map_err(|e| from_oauth2(e, meta))
 }
