@@ -54,6 +54,7 @@
 mod behaviour;
 mod ca;
 mod conn;
+pub mod field;
 mod imap;
 mod pop3;
 mod sasl;
