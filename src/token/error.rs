@@ -138,7 +138,8 @@ impl TokenError {
 
 fn http_message(status: u16, excerpt: &str) -> String {
     if (200..300).contains(&status) {
-        format!("token endpoint answered HTTP {status} with an unusable token reply: {excerpt:?}")
+        // The excerpt is already bounded and free of control characters (`bounded`).
+        format!("token endpoint answered HTTP {status} with an unusable token reply: {excerpt}")
     } else {
         format!("token endpoint answered HTTP {status} without an OAuth error: {excerpt:?}")
     }
