@@ -134,8 +134,8 @@ mod tests {
         })
     }
 
-    /// Every reply of ../shared/FAILURES.md, with the phase it arrives in, and variants a
-    /// real server sends (another bracketed host, other case, multi-line).
+    /// Every reply known from Exchange Online, Gmail and Dovecot, with the phase it arrives
+    /// in, and variants a real server sends (another bracketed host, other case, multi-line).
     #[test]
     fn every_reply_of_failures_md() {
         use Phase::*;

@@ -1,6 +1,6 @@
 //! Token errors → the contract's `token_*` reasons, plus the detail shown beside them.
 //!
-//! Rules (CONTRACT.md): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
+//! Rules (the contract's): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
 //! (from `error_codes`, else the description's `AADSTSnnnn:` prefix) decides before `error`;
 //! an unknown code falls back on `error`; a reply that is not OAuth JSON is classified by its
 //! HTTP status. Description text is never matched.
@@ -8,7 +8,8 @@
 use crate::reason::Reason;
 use crate::token::error::{EXCERPT_MAX, TokenError, bounded};
 
-/// The reason of a known AADSTS code (FAILURES.md), `None` for codes we do not know.
+/// The reason of a known AADSTS code (Microsoft's error code reference), `None` for codes
+/// we do not know.
 pub fn aadsts_reason(code: u64) -> Option<Reason> {
     Some(match code {
         70008 | 700082 | 50173 | 700084 => Reason::TokenInvalidGrant,
@@ -137,7 +138,7 @@ mod tests {
         }
     }
 
-    /// Every AADSTS row of FAILURES.md, with the `error` and status Microsoft sends.
+    /// Every AADSTS code Microsoft documents for these failures, with its `error` and status.
     pub const FAILURES_AADSTS: &[(u64, &str, u16, Reason)] = &[
         (70008, "invalid_grant", 400, Reason::TokenInvalidGrant),
         (700082, "invalid_grant", 400, Reason::TokenInvalidGrant),

@@ -197,7 +197,7 @@ fn seconds(v: &Value) -> Option<u64> {
         Value::String(s) => s.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (f.is_finite() && f >= 0.0 && f < 1e12).then_some(f.round() as u64)
+    (0.0..1e12).contains(&f).then_some(f.round() as u64)
 }
 
 fn unix(t: SystemTime) -> u64 {
