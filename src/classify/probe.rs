@@ -81,10 +81,11 @@ fn smtp_code(reply: &str) -> Option<u16> {
 }
 
 /// Connection and rate limits, by response code (RFC 5530 `[LIMIT]`, RFC 2449 `[IN-USE]`,
-/// Gmail's `[OVERQUOTA]` for its bandwidth limits), SMTP code (`432 4.3.2`, `421 4.7.0`) or
-/// the stable words servers use for them (Gmail's "Too many simultaneous connections",
-/// Dovecot's "Maximum number of connections", Gmail's "Too many login attempts",
-/// Exchange's "Request is throttled").
+/// Gmail's `[OVERQUOTA]` for its bandwidth limits), SMTP code (`432 4.3.2`; `421 4.7.0`
+/// unless its words blame the server, as Exchange's "Temporary server error" and Gmail's
+/// "Temporary System Problem" do) or the stable words servers use for them (Gmail's "Too
+/// many simultaneous connections", Dovecot's "Maximum number of connections", Gmail's "Too
+/// many login attempts", Exchange's "Request is throttled").
 fn is_limit(text: &str, code: Option<u16>) -> bool {
     const CODES: &[&str] = &["[limit]", "[in-use]", "[overquota]", "[throttled]"];
     const WORDS: &[&str] = &[
@@ -99,22 +100,37 @@ fn is_limit(text: &str, code: Option<u16>) -> bool {
         "bandwidth limit",
     ];
     CODES.iter().chain(WORDS).any(|w| text.contains(w))
-        || code == Some(432)
-        || (code == Some(421) && text.contains("4.7.0"))
+        || (code == Some(432) && text.contains("4.3.2"))
+        || (code == Some(421) && text.contains("4.7.0") && !blames_server(text))
 }
 
-/// Temporary failures: RFC 5530 `[UNAVAILABLE]`, RFC 3206 `[SYS/TEMP]`, Yahoo's
-/// `[TEMPFAIL]`, any 4xx SMTP reply, or (for IMAP and POP3, which carry no code) words
-/// saying the server cannot serve for now (Exchange's `Server Unavailable. 15`, Gmail's
-/// `System Error (Failure)`). A 5xx SMTP reply is permanent whatever its words.
+/// Words that put the fault on the server itself (not on how much the client asks).
+fn blames_server(text: &str) -> bool {
+    [
+        "server error",
+        "system problem",
+        "system error",
+        "internal error",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
+
+/// Temporary failures: RFC 5530 `[UNAVAILABLE]` and `[SERVERBUG]`, RFC 3206 `[SYS/TEMP]`,
+/// Yahoo's `[TEMPFAIL]`, any 4xx SMTP reply, or (for IMAP and POP3, which carry no code)
+/// words saying the server cannot serve for now (Exchange's `Server Unavailable. 15`,
+/// Gmail's `System Error (Failure)`, Dovecot's `Internal error occurred`). A 5xx SMTP reply
+/// is permanent whatever its words.
 fn is_temporary(text: &str, code: Option<u16>) -> bool {
-    const CODES: &[&str] = &["[unavailable]", "[sys/temp]", "[tempfail]"];
+    const CODES: &[&str] = &["[unavailable]", "[sys/temp]", "[tempfail]", "[serverbug]"];
     const WORDS: &[&str] = &[
         "server unavailable",
         "service unavailable",
         "temporar",
         "try again later",
         "system error",
+        "server error",
+        "internal error",
     ];
     match code {
         Some(c) => (400..500).contains(&c),
@@ -377,6 +393,44 @@ mod tests {
         assert_eq!(
             refused(PostAuth, "554 5.3.2 Service unavailable, try again later"),
             Reason::MailboxUnavailable
+        );
+    }
+
+    /// `421 4.7.0` is a rate limit unless its words blame the server; `432` is the
+    /// concurrent-connection limit only as `4.3.2`.
+    #[test]
+    fn rule_421_4_7_0_and_432() {
+        let r = |s| refused(Phase::Auth, s);
+        assert_eq!(
+            r("421 4.7.0 Try again later, closing connection."),
+            Reason::Throttled
+        );
+        assert_eq!(
+            r(
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints"
+            ),
+            Reason::Throttled
+        );
+        assert_eq!(
+            r(
+                "421 4.7.0 Temporary System Problem.  Try again later (10). q123-v6sm5523809pfq.169 - gsmtp"
+            ),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            r("421 4.7.0 Temporary server error. Please try again later. PRX4 [host]"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            r("432 4.7.12 A password transition is needed"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            refused(
+                Phase::PostAuth,
+                "E01 NO [SERVERBUG] Internal error occurred. Refer to server log for more information. [2022-07-07 18:46:51]"
+            ),
+            Reason::ServerUnavailable
         );
     }
 

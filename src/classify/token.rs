@@ -20,8 +20,9 @@ pub fn aadsts_reason(code: u64) -> Option<Reason> {
         // 900023: the tenant in the URL is neither a GUID nor a domain; 90002: no such tenant.
         700016 | 90002 | 900023 => Reason::TokenUnauthorizedClient,
         70011 | 500011 => Reason::TokenInvalidScope,
-        // 50034: the user is not in the directory (deleted or never created).
-        50057 | 50053 | 50055 | 50034 => Reason::TokenAccountBlocked,
+        // 50034: the user is not in the directory (deleted or never created); 50020: the
+        // user's identity provider's account is not in the tenant.
+        50057 | 50053 | 50055 | 50034 | 50020 => Reason::TokenAccountBlocked,
         50196 | 90055 => Reason::TokenThrottled,
         _ => return None,
     })
@@ -33,9 +34,11 @@ pub fn error_reason(error: &str) -> Reason {
         "invalid_grant" => Reason::TokenInvalidGrant,
         // Google: `deleted_client` when the OAuth client was deleted from the project.
         "invalid_client" | "deleted_client" => Reason::TokenInvalidClient,
-        "unauthorized_client" => Reason::TokenUnauthorizedClient,
+        // Google: an "Internal" app used by an account outside its organisation.
+        "unauthorized_client" | "org_internal" => Reason::TokenUnauthorizedClient,
         "invalid_scope" => Reason::TokenInvalidScope,
-        "consent_required" => Reason::TokenConsentRequired,
+        // Google: a Workspace admin blocks the app or its scopes (admin consent needed).
+        "consent_required" | "admin_policy_enforced" => Reason::TokenConsentRequired,
         "interaction_required" => Reason::TokenInteractionRequired,
         "temporarily_unavailable" | "server_error" => Reason::TokenServerError,
         _ => Reason::TokenError,
@@ -281,6 +284,18 @@ mod tests {
                 "The OAuth client was deleted."
             )),
             Reason::TokenInvalidClient
+        );
+        assert_eq!(
+            reason(&google(400, "admin_policy_enforced", "blocked by admin")),
+            Reason::TokenConsentRequired
+        );
+        assert_eq!(
+            reason(&google(403, "org_internal", "internal app")),
+            Reason::TokenUnauthorizedClient
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_grant", 50020)),
+            Reason::TokenAccountBlocked
         );
     }
 

@@ -220,6 +220,13 @@ pub enum Scripted {
     Hang,
     /// The recorded token body at this index of [`super::field::replies`], with its status.
     Field(usize),
+    /// This status, `Content-Type` and body, as given (other providers' oddities: an OAuth
+    /// error with HTTP 200, JSON labelled `text/plain`).
+    Raw {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
 }
 
 /// How a successful token reply is worded: Microsoft's v2.0 endpoint by default, or another
@@ -814,6 +821,17 @@ fn scripted(s: Scripted) -> Reply {
             ),
             _ => Reply::Now(plain(500, "no such recorded token body")),
         },
+        Scripted::Raw {
+            status,
+            content_type,
+            body,
+        } => Reply::Now(
+            Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default(),
+        ),
     }
 }
 

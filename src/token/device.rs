@@ -7,7 +7,7 @@
 use super::credential::{Credential, Grant, GrantKind};
 use super::error::{OAuthErrorBody, TokenError};
 use super::grant::{self, ClientProof};
-use super::http::{ReplyMeta, excerpt, unusable};
+use super::http::{ReplyMeta, excerpt, oauth_error_in, unusable};
 use super::observer::TokenInfo;
 use super::reply::TokenReply;
 use super::service::TokenService;
@@ -121,7 +121,8 @@ pub async fn device_login(
             }
         };
         let status = reply.status().as_u16();
-        if status == 200 {
+        // An OAuth error sent with HTTP 200 (GitHub's device flow does) is handled below.
+        if status == 200 && oauth_error_in(reply.body()).is_none() {
             let parsed = TokenReply::from_slice(reply.body()).map_err(|why| TokenError::Http {
                 status,
                 excerpt: unusable(&why, reply.body()),

@@ -4,7 +4,9 @@
 use super::assertion::{ASSERTION_TYPE, ClientCertificate};
 use super::credential::{ClientAuth, Credential, SecretSource};
 use super::error::{OAuthErrorBody, TokenError};
-use super::http::{HttpClient, ReplyMeta, TransportError, excerpt, from_oauth2, unusable};
+use super::http::{
+    HttpClient, ReplyMeta, TransportError, excerpt, from_oauth2, oauth_error_in, unusable,
+};
 use super::reply::DeviceAuthorization;
 use crate::secret::Secret;
 use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
@@ -52,7 +54,33 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
     type Future = SendFuture<'c>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
-        Box::pin(self.http.send(request, self.meta))
+        Box::pin(async move {
+            let mut reply = self.http.send(request, self.meta).await?;
+            json_content_type(&mut reply);
+            Ok(reply)
+        })
+    }
+}
+
+/// oauth2 refuses a reply whose `Content-Type` is not JSON before reading it; endpoints that
+/// send JSON as `text/plain` or `text/html` (some proxies and older servers do) would show
+/// a working setup as broken. A body that is a JSON object is labelled JSON.
+fn json_content_type(reply: &mut oauth2::HttpResponse) {
+    let is_json = reply
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
+    let object = reply
+        .body()
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if !is_json && object {
+        reply.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
     }
 }
 
@@ -221,7 +249,7 @@ pub async fn device_authorization(
         detail: e.to_string(),
     })?;
     let status = reply.status().as_u16();
-    if status == 200 {
+    if status == 200 && oauth_error_in(reply.body()).is_none() {
         return DeviceAuthorization::from_slice(reply.body()).map_err(|why| TokenError::Http {
             status,
             excerpt: unusable(&why, reply.body()),

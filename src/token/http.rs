@@ -234,10 +234,18 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         },
         // A 2xx body that cannot be used says why (the lenient reader's own words, which
         // never quote a value) beside its redacted excerpt.
-        E::Parse(e, body) if (200..300).contains(&status) => TokenError::Http {
-            status,
-            excerpt: unusable(&e.into_inner().to_string(), &body),
-            retry_after: meta.retry_after,
+        E::Parse(e, body) if (200..300).contains(&status) => match oauth_error_in(&body) {
+            // Some endpoints (GitHub's among them) send their OAuth errors with HTTP 200.
+            Some(b) => TokenError::Endpoint {
+                status,
+                body: Box::new(b),
+                retry_after: meta.retry_after,
+            },
+            None => TokenError::Http {
+                status,
+                excerpt: unusable(&e.into_inner().to_string(), &body),
+                retry_after: meta.retry_after,
+            },
         },
         E::Parse(_, body) => TokenError::Http {
             status,
@@ -260,6 +268,13 @@ pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
     let redacted = super::reply::redact_token_fields(text.trim());
     bounded(&redacted, EXCERPT_MAX)
+}
+
+/// The OAuth error body in a reply, if it is one (a JSON object with a non-empty `error`).
+pub fn oauth_error_in(body: &[u8]) -> Option<super::error::OAuthErrorBody> {
+    serde_json::from_slice::<super::error::OAuthErrorBody>(body)
+        .ok()
+        .filter(|b| !b.error.trim().is_empty())
 }
 
 /// The excerpt of a 2xx reply that cannot be used: why (the reader's words, cut before

@@ -1071,3 +1071,58 @@ async fn import_redeems_once_and_refuses_a_fake_token() {
     assert_eq!(obs.count("frank", GrantKind::RefreshToken), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Other providers' oddities around the status and the media type: an OAuth error sent
+/// with HTTP 200 is classified by its `error`; a token reply labelled `text/plain` is read.
+#[tokio::test]
+async fn oauth_errors_with_200_and_json_as_text_plain() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("raw");
+    app_client(&ep, "app", "app-secret", false);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let app = |name: &str| {
+        cred(
+            &ep,
+            name,
+            "app",
+            Grant::ClientCredentials,
+            secret_file(&dir, "app-secret"),
+        )
+    };
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "application/json".into(),
+            body: r#"{"error":"invalid_client","error_description":"The client secret is wrong."}"#
+                .into(),
+        },
+    );
+    let e = svc.access_token(&app("err200")).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenInvalidClient, "{e}");
+    assert_eq!(e.http_status(), Some(200));
+
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "text/plain; charset=utf-8".into(),
+            body: r#"{"access_token":"at-raw-1","token_type":"Bearer","expires_in":"3599"}"#.into(),
+        },
+    );
+    let t = svc.access_token(&app("textplain")).await.unwrap();
+    assert_eq!(t.value.expose(), "at-raw-1");
+
+    // HTML with 200 is still unusable, and says so.
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "text/html".into(),
+            body: "<html><body>Sign in</body></html>".into(),
+        },
+    );
+    let e = svc.access_token(&app("html")).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenError, "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
