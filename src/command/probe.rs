@@ -6,7 +6,8 @@
 //! `--output json` prints one JSON array with one object per probed protocol:
 //!
 //! ```json
-//! [{"mailbox": "helpdesk", "protocol": "imap", "target": "outlook.office365.com:993",
+//! [{"mailbox": "helpdesk", "protocol": "imap", "credential": "contoso-app",
+//!   "target": "imap://outlook.office365.com:993 (implicit TLS)",
 //!   "user": "helpdesk@contoso.com", "mechanism": "xoauth2",
 //!   "success": false, "reason": "auth_rejected", "stage": "auth", "transient": false,
 //!   "detail": "A01 NO AUTHENTICATE failed.", "hint": "check the token's scope/audience, ...",
@@ -129,13 +130,11 @@ pub async fn run_with(
                 }
                 writeln!(out)?;
             }
-            Output::Json => objects.push(json_result(
-                mailbox,
-                endpoint.protocol,
-                &spec,
-                &c,
-                report.as_ref(),
-            )),
+            Output::Json => {
+                let mut o = json_result(mailbox, endpoint.protocol, &spec, &c, report.as_ref());
+                o["credential"] = mb.credential.clone().into();
+                objects.push(o);
+            }
         }
     }
     if output == Output::Json {

@@ -488,6 +488,27 @@ mod tests {
     }
 
     #[test]
+    fn redaction_takes_any_input() {
+        for hostile in [
+            "",
+            "\"",
+            "{\"token\":",
+            "{\"token\":\"abc\\",
+            "{\"a_token\": {{{{[[[",
+            "{\"token\": ]]]}}}",
+            "{\"tökén_token\":\"välüe\",\"x\":\"ü\"}",
+            "=&=&token=",
+            "\u{0}\"token\"\u{0}:\u{0}",
+        ] {
+            let r = redact_token_fields(hostile);
+            assert!(
+                !r.contains("abc") && !r.contains("välüe"),
+                "{hostile:?} -> {r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn redaction_blanks_every_token_field() {
         let body = r#"{"token_type":"Bearer","refresh_token":"rt-1\"x","id_token" : "idt-2","expires_in":"3599","x_token_n":12345,"tokens":{"a":"nested-3"},"access_token_list":["lst-4"],"scope":"token-in-value"}"#;
         let r = redact_token_fields(body);

@@ -348,6 +348,8 @@ async fn probe_json_output_carries_the_documented_fields() {
         .as_secs() as i64;
     for o in &all {
         assert_eq!(o["mailbox"], "user");
+        assert_eq!(o["credential"], "delegated");
+        assert!(o["target"].as_str().unwrap().contains("127.0.0.1:"), "{o}");
         assert_eq!(o["reason"], "ok");
         assert_eq!(o["success"], true);
         assert!(o["stage"].is_null());
