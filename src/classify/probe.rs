@@ -134,7 +134,8 @@ fn is_temporary(text: &str, code: Option<u16>) -> bool {
     ];
     match code {
         Some(c) => (400..500).contains(&c),
-        None => CODES.iter().chain(WORDS).any(|w| text.contains(w)),
+        // An untagged IMAP BYE: the server ends the session (the contract's "BYE").
+        None => text.starts_with("* bye") || CODES.iter().chain(WORDS).any(|w| text.contains(w)),
     }
 }
 
@@ -389,6 +390,15 @@ mod tests {
                 "{reply}"
             );
         }
+        // The server ends the session: `* BYE`, whatever it says.
+        assert_eq!(
+            refused(PostAuth, "* BYE Connection closed. 14"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            refused(Phase::Auth, "* BYE Jakarta is shutting down"),
+            Reason::ServerUnavailable
+        );
         // A 5xx SMTP reply is permanent, whatever its words.
         assert_eq!(
             refused(PostAuth, "554 5.3.2 Service unavailable, try again later"),

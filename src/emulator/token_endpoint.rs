@@ -305,6 +305,8 @@ pub struct ClientSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DevicePoll {
     Pending,
+    /// `authorization_pending` sent with HTTP 200 (GitHub's device flow does so).
+    PendingWith200,
     SlowDown,
     /// The user signed in: tokens are issued to this user.
     Approve(String),
@@ -1314,6 +1316,13 @@ fn token(
                 DevicePoll::SlowDown => {
                     ms_error(400, "slow_down", None, "Polling too fast: slow down.")
                 }
+                DevicePoll::PendingWith200 => json(
+                    200,
+                    serde_json::json!({
+                        "error": "authorization_pending",
+                        "error_description": "The authorization request is still pending.",
+                    }),
+                ),
                 DevicePoll::Deny => {
                     device.done = true;
                     ms_error(

@@ -976,7 +976,12 @@ async fn device_authorization_in_three_shapes() {
     {
         ep.set_device_dialect(dialect);
         let user = format!("shape{i}@contoso.com");
-        ep.script_device(vec![DevicePoll::Pending, DevicePoll::Approve(user.clone())]);
+        // Pending once as RFC 8628 says (400), once as GitHub does (200).
+        ep.script_device(vec![
+            DevicePoll::Pending,
+            DevicePoll::PendingWith200,
+            DevicePoll::Approve(user.clone()),
+        ]);
         let c = cred(
             &ep,
             &format!("shape{i}"),
