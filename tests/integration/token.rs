@@ -801,6 +801,10 @@ async fn no_secret_in_logs_debug_or_errors() {
     shown.push(String::from_utf8(out).unwrap());
     ep.revoke_user("dave@contoso.com");
     svc.invalidate(&delegated).await;
+    // tracing caches each call site's interest process-wide; another test thread hitting
+    // the same call site while this thread's subscriber registers can leave it cached as
+    // "never" (a known race with scoped subscribers). Recompute it before the logging calls.
+    tracing::callsite::rebuild_interest_cache();
     let e = svc.access_token(&delegated).await.unwrap_err();
     shown.push(format!("{e:?} {e} {}", detail(&e)));
 
@@ -833,6 +837,7 @@ async fn no_secret_in_logs_debug_or_errors() {
         Grant::ClientCredentials,
         secret_file(&dir, "wrong-secret-value-456"),
     );
+    tracing::callsite::rebuild_interest_cache();
     let e = svc.access_token(&bad).await.unwrap_err();
     shown.push(format!("{e:?} {e} {}", detail(&e)));
     shown.push(format!("{:?}", obs.seen()));
