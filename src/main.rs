@@ -78,6 +78,9 @@ enum Command {
         /// Only this protocol (imap, pop3, smtp); default: all the mailbox's protocols.
         #[arg(long)]
         protocol: Option<Protocol>,
+        /// `text` for a person, `json` for scripts (one object per protocol; see README).
+        #[arg(long, default_value = "text")]
+        output: command::probe::Output,
     },
 }
 
@@ -120,14 +123,19 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             refresh_token_file,
         } => {
             let config = Config::load(&config)?;
-            command::login::run(
+            let ok = command::login::run(
                 &config,
                 &credential,
                 refresh_token_file.as_deref(),
                 &mut out,
             )
             .await?;
-            Ok(ExitCode::SUCCESS)
+            // A token endpoint that refused is a failed login (1), not bad usage (2).
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Check { config } => {
             command::check::run(&config, &mut out)?;
@@ -168,9 +176,11 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             config,
             mailbox,
             protocol,
+            output,
         } => {
             let config = Config::load(&config)?;
-            let ok = command::probe::run(&config, &mailbox, protocol, &mut out).await?;
+            let ok =
+                command::probe::run_with(&config, &mailbox, protocol, output, &mut out).await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

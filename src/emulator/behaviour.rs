@@ -95,6 +95,44 @@ pub enum Behaviour {
     TryAgainLater,
     /// Like `Success`, but every reply from the auth step on is delayed by `slow_delay`.
     Slow,
+    /// The record at this index of [`super::field::replies`], on its protocol: at `auth`,
+    /// the recorded reply to the auth command (after the XOAUTH2 error challenge for
+    /// `auth+challenge`); at `post_auth`, a login (valid token needed) and then the recorded
+    /// reply to every command but the logout. Other protocols (and token records) behave
+    /// as `Success`.
+    Field(usize),
+}
+
+/// What a [`Behaviour::Field`] record does on `protocol`: `None` when it is not a mail
+/// record of that protocol (then the user behaves as `Success`).
+pub(crate) fn field_on(
+    index: usize,
+    protocol: crate::protocol::Protocol,
+) -> Option<(&'static super::field::FieldReply, FieldStage)> {
+    let f = super::field::get(index)?;
+    match f.kind {
+        super::field::Kind::Mail {
+            protocol: p,
+            phase,
+            challenge,
+        } if p == protocol => Some((
+            f,
+            match (phase, challenge) {
+                (crate::probe::Phase::PostAuth, _) => FieldStage::PostAuth,
+                (_, true) => FieldStage::AuthAfterChallenge,
+                (_, false) => FieldStage::Auth,
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// Where a recorded reply is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FieldStage {
+    Auth,
+    AuthAfterChallenge,
+    PostAuth,
 }
 
 /// What the server does before any user is known (all protocols, all ports).

@@ -3,10 +3,11 @@
 
 use x509_parser::time::ASN1Time;
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{Behaviour, FieldStage, ServerBehaviour, field_on, judge};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
+use crate::protocol::Protocol;
 
 pub(crate) fn greeting(shared: &Shared) -> String {
     let date = ASN1Time::now()
@@ -28,6 +29,8 @@ const UNRECOGNIZED_AUTH: &str = "504 5.7.4 Unrecognized authentication type";
 enum AfterLogin {
     Normal,
     NotConnected,
+    /// Every command but QUIT gets this recorded reply (`field_replies.txt`).
+    Field(&'static super::field::FieldReply),
 }
 
 /// The mail transaction in progress.
@@ -125,6 +128,14 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
 
         if logged_in == Some(AfterLogin::NotConnected) && name != "QUIT" {
             if conn.send(NOT_AUTHENTICATED).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if let Some(AfterLogin::Field(f)) = logged_in
+            && name != "QUIT"
+        {
+            if conn.send_all(&f.wire_lines("")).await.is_err() {
                 return;
             }
             continue;
@@ -394,6 +405,30 @@ async fn authenticate(conn: &mut Conn, s: &Session, mech_name: &str, initial: &s
                 Behaviour::AuthenticatedNotConnected if ok => {
                     (vec![success], Flow::LoggedIn(AfterLogin::NotConnected))
                 }
+                Behaviour::Field(i) => match field_on(i, Protocol::Smtp) {
+                    None | Some((_, FieldStage::PostAuth)) if !ok => (vec![refused], Flow::Continue),
+                    None => (vec![success], Flow::LoggedIn(AfterLogin::Normal)),
+                    Some((f, FieldStage::PostAuth)) => {
+                        (vec![success], Flow::LoggedIn(AfterLogin::Field(f)))
+                    }
+                    Some((f, FieldStage::Auth)) => (f.wire_lines(""), Flow::Continue),
+                    Some((f, FieldStage::AuthAfterChallenge)) => {
+                        if conn
+                            .send(&format!("334 {}", mech.error_challenge()))
+                            .await
+                            .is_err()
+                        {
+                            return Flow::Gone;
+                        }
+                        match conn.read_line().await {
+                            Ok(a) if mech.is_challenge_ack(a.trim()) => {
+                                (f.wire_lines(""), Flow::Continue)
+                            }
+                            Ok(_) => (vec!["501 5.5.2 Cannot decode response".to_string()], Flow::Continue),
+                            Err(_) => return Flow::Gone,
+                        }
+                    }
+                },
                 Behaviour::Success
                 | Behaviour::Slow
                 | Behaviour::AuthenticatedNotConnected

@@ -218,8 +218,53 @@ pub enum Scripted {
     Huge(usize),
     /// Never answers.
     Hang,
-    /// This status and body as they are, `application/json` (a reply no dialect expects).
-    Raw { status: u16, body: String },
+    /// The recorded token body at this index of [`super::field::replies`], with its status.
+    Field(usize),
+    /// This status, `Content-Type` and body, as given (other providers' oddities: an OAuth
+    /// error with HTTP 200, JSON labelled `text/plain`).
+    Raw {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+}
+
+/// How a successful token reply is worded: Microsoft's v2.0 endpoint by default, or another
+/// provider's dialect (all of them usable, except [`TokenDialect::NoAccessToken`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenDialect {
+    /// `"expires_in": 3599` (a number), `"token_type": "Bearer"`, `scope` a string.
+    #[default]
+    Microsoft,
+    /// Entra ID's v1.0 endpoint: every number as a string (`"expires_in": "3599"`),
+    /// plus `expires_on`, `not_before` and `resource`.
+    NumbersAsStrings,
+    /// No `expires_in`; the access token is a JWT whose `exp` claim holds the expiry.
+    JwtWithoutExpiresIn,
+    /// No `expires_in` and an opaque access token (RFC 6749 §5.1 makes it optional).
+    NoExpiresIn,
+    /// `"token_type": "bearer"` (GitHub, Keycloak and others use lower case).
+    LowercaseTokenType,
+    /// `"scope": ["...", "..."]`, a list instead of a space-separated string.
+    ScopeList,
+    /// No `scope` at all (allowed when it equals the requested scope).
+    NoScope,
+    /// Fields this client does not know, nested objects included (`id_token`, `session_state`, ...).
+    UnknownFields,
+    /// Unusable: a 200 with a refresh token and an id token but no `access_token`.
+    NoAccessToken,
+}
+
+/// How the device authorization reply names the verification page (RFC 8628 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceDialect {
+    /// `verification_uri` (RFC 8628, Microsoft).
+    #[default]
+    VerificationUri,
+    /// `verification_url` (Google's spelling).
+    VerificationUrl,
+    /// Both, with the same value (identity providers that serve both kinds of clients).
+    Both,
 }
 
 /// Who a script applies to.
@@ -260,6 +305,8 @@ pub struct ClientSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DevicePoll {
     Pending,
+    /// `authorization_pending` sent with HTTP 200 (GitHub's device flow does so).
+    PendingWith200,
     SlowDown,
     /// The user signed in: tokens are issued to this user.
     Approve(String),
@@ -328,6 +375,8 @@ struct State {
     always: HashMap<Target, Scripted>,
     device_script: VecDeque<DevicePoll>,
     device_interval: u64,
+    token_dialect: TokenDialect,
+    device_dialect: DeviceDialect,
     devices: HashMap<String, Device>,
     requests: Vec<RequestRecord>,
 }
@@ -390,6 +439,8 @@ impl TokenEndpoint {
             always: HashMap::new(),
             device_script: VecDeque::new(),
             device_interval: 5,
+            token_dialect: TokenDialect::default(),
+            device_dialect: DeviceDialect::default(),
             devices: HashMap::new(),
             requests: Vec::new(),
         }));
@@ -553,6 +604,16 @@ impl TokenEndpoint {
     }
 
     /// The `interval` the device authorization reply announces (seconds).
+    /// Words later successful token replies in `dialect`.
+    pub fn set_token_dialect(&self, dialect: TokenDialect) {
+        self.state().token_dialect = dialect;
+    }
+
+    /// Words later device authorization replies in `dialect`.
+    pub fn set_device_dialect(&self, dialect: DeviceDialect) {
+        self.state().device_dialect = dialect;
+    }
+
     pub fn set_device_interval(&self, seconds: u64) {
         self.state().device_interval = seconds;
     }
@@ -760,10 +821,28 @@ fn scripted(s: Scripted) -> Reply {
             )
         }
         Scripted::Hang => Reply::Hang,
-        Scripted::Raw { status, body } => Reply::Now(
+        Scripted::Field(i) => match super::field::get(i) {
+            Some(super::field::FieldReply {
+                kind: super::field::Kind::Token { status },
+                reply,
+                ..
+            }) => Reply::Now(
+                Response::builder()
+                    .status(StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST))
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(Full::new(Bytes::from(reply.clone())))
+                    .unwrap_or_default(),
+            ),
+            _ => Reply::Now(plain(500, "no such recorded token body")),
+        },
+        Scripted::Raw {
+            status,
+            content_type,
+            body,
+        } => Reply::Now(
             Response::builder()
                 .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
-                .header("content-type", "application/json")
+                .header("content-type", content_type)
                 .body(Full::new(Bytes::from(body)))
                 .unwrap_or_default(),
         ),
@@ -849,17 +928,20 @@ fn device_authorization(
         },
     );
     let uri = format!("{}/devicelogin", st.base_url);
-    json(
-        200,
-        serde_json::json!({
-            "user_code": user_code,
-            "device_code": device_code,
-            "verification_uri": uri,
-            "expires_in": 900,
-            "interval": st.device_interval,
-            "message": format!("To sign in, use a web browser to open the page {uri} and enter the code {user_code} to authenticate."),
-        }),
-    )
+    let mut body = serde_json::json!({
+        "user_code": user_code,
+        "device_code": device_code,
+        "expires_in": 900,
+        "interval": st.device_interval,
+        "message": format!("To sign in, use a web browser to open the page {uri} and enter the code {user_code} to authenticate."),
+    });
+    if st.device_dialect != DeviceDialect::VerificationUrl {
+        body["verification_uri"] = serde_json::Value::String(uri.clone());
+    }
+    if st.device_dialect != DeviceDialect::VerificationUri {
+        body["verification_url"] = serde_json::Value::String(uri);
+    }
+    json(200, body)
 }
 
 /// Checks client authentication; `Err` is the reply to send.
@@ -979,7 +1061,94 @@ fn issue(
         );
         body["refresh_token"] = serde_json::Value::String(rt);
     }
+    apply_dialect(st, &mut body);
     json(200, body)
+}
+
+/// Rewords a Microsoft-shaped success reply in the endpoint's [`TokenDialect`].
+fn apply_dialect(st: &mut State, body: &mut serde_json::Value) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    match st.token_dialect {
+        TokenDialect::Microsoft => {}
+        TokenDialect::NumbersAsStrings => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let lifetime = st.lifetime.as_secs();
+            for key in ["expires_in", "ext_expires_in"] {
+                obj.insert(key.into(), lifetime.to_string().into());
+            }
+            obj.insert("expires_on".into(), (now + lifetime).to_string().into());
+            obj.insert("not_before".into(), now.to_string().into());
+            obj.insert("resource".into(), "https://outlook.office.com".into());
+        }
+        TokenDialect::JwtWithoutExpiresIn => {
+            obj.remove("expires_in");
+            obj.remove("ext_expires_in");
+            let opaque = obj
+                .get("access_token")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            if let Some(issued) = st.access_tokens.remove(&opaque) {
+                let exp = issued
+                    .expires_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256"}"#);
+                let claims = URL_SAFE_NO_PAD.encode(
+                    serde_json::json!({"aud": "https://outlook.office.com", "exp": exp, "oid": random_hex(8)})
+                        .to_string(),
+                );
+                let jwt = format!("{header}.{claims}.{}", random_hex(32));
+                st.access_tokens.insert(jwt.clone(), issued);
+                obj.insert("access_token".into(), jwt.into());
+            }
+        }
+        TokenDialect::NoExpiresIn => {
+            obj.remove("expires_in");
+            obj.remove("ext_expires_in");
+        }
+        TokenDialect::LowercaseTokenType => {
+            obj.insert("token_type".into(), "bearer".into());
+        }
+        TokenDialect::ScopeList => {
+            let list: Vec<serde_json::Value> = obj
+                .get("scope")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|s| s.into())
+                .collect();
+            obj.insert("scope".into(), list.into());
+        }
+        TokenDialect::NoScope => {
+            obj.remove("scope");
+        }
+        TokenDialect::UnknownFields => {
+            obj.insert(
+                "id_token".into(),
+                format!("emu-id-{}", random_hex(16)).into(),
+            );
+            obj.insert(
+                "session_state".into(),
+                serde_json::json!({"sid": random_hex(8), "nested": [1, 2, {"x": null}]}),
+            );
+            obj.insert("refresh_expires_in".into(), 1800.into());
+            obj.insert("not-before-policy".into(), 0.into());
+        }
+        TokenDialect::NoAccessToken => {
+            obj.remove("access_token");
+            obj.insert(
+                "id_token".into(),
+                format!("emu-id-{}", random_hex(16)).into(),
+            );
+        }
+    }
 }
 
 /// Mints and records an access token: `emu-at-<random>`, padded with more random
@@ -1160,6 +1329,13 @@ fn token(
                 DevicePoll::SlowDown => {
                     ms_error(400, "slow_down", None, "Polling too fast: slow down.")
                 }
+                DevicePoll::PendingWith200 => json(
+                    200,
+                    serde_json::json!({
+                        "error": "authorization_pending",
+                        "error_description": "The authorization request is still pending.",
+                    }),
+                ),
                 DevicePoll::Deny => {
                     device.done = true;
                     ms_error(

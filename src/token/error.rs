@@ -27,6 +27,9 @@ pub struct OAuthErrorBody {
     pub timestamp: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_uri: Option<String>,
+    /// Google's refinement of `error` (`invalid_rapt`: re-authentication required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_subtype: Option<String>,
 }
 
 impl OAuthErrorBody {
@@ -82,8 +85,10 @@ pub enum TokenError {
         body: Box<OAuthErrorBody>,
         retry_after: Option<Duration>,
     },
-    /// The endpoint answered something that is not OAuth JSON (HTML, empty, garbage).
-    #[error("token endpoint answered HTTP {status} without an OAuth error: {excerpt:?}")]
+    /// The endpoint answered something that is not OAuth JSON (HTML, empty, garbage), or a
+    /// 2xx reply that cannot be used (no access token, not JSON). `excerpt` never holds the
+    /// value of a `*token*` field.
+    #[error("{}", http_message(*status, excerpt))]
     Http {
         status: u16,
         excerpt: String,
@@ -128,6 +133,15 @@ impl TokenError {
             TokenError::Endpoint { body, .. } => Some(body),
             _ => None,
         }
+    }
+}
+
+fn http_message(status: u16, excerpt: &str) -> String {
+    if (200..300).contains(&status) {
+        // The excerpt is already bounded and free of control characters (`bounded`).
+        format!("token endpoint answered HTTP {status} with an unusable token reply: {excerpt}")
+    } else {
+        format!("token endpoint answered HTTP {status} without an OAuth error: {excerpt:?}")
     }
 }
 

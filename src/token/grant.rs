@@ -4,7 +4,10 @@
 use super::assertion::{ASSERTION_TYPE, ClientCertificate};
 use super::credential::{ClientAuth, Credential, SecretSource};
 use super::error::{OAuthErrorBody, TokenError};
-use super::http::{HttpClient, ReplyMeta, TransportError, from_oauth2};
+use super::http::{
+    HttpClient, ReplyMeta, TransportError, excerpt, from_oauth2, oauth_error_in, unusable,
+};
+use super::reply::DeviceAuthorization;
 use crate::secret::Secret;
 use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::{
@@ -16,9 +19,9 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-/// The token reply: standard fields (Microsoft's `ext_expires_in` and others are ignored).
-pub type TokenReply =
-    oauth2::StandardTokenResponse<oauth2::EmptyExtraTokenFields, oauth2::basic::BasicTokenType>;
+/// The token reply, read leniently (`super::reply`): oauth2's `StandardTokenResponse` refuses
+/// `expires_in` as a string (Entra ID's v1.0 endpoint) and `scope` as a list.
+pub use super::reply::TokenReply;
 
 /// oauth2's client with our error body, so `error_codes`, `trace_id` and
 /// `correlation_id` survive.
@@ -56,15 +59,40 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
-            let response = self.http.send(request, self.meta).await?;
+            let mut reply = self.http.send(request, self.meta).await?;
+            json_content_type(&mut reply);
+            // The rotated refresh token is handed over before oauth2 parses the rest of
+            // the reply, so it is durable even when the access token turns out unusable.
             if let Some(on_rotated) = self.rotated
-                && response.status().is_success()
-                && let Some(rt) = rotated_refresh_token(response.body())
+                && reply.status().is_success()
+                && let Some(rt) = rotated_refresh_token(reply.body())
             {
                 on_rotated(rt);
             }
-            Ok(response)
+            Ok(reply)
         })
+    }
+}
+
+/// oauth2 refuses a reply whose `Content-Type` is not JSON before reading it; endpoints that
+/// send JSON as `text/plain` or `text/html` (some proxies and older servers do) would show
+/// a working setup as broken. A body that is a JSON object is labelled JSON.
+fn json_content_type(reply: &mut oauth2::HttpResponse) {
+    let is_json = reply
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
+    let object = reply
+        .body()
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if !is_json && object {
+        reply.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
     }
 }
 
@@ -168,7 +196,7 @@ fn scopes(cred: &Credential) -> impl Iterator<Item = Scope> + '_ {
 fn granted(reply: TokenReply) -> Granted {
     Granted {
         access_token: Secret::new(reply.access_token().secret().clone()),
-        lifetime: reply.expires_in(),
+        lifetime: Some(reply.lifetime()),
         refresh_token: reply
             .refresh_token()
             .map(|t| Secret::new(t.secret().clone())),
@@ -233,32 +261,61 @@ pub async fn client_credentials(
     result.map(granted).map_err(|e| from_oauth2(e, meta))
 }
 
-/// The device authorization request (RFC 8628 §3.1).
+/// The device authorization request (RFC 8628 §3.1). Sent by hand, not through oauth2: its
+/// reply type reads `verification_url` as an alias, so a reply carrying both spellings is
+/// refused as a duplicate field (see `super::reply::DeviceAuthorization`).
 pub async fn device_authorization(
     http: &HttpClient,
     cred: &Credential,
-) -> Result<oauth2::StandardDeviceAuthorizationResponse, TokenError> {
+) -> Result<DeviceAuthorization, TokenError> {
     let url = cred
         .provider
         .device_authorization_url()
         .ok_or_else(|| config_err(cred, "the provider has no device authorization URL"))?;
-    let url = oauth2::DeviceAuthorizationUrl::new(url).map_err(|e| config_err(cred, e))?;
+    oauth2::DeviceAuthorizationUrl::new(url.clone()).map_err(|e| config_err(cred, e))?;
     let proof = client_proof(cred)?;
-    let client = oauth_client(cred, &proof)?.set_device_authorization_url(url);
-    let mut req = client.exchange_device_code().add_scopes(scopes(cred));
-    if let ClientProof::Assertion(a) = &proof {
-        req = req
-            .add_extra_param("client_assertion_type", ASSERTION_TYPE)
-            .add_extra_param("client_assertion", a.expose().to_string());
+    let scope = cred.scopes.join(" ");
+    let mut form: Vec<(&str, &str)> = vec![("client_id", &cred.client_id)];
+    if !scope.is_empty() {
+        form.push(("scope", &scope));
+    }
+    match &proof {
+        ClientProof::None => {}
+        ClientProof::Secret(s) => form.push(("client_secret", s.expose())),
+        ClientProof::Assertion(a) => {
+            form.push(("client_assertion_type", ASSERTION_TYPE));
+            form.push(("client_assertion", a.expose()));
+        }
     }
     let meta = Mutex::new(ReplyMeta::default());
-    let result = req
-        .request_async(&Sender {
-            http,
-            meta: &meta,
-            rotated: None,
-        })
-        .await;
+    let reply = http.post_form(&url, &form, &meta).await;
     let meta = *meta.lock().unwrap_or_else(|e| e.into_inner());
-    result.map_err(|e| from_oauth2(e, meta))
+    let reply = reply.map_err(|e| TokenError::Network {
+        detail: e.to_string(),
+    })?;
+    let status = reply.status().as_u16();
+    if status == 200 && oauth_error_in(reply.body()).is_none() {
+        return DeviceAuthorization::from_slice(reply.body()).map_err(|why| TokenError::Http {
+            status,
+            excerpt: unusable(&why, reply.body()),
+            retry_after: meta.retry_after,
+        });
+    }
+    Err(error_reply(status, reply.body(), meta))
+}
+
+/// A non-200 reply: the OAuth error body if there is one, else classified by its status.
+pub fn error_reply(status: u16, body: &[u8], meta: ReplyMeta) -> TokenError {
+    match serde_json::from_slice::<OAuthErrorBody>(body) {
+        Ok(body) => TokenError::Endpoint {
+            status,
+            body: Box::new(body),
+            retry_after: meta.retry_after,
+        },
+        Err(_) => TokenError::Http {
+            status,
+            excerpt: excerpt(body),
+            retry_after: meta.retry_after,
+        },
+    }
 }

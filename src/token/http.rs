@@ -232,6 +232,21 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         E::Request(e) => TokenError::Network {
             detail: e.to_string(),
         },
+        // A 2xx body that cannot be used says why (the lenient reader's own words, which
+        // never quote a value) beside its redacted excerpt.
+        E::Parse(e, body) if (200..300).contains(&status) => match oauth_error_in(&body) {
+            // Some endpoints (GitHub's among them) send their OAuth errors with HTTP 200.
+            Some(b) => TokenError::Endpoint {
+                status,
+                body: Box::new(b),
+                retry_after: meta.retry_after,
+            },
+            None => TokenError::Http {
+                status,
+                excerpt: unusable(&e.into_inner().to_string(), &body),
+                retry_after: meta.retry_after,
+            },
+        },
         E::Parse(_, body) => TokenError::Http {
             status,
             excerpt: excerpt(&body),
@@ -245,15 +260,50 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
     }
 }
 
-/// A short printable excerpt of a reply body.
+/// A short printable excerpt of a reply body, with the value of every `*token*` field
+/// `<redacted>` (a 2xx body may carry tokens; the rest is what operators need to see).
 pub fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4 * EXCERPT_MAX)]);
-    bounded(text.trim(), EXCERPT_MAX)
+    // Redaction runs before the cut, on a bounded prefix: a value cut in half is still
+    // recognised as a value.
+    let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
+    let redacted = super::reply::redact_token_fields(text.trim());
+    bounded(&redacted, EXCERPT_MAX)
+}
+
+/// The OAuth error body in a reply, if it is one (a JSON object with a non-empty `error`).
+pub fn oauth_error_in(body: &[u8]) -> Option<super::error::OAuthErrorBody> {
+    serde_json::from_slice::<super::error::OAuthErrorBody>(body)
+        .ok()
+        .filter(|b| !b.error.trim().is_empty())
+}
+
+/// The excerpt of a 2xx reply that cannot be used: why (the reader's words, cut before
+/// serde's position suffix), then the redacted body.
+pub fn unusable(why: &str, body: &[u8]) -> String {
+    let why = why.split(" at line ").next().unwrap_or(why);
+    format!("{}; reply: {}", bounded(why, 96), excerpt(body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excerpts_never_carry_token_values() {
+        let body = br#"{"token_type":"Bearer","refresh_token":"rt-SECRET","id_token":"id-SECRET","expires_in":"x"}"#;
+        let e = excerpt(body);
+        assert!(!e.contains("SECRET"), "{e}");
+        assert!(e.contains("\"refresh_token\":\"<redacted>\""), "{e}");
+        let u = unusable("the reply has no access_token at line 1 column 90", body);
+        assert!(
+            u.starts_with("the reply has no access_token; reply: {"),
+            "{u}"
+        );
+        assert!(!u.contains("SECRET"), "{u}");
+        // A long value cut by the excerpt's bound is still blanked.
+        let long = format!(r#"{{"access_token":"{}"}}"#, "A".repeat(5000));
+        assert_eq!(excerpt(long.as_bytes()), r#"{"access_token":"<redacted>"}"#);
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

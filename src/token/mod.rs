@@ -50,6 +50,7 @@ pub mod error;
 pub mod grant;
 pub mod http;
 pub mod observer;
+pub mod reply;
 pub mod service;
 pub mod store;
 pub mod token_file;
