@@ -130,7 +130,7 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
-            command::check::run(&config, &mut out)?;
+            command::check::run(&config, &mut out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

@@ -12,6 +12,10 @@ fn err(text: &str) -> String {
         .to_string()
 }
 
+/// The smallest valid config: one mailbox on a token file.
+const MINIMAL: &str = "credentials:\n  t:\n    grant: token_file\n    token_file: /run/t\n\
+mailboxes:\n  m:\n    address: m@example.com\n    credential: t\n    protocols: [imap]\n";
+
 const CONTRACT_SHAPE: &str = "\
 listen: 0.0.0.0:9925
 state_dir: /var/lib/mail-oauth-exporter
@@ -122,10 +126,12 @@ fn delegated_scopes_follow_the_protocols_of_the_mailboxes() {
 
 #[test]
 fn scheduler_defaults_and_overrides() {
-    let c = parse("").unwrap();
+    let c = parse(MINIMAL).unwrap();
     assert_eq!(c.schedule, crate::config::Schedule::default());
-    let c = parse("scheduler:\n  max_concurrent_probes: 4\n  startup_spread: 30s\n  jitter: 0s\n")
-        .unwrap();
+    let c = parse(&format!(
+        "scheduler:\n  max_concurrent_probes: 4\n  startup_spread: 30s\n  jitter: 0s\n{MINIMAL}"
+    ))
+    .unwrap();
     assert_eq!(c.schedule.max_concurrent_probes, 4);
     assert_eq!(c.schedule.startup_spread, Some(Duration::from_secs(30)));
     assert_eq!(c.schedule.jitter, Duration::ZERO);

@@ -92,7 +92,7 @@ pub async fn device_login(
         if Instant::now() >= deadline {
             return Err(LoginError::Expired);
         }
-        let proof = grant::client_proof(cred)?;
+        let proof = grant::client_proof_async(cred).await?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", DEVICE_CODE_GRANT),
             ("client_id", &cred.client_id),
@@ -205,14 +205,13 @@ pub async fn import_refresh_token(
         path: file.display().to_string(),
         detail,
     };
-    let raw = std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
+    // Capped, never a FIFO or device, off the runtime: see `crate::fsread`.
+    let value = crate::fsread::read_trimmed_async(file, crate::fsread::FileKind::Secret)
+        .await
+        .map_err(|e| err(e.reason()))?;
     service
         .store()
-        .save(&cred.name, &Secret::new(value))
+        .save(&cred.name, &Secret::new(&value))
         .await
         .map_err(LoginError::Save)
 }
