@@ -935,7 +935,10 @@ fn fmt_duration(d: Duration) -> String {
 /// An `authority` is a base: no query or fragment either.
 pub fn endpoint_url(u: &str, base: bool) -> Result<url::Url, String> {
     let shown = u.escape_debug();
-    let url = url::Url::parse(u).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
+    let url = url::Url::parse(u).map_err(|e| match e {
+        url::ParseError::RelativeUrlWithoutBase => format!("`{shown}` must be an https:// URL"),
+        e => format!("`{shown}` is not a URL: {e}"),
+    })?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!(
             "`{shown}` holds a user name or password (`user@`): credentials never go in a URL, and the part after `@` is the host"
