@@ -327,6 +327,15 @@ pub(crate) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
     }
 }
 
+/// What a mailbox inherits: `defaults.*` and the scheduler's jitter.
+#[derive(Clone, Copy)]
+struct MailboxDefaults {
+    interval: Duration,
+    timeout: Duration,
+    mechanism: Mechanism,
+    jitter: Duration,
+}
+
 struct Validator<'a> {
     path: &'a Path,
     text: &'a str,
@@ -528,7 +537,13 @@ impl Validator<'_> {
         let mut mailboxes = BTreeMap::new();
         for (name, m) in raw.mailboxes {
             self.name(&["mailboxes"], "mailbox", &name)?;
-            let mb = self.mailbox(&name, m, &kinds, interval, timeout, mechanism, &schedule)?;
+            let defaults = MailboxDefaults {
+                interval,
+                timeout,
+                mechanism,
+                jitter: schedule.jitter,
+            };
+            let mb = self.mailbox(&name, m, &kinds, &defaults)?;
             mailboxes.insert(name, mb);
         }
         // The first runs are spread over `startup_spread`: longer than an interval, and a
@@ -776,11 +791,14 @@ impl Validator<'_> {
         name: &str,
         m: RawMailbox,
         credentials: &BTreeMap<String, ProviderKind>,
-        interval: Duration,
-        timeout: Duration,
-        mechanism: Mechanism,
-        schedule: &Schedule,
+        defaults: &MailboxDefaults,
     ) -> Result<Mailbox, ConfigError> {
+        let MailboxDefaults {
+            interval,
+            timeout,
+            mechanism,
+            jitter,
+        } = *defaults;
         let at = |k: &'static str| ["mailboxes", name, k];
         let Some(provider) = credentials.get(&m.credential).copied() else {
             let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
@@ -847,13 +865,13 @@ impl Validator<'_> {
         }
         // A run starts up to `jitter` after its slot and may last `timeout`: together they
         // must end before the next slot.
-        if timeout + schedule.jitter > interval {
+        if timeout + jitter > interval {
             return Err(self.err(
                 &at("timeout"),
                 format!(
                     "timeout {} plus scheduler.jitter {} is longer than the interval {}: a run could reach into its next slot",
                     fmt_duration(timeout),
-                    fmt_duration(schedule.jitter),
+                    fmt_duration(jitter),
                     fmt_duration(interval)
                 ),
             ));
