@@ -537,3 +537,27 @@ async fn run_with_a_fifo_secret_serves_reloads_and_stops_on_sigterm() {
     let logs = logs.await.unwrap();
     assert!(logs.contains("stopped"), "{logs}");
 }
+
+/// The config file itself goes through the same reader: a FIFO or a device is refused
+/// at once, by name.
+#[tokio::test]
+async fn the_config_file_itself_cannot_be_a_fifo_or_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.yaml");
+    mkfifo(&fifo);
+    let (code, out) = check(&fifo).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{out}"
+    );
+    let (code, out) = check(Path::new("/dev/zero")).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("/dev/zero: a character device, not a regular file"),
+        "{out}"
+    );
+}
