@@ -325,35 +325,21 @@ impl Service {
             tracing::warn!(file = %config.file.display(), "{problem}");
         }
         let engine = read(&self.engine);
-        let mut targets = Vec::new();
-        let mut jobs = Vec::new();
-        for mb in config.mailboxes.values() {
-            let mailbox = Arc::new(mb.clone());
-            let Some(cred) = config.credentials.get(&mb.credential) else {
-                continue; // the validator guarantees it exists
-            };
-            let credential = Arc::new(cred.clone());
-            for e in &mb.endpoints {
-                targets.push(TargetInfo {
+        let jobs = jobs(&config);
+        let targets = jobs
+            .iter()
+            .map(|j| {
+                let mb = &j.payload.mailbox;
+                TargetInfo {
                     mailbox: mb.name.clone(),
-                    protocol: e.protocol,
+                    protocol: j.protocol,
                     credential: mb.credential.clone(),
                     address: mb.address.clone(),
-                    target: mb.probe_spec(e).target.to_string(),
+                    target: mb.probe_spec(&j.payload.endpoint).target.to_string(),
                     interval: mb.interval,
-                });
-                jobs.push(Job {
-                    mailbox: mb.name.clone(),
-                    protocol: e.protocol,
-                    interval: mb.interval,
-                    payload: Payload {
-                        mailbox: mailbox.clone(),
-                        endpoint: e.clone(),
-                        credential: credential.clone(),
-                    },
-                });
-            }
-        }
+                }
+            })
+            .collect();
         let credentials = config
             .credentials
             .values()
