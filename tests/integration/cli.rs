@@ -561,3 +561,65 @@ async fn the_config_file_itself_cannot_be_a_fifo_or_a_device() {
         "{out}"
     );
 }
+
+/// A FIFO as the CA file stops `run` at start with the file named (it bound its port
+/// and never served), and a FIFO as a token file fails `probe` at once with the reason
+/// and the file named, instead of waiting for a writer.
+#[tokio::test]
+async fn run_and_probe_refuse_fifos_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let secret = d.join("secret");
+    std::fs::write(&secret, "s3cr3t\n").unwrap();
+    let config = file_config(d, &secret, Some(&fifo), &d.join("state"));
+    let (code, _, err) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ]),
+    )
+    .await
+    .expect("run hung on a FIFO CA file");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}", fifo.display())) && err.contains("a FIFO (named pipe)"),
+        "{err}"
+    );
+
+    let config = d.join("token-file.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "credentials:\n  t:\n    grant: token_file\n    token_file: {}\n\
+             mailboxes:\n  m:\n    address: m@contoso.com\n    credential: t\n    protocols: [imap]\n    imap: {{ host: 127.0.0.1, port: 9 }}\n",
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run(&[
+            "probe",
+            "--config",
+            config.to_str().unwrap(),
+            "--mailbox",
+            "m",
+        ]),
+    )
+    .await
+    .expect("probe hung on a FIFO token file");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "token file {}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{out}"
+    );
+}
