@@ -6,6 +6,7 @@ pub mod classify;
 pub mod command;
 pub mod config;
 pub mod emulator;
+pub mod fsread;
 pub mod http;
 pub mod metrics;
 pub mod probe;

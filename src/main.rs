@@ -138,7 +138,7 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             })
         }
         Command::Check { config } => {
-            command::check::run(&config, &mut out)?;
+            command::check::run(&config, &mut out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

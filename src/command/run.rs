@@ -24,8 +24,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
-    let config = Config::load(config_path)?;
-    let web = load_web_config(web_config)?;
+    // Read on the blocking pool: files never stall the runtime (see `crate::fsread`).
+    let (config, web) = {
+        let (path, web_path) = (config_path.to_owned(), web_config.map(Path::to_owned));
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, CommandError>((Config::load(&path)?, load_web_config(web_path.as_deref())?))
+        })
+        .await
+        .map_err(|e| CommandError::Usage(format!("cannot read the config: {e}")))??
+    };
     let addr = listen.or(config.listen).unwrap_or_else(|| {
         DEFAULT_LISTEN
             .parse()

@@ -7,7 +7,8 @@
 
 use super::auth::BasicAuth;
 use super::tls::{self, ClientAuth, TlsSettings, TlsVersion};
-use crate::config::{ConfigError, located, yaml_error};
+use crate::config::{ConfigError, located, parse_yaml, read_text};
+use crate::fsread::FileKind;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -42,13 +43,8 @@ impl WebConfig {
     /// Reads and validates `path`, loads the certificate, key and client CA it names
     /// (so a bad file stops the start, not the first scrape) and checks every bcrypt hash.
     pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            column: 0,
-            field: String::new(),
-            message: format!("cannot read: {e}"),
-        })?;
+        // Capped at 1 MiB, never a FIFO or device: see `crate::fsread`.
+        let text = read_text(path, FileKind::WebConfig)?;
         WebConfig::parse(path, &text)
     }
 
@@ -58,7 +54,7 @@ impl WebConfig {
         let raw: RawWebConfig = if text.trim().is_empty() {
             RawWebConfig::default()
         } else {
-            serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?
+            parse_yaml(path, text)?
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let tls = match raw.tls_server_config {

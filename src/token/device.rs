@@ -87,7 +87,7 @@ pub async fn device_login(
         if Instant::now() >= deadline {
             return Err(LoginError::Expired);
         }
-        let proof = grant::client_proof(cred)?;
+        let proof = grant::client_proof_async(cred).await?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", DEVICE_CODE_GRANT),
             ("client_id", &cred.client_id),
@@ -203,12 +203,11 @@ pub async fn import_refresh_token(
         path: file.display().to_string(),
         detail,
     };
-    let raw = std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
-    let imported = Secret::new(value);
+    // Capped, never a FIFO or device, off the runtime: see `crate::fsread`.
+    let value = crate::fsread::read_trimmed_async(file, crate::fsread::FileKind::Secret)
+        .await
+        .map_err(|e| err(e.reason()))?;
+    let imported = Secret::new(&value);
     let started = Instant::now();
     // As in the service: the rotated token is staged on disk the moment the reply is in,
     // before anything else is done with it (a crash then loses nothing).

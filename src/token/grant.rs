@@ -8,6 +8,7 @@ use super::http::{
     HttpClient, ReplyMeta, TransportError, excerpt, from_oauth2, oauth_error_in, unusable,
 };
 use super::reply::DeviceAuthorization;
+use crate::fsread::{self, FileKind};
 use crate::secret::Secret;
 use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::{
@@ -139,18 +140,39 @@ fn config_err(cred: &Credential, detail: impl ToString) -> TokenError {
 
 /// Reads a client secret: the bare value, surrounding whitespace trimmed.
 pub fn read_secret(source: &SecretSource) -> Result<Secret, String> {
-    let raw = match source {
-        SecretSource::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("client secret file {}: {e}", path.display()))?,
+    let value = match source {
+        // Capped and never a FIFO or device: see `crate::fsread`.
+        SecretSource::File(path) => fsread::read_trimmed(path, FileKind::Secret)
+            .map_err(|e| format!("client secret file {}: {}", path.display(), e.reason()))?,
         SecretSource::Env(var) => {
-            std::env::var(var).map_err(|_| format!("client secret variable {var} is not set"))?
+            let raw = std::env::var(var)
+                .map_err(|_| format!("client secret variable {var} is not set"))?;
+            let value = raw.trim();
+            if value.is_empty() {
+                return Err(format!("client secret variable {var} is empty"));
+            }
+            if value.len() as u64 > FileKind::Secret.cap() {
+                return Err(format!(
+                    "client secret variable {var} is longer than {} bytes",
+                    FileKind::Secret.cap()
+                ));
+            }
+            value.to_owned()
         }
     };
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err("client secret is empty".to_string());
-    }
     Ok(Secret::new(value))
+}
+
+/// [`client_proof`] on the blocking pool: it reads the secret or certificate files.
+pub async fn client_proof_async(cred: &Credential) -> Result<ClientProof, TokenError> {
+    let owned = cred.clone();
+    match tokio::task::spawn_blocking(move || client_proof(&owned)).await {
+        Ok(r) => r,
+        Err(e) => Err(config_err(
+            cred,
+            format!("reading client material failed: {e}"),
+        )),
+    }
 }
 
 pub fn client_proof(cred: &Credential) -> Result<ClientProof, TokenError> {
@@ -213,7 +235,7 @@ pub async fn refresh(
     refresh_token: &Secret,
     on_rotated: OnRotated<'_>,
 ) -> Result<Granted, TokenError> {
-    let proof = client_proof(cred)?;
+    let proof = client_proof_async(cred).await?;
     let client = oauth_client(cred, &proof)?;
     let rt = oauth2::RefreshToken::new(refresh_token.expose().to_string());
     let mut req = client.exchange_refresh_token(&rt).add_scopes(scopes(cred));
@@ -239,7 +261,7 @@ pub async fn client_credentials(
     http: &HttpClient,
     cred: &Credential,
 ) -> Result<Granted, TokenError> {
-    let proof = client_proof(cred)?;
+    let proof = client_proof_async(cred).await?;
     let client = oauth_client(cred, &proof)?;
     let mut req = client
         .exchange_client_credentials()
@@ -273,7 +295,7 @@ pub async fn device_authorization(
         .device_authorization_url()
         .ok_or_else(|| config_err(cred, "the provider has no device authorization URL"))?;
     oauth2::DeviceAuthorizationUrl::new(url.clone()).map_err(|e| config_err(cred, e))?;
-    let proof = client_proof(cred)?;
+    let proof = client_proof_async(cred).await?;
     let scope = cred.scopes.join(" ");
     let mut form: Vec<(&str, &str)> = vec![("client_id", &cred.client_id)];
     if !scope.is_empty() {

@@ -39,7 +39,9 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpCl
             path: path.display().to_string(),
             detail,
         };
-        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        // Capped, never a FIFO or device: see `crate::fsread`.
+        let pem = crate::fsread::read(path, crate::fsread::FileKind::Pem)
+            .map_err(|e| ca_err(e.reason()))?;
         let mut added = 0;
         for item in x509_parser::pem::Pem::iter_from_buffer(&pem) {
             let item = item.map_err(|e| ca_err(e.to_string()))?;

@@ -8,7 +8,7 @@ use super::grant::{self, Granted};
 use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
-use super::token_file::read_token_file;
+use super::token_file::read_token_file_async;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -231,7 +231,7 @@ impl TokenService {
         budget: TokenBudget,
     ) -> Result<AccessToken, TokenError> {
         if let Grant::TokenFile { path } = &cred.grant {
-            let token = read_token_file(path)?;
+            let token = read_token_file_async(path).await?;
             let mut stats = lock(&self.inner.stats);
             let s = stats.entry(cred.name.clone()).or_default();
             s.expires_at = token.expires_at;

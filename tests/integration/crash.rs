@@ -81,7 +81,7 @@ async fn kill_9_during_single_use_rotation_never_loses_a_token_that_reached_the_
             "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
              scheduler:\n  startup_spread: 1ms\n  jitter: 0s\n\
              credentials:\n  delegated:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: helpdesk-app\n    grant: refresh_token\n\
-             mailboxes:\n  m:\n    address: {USER}\n    credential: delegated\n    protocols: [imap]\n    interval: 1s\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+             mailboxes:\n  m:\n    address: {USER}\n    credential: delegated\n    protocols: [imap]\n    interval: 5s\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
             d = d.display(),
             auth = ep.authority(),
         ),

@@ -1,17 +1,22 @@
 //! Property tests (proptest) of what parses hostile input: the reply classifier, the token
 //! error classifier, the SASL error-challenge decoder and the config loader. None may
 //! panic on any input, and each keeps its promises (a failure never classifies as `ok`,
-//! HTTP 429 is always `token_throttled`, errors are located inside the file).
+//! HTTP 429 is always `token_throttled`, errors are located inside the file), and a config
+//! the loader accepts never panics the service's start: every accepted config is
+//! rehearsed (`service::rehearse`: engine and scheduler built, every job run on a paused
+//! clock, shut down).
 
 use base64::Engine as _;
 use mail_oauth_exporter::classify;
 use mail_oauth_exporter::config::Config;
 use mail_oauth_exporter::probe::sasl::decode_challenge;
 use mail_oauth_exporter::probe::{Phase, ProbeError};
+use mail_oauth_exporter::service::rehearse;
 use mail_oauth_exporter::token::{OAuthErrorBody, TokenError};
 use mail_oauth_exporter::{Reason, Stage};
 use proptest::prelude::*;
 use std::path::Path;
+use std::time::Duration;
 
 fn phase() -> impl Strategy<Value = Phase> {
     proptest::sample::select(Phase::ALL.to_vec())
@@ -145,8 +150,90 @@ proptest! {
     }
 }
 
+/// Durations as people and attackers write them: small, huge (`18446744073709551615s`),
+/// zero, every unit.
+fn duration_text() -> impl Strategy<Value = String> {
+    let unit = proptest::sample::select(vec!["ns", "ms", "s", "m", "h", "d", "y"]);
+    prop_oneof![
+        (0u64..200, unit.clone()).prop_map(|(n, u)| format!("{n}{u}")),
+        (any::<u64>(), unit).prop_map(|(n, u)| format!("{n}{u}")),
+        Just("0".to_string()),
+    ]
+}
+
+/// A well-formed config whose every number is drawn from the whole range its type holds.
+fn numeric_config() -> impl Strategy<Value = String> {
+    (
+        proptest::option::of(prop_oneof![any::<u64>(), 0u64..100]),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        proptest::option::of(duration_text()),
+        any::<u16>(),
+    )
+        .prop_map(|(max, spread, jitter, grace, d_int, d_to, m_int, m_to, port)| {
+            let opt = |k: &str, v: &Option<String>| {
+                v.as_ref().map_or(String::new(), |v| format!("  {k}: {v}\n"))
+            };
+            let mb = |k: &str, v: &Option<String>| {
+                v.as_ref().map_or(String::new(), |v| format!("    {k}: {v}\n"))
+            };
+            format!(
+                "scheduler:\n{}{}{}{}defaults:\n{}{}  mechanism: xoauth2\n\
+                 credentials:\n  t:\n    grant: token_file\n    token_file: /nonexistent/t\n\
+                 mailboxes:\n  a:\n    address: a@example.com\n    credential: t\n    protocols: [imap, smtp]\n{}{}\
+                 \x20   imap: {{ host: 127.0.0.1, port: {port} }}\n\
+                 \x20 b:\n    address: b@example.com\n    credential: t\n    protocols: [pop3]\n    pop3: {{ host: localhost }}\n",
+                max.map_or(String::new(), |m| format!("  max_concurrent_probes: {m}\n")),
+                opt("startup_spread", &spread),
+                opt("jitter", &jitter),
+                opt("shutdown_grace", &grace),
+                opt("interval", &d_int),
+                opt("timeout", &d_to),
+                mb("interval", &m_int),
+                mb("timeout", &m_to),
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Issue 16: `max_concurrent_probes: 18446744073709551615` and durations like
+    /// `18446744073709551615s` passed the loader and panicked the start. Whatever the
+    /// numbers, the loader refuses them or the service starts, runs and stops.
+    #[test]
+    fn no_number_the_loader_accepts_panics_the_start(text in numeric_config()) {
+        check_config(&text)?;
+    }
+}
+
 fn check_config(text: &str) -> Result<(), TestCaseError> {
     let path = Path::new("fuzz.yaml");
+    if let Ok(config) = Config::parse(path, text) {
+        // Long enough on the paused clock for every job to run, reschedule and run again.
+        let longest = config
+            .mailboxes
+            .values()
+            .map(|m| m.interval)
+            .max()
+            .unwrap_or_default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        // A CA file the example names but this machine lacks is an error, not a panic.
+        let _ = rt.block_on(rehearse(
+            &config,
+            longest
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(1)),
+        ));
+    }
     if let Err(e) = Config::parse(path, text) {
         // YAML breaks lines at CR, LF, NEL, LS and PS (found by cargo fuzz): count them all; an
         // error at the end of input is reported on the line after the last.
