@@ -34,8 +34,9 @@ const LONG_VERSION: &str = concat!(
     long_version = LONG_VERSION,
     about,
     long_about,
-    // Service flags go either before no command at all or after `run`, never both.
-    args_conflicts_with_subcommands = true,
+    // `--config.file` is required without a command only; service flags given beside a
+    // command are refused in `main` (clap's args_conflicts_with_subcommands would refuse
+    // the global --log.* flags before a command too).
     subcommand_negates_reqs = true
 )]
 struct Cli {
@@ -90,14 +91,14 @@ struct ServiceArgs {
         value_parser = parse_listen_address
     )]
     listen: Option<SocketAddr>,
-    /// Path under which the metrics are served (then /metrics answers 404).
+    /// Path under which the metrics are served (then /metrics answers 404) [default:
+    /// /metrics].
     #[arg(
         long = "web.telemetry-path",
         value_name = "PATH",
-        default_value = "/metrics",
         value_parser = parse_telemetry_path
     )]
-    telemetry_path: String,
+    telemetry_path: Option<String>,
     /// TLS and basic auth for the HTTP endpoints (Prometheus exporter web config format).
     #[arg(long = "web.config.file", value_name = "FILE")]
     web_config_file: Option<PathBuf>,
@@ -105,6 +106,18 @@ struct ServiceArgs {
     /// StatefulSet pod name ending in -INDEX (`--shard $(POD_NAME)/3`).
     #[arg(long, value_name = "INDEX/COUNT")]
     shard: Option<mail_oauth_exporter::shard::Shard>,
+}
+
+impl ServiceArgs {
+    /// Whether any of these flags was given.
+    fn any(&self) -> bool {
+        self.config_file.is_some()
+            || self.config_check
+            || self.listen.is_some()
+            || self.telemetry_path.is_some()
+            || self.web_config_file.is_some()
+            || self.shard.is_some()
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -211,7 +224,17 @@ fn main() -> ExitCode {
         }
     };
     // No command: the service, from the top-level flags.
-    let command = cli.command.unwrap_or(Command::Run(cli.service));
+    let command = match cli.command {
+        None => Command::Run(cli.service),
+        Some(_) if cli.service.any() => {
+            eprintln!(
+                "error: service flags (--config.file, --web.*, --shard) go after `run` or \
+                 without a command, not before a command"
+            );
+            return ExitCode::from(2);
+        }
+        Some(command) => command,
+    };
     let result = runtime.block_on(run(command));
     match result {
         Ok(code) => code,
@@ -257,7 +280,7 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
                 listen: args.listen,
                 shard: args.shard,
                 web_config_file: args.web_config_file,
-                telemetry_path: args.telemetry_path,
+                telemetry_path: args.telemetry_path.unwrap_or_else(|| "/metrics".into()),
             };
             command::run::run(&options, shutdown_signal(), reload_signal()).await?;
             Ok(ExitCode::SUCCESS)
