@@ -50,8 +50,8 @@ pub async fn run(
     let listener = bind(addr).await?;
     let service = Service::start_sharded(config, shard)?;
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        revision = crate::REVISION,
+        version = %env!("CARGO_PKG_VERSION"),
+        revision = %crate::REVISION,
         address = %listener.local_addr().unwrap_or(addr),
         metrics = web.telemetry_path(),
         config = %config_path.display(),

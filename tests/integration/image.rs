@@ -17,7 +17,10 @@
 //! 3. The image runs as its USER with the standalone manifest's arguments and volume
 //!    mounts, its root file system mounted read-only, on the host network, probing the
 //!    emulated provider on 127.0.0.1: `/healthz` and `/readyz` answer 200 and the probe
-//!    logs in. A second run shows the state volume is the one writable place.
+//!    logs in; SIGTERM stops it with exit 0. A second run shows the state volume is the
+//!    one writable place (a write elsewhere fails with EROFS). buildah itself needs `/run`
+//!    writable (see [`Buildah::make_read_only`]): a root-owned directory the container's
+//!    user cannot write to, checked empty afterwards.
 //!
 //! Needs root and Debian's `buildah` (scripts/test installs it); without them it fails
 //! saying so.
@@ -290,7 +293,7 @@ struct Buildah {
 
 impl Buildah {
     fn new() -> Buildah {
-        // SAFETY-free check of the effective user: buildah with vfs storage needs root.
+        // buildah with vfs storage and chroot isolation needs root.
         let uid = Command::new("id").arg("-u").output().unwrap();
         assert_eq!(
             String::from_utf8_lossy(&uid.stdout).trim(),
@@ -331,16 +334,23 @@ impl Buildah {
     }
 
     /// Mounts `path` (a container's root) read-only onto itself: what `readOnlyRootFilesystem`
-    /// does. Mounts buildah adds when it runs the container inherit read-only.
-    fn make_read_only(&mut self, path: &Path) {
-        for args in [
-            vec!["--bind", path.to_str().unwrap(), path.to_str().unwrap()],
-            vec!["-o", "remount,bind,ro", path.to_str().unwrap()],
-        ] {
+    /// does. Mounts buildah adds when it runs the container inherit read-only. One
+    /// exception, `run_dir` (root-owned, 0755, so the container's user cannot write there
+    /// either) over `/run`: buildah 1.28 creates and afterwards removes `/run/.containerenv`
+    /// in the root itself, and crashes when it cannot.
+    fn make_read_only(&mut self, path: &Path, run_dir: &Path) {
+        let p = path.to_str().unwrap();
+        let run = path.join("run");
+        let steps: [Vec<&str>; 3] = [
+            vec!["--bind", p, p],
+            vec!["-o", "remount,bind,ro", p],
+            vec!["--bind", run_dir.to_str().unwrap(), run.to_str().unwrap()],
+        ];
+        for args in steps {
             let st = Command::new("mount").args(&args).status().unwrap();
             assert!(st.success(), "mount {args:?}");
             if args[0] == "--bind" {
-                self.bind_mounts.push(path.to_path_buf());
+                self.bind_mounts.push(PathBuf::from(args[2]));
             }
         }
     }
@@ -492,8 +502,11 @@ fn assemble_runtime(
     b.run(&["rm", &ctr]);
 }
 
-fn inspect(b: &Buildah, format: &str) -> String {
-    b.run(&["inspect", "--type", "image", "--format", format, IMAGE])
+/// The OCI image config of [`IMAGE`] (`User`, `Entrypoint`, `Cmd`, `StopSignal`, ...).
+fn image_config(b: &Buildah) -> serde_json::Value {
+    let all: serde_json::Value =
+        serde_json::from_str(&b.run(&["inspect", "--type", "image", IMAGE])).unwrap();
+    all["OCIv1"]["config"].clone()
 }
 
 /// The standalone manifest's exporter container: its arguments, its mounts (path →
@@ -600,6 +613,9 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
     let (build, runtime) = (&stages[0], &stages[1]);
     let build_name = build.name.as_deref().expect("the build stage is named");
 
+    // Root and buildah first: no point building without them.
+    let mut b = Buildah::new();
+
     // 1. The build stage, on exactly the files it copies.
     let target_dir = Path::new(BIN).parent().unwrap().parent().unwrap();
     let build_dir = target_dir.join("image-build").join("workdir");
@@ -615,7 +631,6 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
     .unwrap();
 
     // 2. The runtime stage on a local stand-in for its base.
-    let mut b = Buildah::new();
     let binary = build_dir.join(
         runtime
             .instructions
@@ -631,17 +646,39 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
     assemble_runtime(&b, runtime, build_name, &workdir, &build_dir);
 
     // What the image says about itself: non-root, the binary as entrypoint, no shell.
-    let user = inspect(&b, "{{.OCIv1.Config.User}}");
+    let image = image_config(&b);
+    let user = image["User"].as_str().unwrap_or_default().to_string();
     let (args, mounts, run_as) = standalone_container();
     assert_eq!(
         user,
         format!("{run_as}:{run_as}"),
         "the manifests' runAsUser"
     );
-    let entrypoint: Vec<String> =
-        serde_json::from_str(&inspect(&b, "{{json .OCIv1.Config.Entrypoint}}")).unwrap();
+    let entrypoint: Vec<String> = serde_json::from_value(image["Entrypoint"].clone()).unwrap();
     assert_eq!(entrypoint, ["/usr/local/bin/mail-oauth-exporter"]);
+    // Without arguments (docker run IMAGE) it runs the service on the mounted config.
+    assert_eq!(
+        image["Cmd"],
+        serde_json::json!(["--config.file", "/etc/mail-oauth-exporter/config.yaml"])
+    );
     let ctr = b.run(&["from", "--pull=never", IMAGE]);
+    // `buildah run` mounts the image's VOLUMEs itself, over a --volume of the same path;
+    // Kubernetes mounts the pod's volume there instead. Drop them from this container
+    // (not the image) so that the manifest's mounts are the ones used.
+    let volumes: Vec<String> = serde_json::from_value(
+        image["Volumes"]
+            .as_object()
+            .map(|v| serde_json::json!(v.keys().collect::<Vec<_>>()))
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    assert!(
+        volumes.iter().any(|v| v == "/var/lib/mail-oauth-exporter"),
+        "the image declares its state volume: {image}"
+    );
+    for v in &volumes {
+        b.run(&["config", "--volume", &format!("{v}-"), &ctr]);
+    }
     let root = PathBuf::from(b.run(&["mount", &ctr]));
     for absent in ["bin/sh", "usr/bin/apt-get", "usr/bin/dpkg"] {
         assert!(!root.join(absent).exists(), "{absent} in the image");
@@ -723,7 +760,9 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
         config("/var/lib/elsewhere"),
     )
     .unwrap();
-    b.make_read_only(&root);
+    let run_dir = host.path().join("run-for-buildah");
+    std::fs::create_dir(&run_dir).unwrap();
+    b.make_read_only(&root, &run_dir);
 
     let run_args = |extra: &[String]| {
         let mut a: Vec<String> = vec![
@@ -768,7 +807,9 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("address="))
                     .expect("the start line names the address");
+                // The REVISION build argument reached the binary.
                 assert!(line.contains(&format!("revision={revision}")), "{line}");
+                assert!(line.contains("version="), "{line}");
                 return format!("http://{addr}");
             }
         }
@@ -797,8 +838,7 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
         metrics.contains(&format!(r#"revision="{revision}""#)),
         "the REVISION build argument reaches mail_oauth_build_info"
     );
-    let stop_signal = inspect(&b, "{{.OCIv1.Config.StopSignal}}");
-    assert_eq!(stop_signal, "SIGTERM");
+    assert_eq!(image["StopSignal"], "SIGTERM");
     assert!(descendant_running(guard.buildah, &guard.program).is_some());
     drop(guard);
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
@@ -835,11 +875,17 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
         String::from_utf8_lossy(&ok.stderr)
     );
     let stored: Vec<PathBuf> = walk(&state_dir);
-    assert!(!stored.is_empty(), "the token is in the state volume");
+    assert!(
+        !stored.is_empty(),
+        "the token is in the state volume: {}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let refused = login("/etc/mail-oauth-exporter/elsewhere.yaml");
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "wrote outside the volume");
     assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(walk(&run_dir), Vec::<PathBuf>::new(), "left in /run");
 }
 
 /// Every file under `dir` (not directories), symbolic links not followed.
