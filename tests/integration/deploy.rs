@@ -530,3 +530,41 @@ fn dockerfile_builds_in_stages_and_runs_unprivileged() {
         }
     }
 }
+
+/// The build context is the Dockerfile's files and nothing else: every COPY source is
+/// allowed by .dockerignore, build output and git history are not (the image test follows
+/// the same rules when it builds; this checks them without root or buildah).
+#[test]
+fn dockerignore_admits_what_the_dockerfile_copies_and_nothing_big() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let mut sources = 0;
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ")) {
+        if line.contains("--from=") {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        for src in &words[..words.len() - 1] {
+            sources += 1;
+            assert!(
+                super::image::in_build_context(&ignore, src),
+                "COPY {src}: .dockerignore leaves it out of the build context"
+            );
+        }
+    }
+    assert!(sources >= 5, "{sources} COPY sources");
+    for big in [
+        "target",
+        "target/debug/x",
+        ".git",
+        "fuzz/target",
+        "tests",
+        "dashboards",
+    ] {
+        assert!(
+            !super::image::in_build_context(&ignore, big),
+            "{big} is in the build context"
+        );
+    }
+}

@@ -108,7 +108,7 @@ fn parse_dockerfile(text: &str) -> Vec<Stage> {
 /// `.dockerignore` in the shape this repository uses: `*` (everything out), then `!PATH`
 /// lines letting single top-level files or directories back in. Whether `rel` (a COPY
 /// source) is in the build context.
-fn in_build_context(dockerignore: &str, rel: &str) -> bool {
+pub fn in_build_context(dockerignore: &str, rel: &str) -> bool {
     let lines: Vec<&str> = dockerignore
         .lines()
         .map(str::trim)
