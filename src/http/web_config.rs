@@ -26,7 +26,20 @@ pub struct WebConfig {
     pub(crate) auth: Option<BasicAuth>,
     /// `http_server_config.headers`, added to every response.
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// `--web.telemetry-path`: where the metrics are served; `None` is `/metrics`.
+    pub(crate) telemetry_path: Option<String>,
 }
+
+/// The paths the server answers besides the metrics: `--web.telemetry-path` may not take
+/// one of them (the router in `http/mod.rs` serves these).
+const OTHER_PATHS: &[&str] = &[
+    "/",
+    "/healthz",
+    "/readyz",
+    "/api/v1/status",
+    "/transcript",
+    "/-/reload",
+];
 
 impl std::fmt::Debug for WebConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,6 +48,7 @@ impl std::fmt::Debug for WebConfig {
             .field("client_certs", &self.client_certs)
             .field("auth", &self.auth)
             .field("headers", &self.headers)
+            .field("telemetry_path", &self.telemetry_path())
             .finish()
     }
 }
@@ -95,7 +109,22 @@ impl WebConfig {
             client_certs,
             auth,
             headers,
+            telemetry_path: None,
         })
+    }
+
+    /// Serves the metrics at `path` (`--web.telemetry-path`, as Prometheus exporters
+    /// name it) instead of `/metrics`, which then answers 404. `path` is an absolute
+    /// URL path without query or fragment, and not one of the other endpoints' paths.
+    pub fn with_telemetry_path(mut self, path: &str) -> Result<WebConfig, String> {
+        validate_telemetry_path(path)?;
+        self.telemetry_path = Some(path.to_string());
+        Ok(self)
+    }
+
+    /// Where the metrics are served: `/metrics` unless `--web.telemetry-path` says otherwise.
+    pub fn telemetry_path(&self) -> &str {
+        self.telemetry_path.as_deref().unwrap_or("/metrics")
     }
 
     /// Whether the listener speaks TLS only.
@@ -126,6 +155,22 @@ impl WebConfig {
             }
         }
     }
+}
+
+/// Checks a `--web.telemetry-path` value; the error says what is wrong with it.
+pub fn validate_telemetry_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?}: must start with /"));
+    }
+    if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{path:?}: a URL path only (no query, fragment, spaces or control characters)"
+        ));
+    }
+    if OTHER_PATHS.contains(&path) {
+        return Err(format!("{path:?}: already serves another endpoint"));
+    }
+    Ok(())
 }
 
 /// The file as written. Unknown keys are errors (`deny_unknown_fields`); the toolkit's

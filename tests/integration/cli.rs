@@ -1,5 +1,7 @@
 //! The real binary: `probe` against the emulator prints a readable result and no secret,
-//! with exit codes 0 (logged in), 1 (probe failed), 2 (bad usage or config); `check`.
+//! with exit codes 0 (logged in), 1 (probe failed), 2 (bad usage or config); `check`; the
+//! Prometheus exporter flags (`--config.file`, `--config.check`, `--web.*`, `--log.*`), their
+//! 0.1 aliases, `--version` and the help texts.
 
 use super::probe::{TOKEN, options, start};
 use mail_oauth_exporter::emulator::{Behaviour, Proto, TlsKind};
@@ -622,4 +624,233 @@ async fn run_and_probe_refuse_fifos_at_once() {
         )),
         "{out}"
     );
+}
+
+/// The service started by the real binary; its stderr lines (JSON logs) and base URL.
+async fn start_service(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, serde_json::Value) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let start = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push(line.clone());
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if v["fields"]["message"] == "mail-oauth-exporter running" {
+                return v["fields"].clone();
+            }
+        }
+        panic!("exited before it started: {seen:#?}");
+    })
+    .await
+    .expect("the start-up line within 30 s");
+    // Keep reading so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, start)
+}
+
+/// As Prometheus exporters are run: no command, dotted flags. The start-up line names
+/// version and revision; the metrics move to --web.telemetry-path; --log.level wins over
+/// RUST_LOG (which alone would hide that info line).
+#[tokio::test]
+async fn exporter_flags_run_the_service_without_a_command() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let (mut child, start) = start_service(
+        &[
+            "--config.file",
+            config.to_str().unwrap(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--web.telemetry-path",
+            "/probe-metrics",
+            "--log.format",
+            "json",
+            "--log.level",
+            "info",
+        ],
+        &[("RUST_LOG", "error")],
+    )
+    .await;
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
+    assert_eq!(start["revision"], mail_oauth_exporter::REVISION, "{start}");
+    assert_eq!(start["metrics"], "/probe-metrics", "{start}");
+    let base = format!("http://{}", start["address"].as_str().unwrap());
+    let (code, body) = crate::demo::get(&format!("{base}/probe-metrics")).await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(&format!(
+            "mail_oauth_build_info{{revision=\"{}\",version=\"{}\"}} 1",
+            mail_oauth_exporter::REVISION,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    let (code, _) = crate::demo::get(&format!("{base}/metrics")).await;
+    assert_eq!(code, 404, "the metrics moved");
+    let (code, _) = crate::demo::get(&format!("{base}/healthz")).await;
+    assert_eq!(code, 200);
+    child.kill().await.unwrap();
+}
+
+/// The 0.1 spellings still work, at the top level and after `run`; `:PORT` listens on
+/// every interface as in Go exporters.
+#[tokio::test]
+async fn the_old_spellings_remain_aliases() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["--log-format", "json", "--config", config, "--listen", ":0"],
+        vec![
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            config,
+            "--listen",
+            ":0",
+        ],
+    ] {
+        let (mut child, start) = start_service(&args, &[]).await;
+        let address = start["address"].as_str().unwrap();
+        let port = address
+            .strip_prefix("0.0.0.0:")
+            .unwrap_or_else(|| panic!("{args:?}: {address} is not every interface"));
+        let (code, body) = crate::demo::get(&format!("http://127.0.0.1:{port}/metrics")).await;
+        assert_eq!(code, 200, "{args:?}");
+        assert!(body.contains("mail_oauth_build_info"), "{args:?}");
+        child.kill().await.unwrap();
+    }
+}
+
+/// `--config.check`: exit 0 for a sound config, 2 with file, line, column and field for a
+/// bad one, 2 naming a missing secret file; after `run` as well. Nothing starts.
+#[tokio::test]
+async fn config_check_validates_and_exits() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config = config.to_str().unwrap();
+    for prefix in [vec![], vec!["run"]] {
+        let with = |rest: &[&'static str]| {
+            let mut a: Vec<String> = prefix.iter().map(|s: &&str| s.to_string()).collect();
+            a.extend(rest.iter().map(|s| s.to_string()));
+            a
+        };
+        let mut args = with(&["--config.check", "--config.file"]);
+        args.push(config.into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = run(&args).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            out.contains(": ok (1 credentials, 2 mailboxes, 4 probes)"),
+            "{out}"
+        );
+    }
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "mailboxes:\n  m:\n    adress: a@b.c\n").unwrap();
+    let (code, _, err) = run(&["--config.file", bad.to_str().unwrap(), "--config.check"]).await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{}:3:5: mailboxes.m: unknown field `adress`",
+            bad.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    let (code, _, err) = run(&["--config.file", config, "--config.check"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("credential external: token_file"), "{err}");
+    // Usage errors are 2 too, and say what is wrong.
+    let (code, _, err) = run(&["--config.file", config, "check", "--config", config]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("not before a command"), "{err}");
+    let (code, _, err) = run(&[]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--config.file <FILE>"), "{err}");
+    for path in ["metrics", "/healthz", "/a?b"] {
+        let (code, _, err) = run(&["--config.file", config, "--web.telemetry-path", path]).await;
+        assert_eq!(code, 2, "{path}");
+        assert!(err.contains("--web.telemetry-path"), "{err}");
+    }
+}
+
+/// `--version` as Prometheus prints it: version and revision, build date, compiler,
+/// platform.
+#[tokio::test]
+async fn version_names_revision_build_date_and_compiler() {
+    let (code, out, _) = run(&["--version"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "mail-oauth-exporter {} (revision: {})",
+            env!("CARGO_PKG_VERSION"),
+            mail_oauth_exporter::REVISION
+        )
+    );
+    let field = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in:\n{out}"))
+    };
+    let date = field("build date:");
+    let shape = date.len() == 17
+        && date.char_indices().all(|(i, c)| match i {
+            8 => c == '-',
+            11 | 14 => c == ':',
+            _ => c.is_ascii_digit(),
+        });
+    assert!(shape, "build date {date:?} is not YYYYMMDD-HH:MM:SS");
+    assert!(field("rustc version:").starts_with("rustc 1."), "{out}");
+    assert!(field("platform:").contains(std::env::consts::ARCH), "{out}");
+}
+
+/// Every flag of every command says what it does in `--help`.
+#[tokio::test]
+async fn every_flag_has_a_help_text() {
+    let commands: [&[&str]; 6] = [&[], &["run"], &["check"], &["login"], &["probe"], &["demo"]];
+    let mut flags = 0;
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("-h");
+        let (code, out, err) = run(&args).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        for line in out.lines().map(str::trim).filter(|l| l.starts_with('-')) {
+            flags += 1;
+            // `--flag <VALUE>   What it does`: the help text follows two or more spaces.
+            let help = line.split_once("  ").map(|(_, h)| h.trim()).unwrap_or("");
+            assert!(help.len() > 3, "{args:?}: no help for `{line}`");
+        }
+    }
+    for flag in [
+        "--config.file",
+        "--config.check",
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--log.level",
+        "--log.format",
+    ] {
+        let (_, out, _) = run(&["-h"]).await;
+        assert!(out.contains(flag), "{flag} missing from --help");
+    }
+    assert!(flags > 20, "{flags} flags seen");
 }

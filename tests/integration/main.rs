@@ -12,6 +12,7 @@ mod docs;
 mod dovecot;
 mod emulator;
 mod hostile;
+mod image;
 mod oauth;
 mod probe;
 mod prometheus;

@@ -1181,7 +1181,7 @@ async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
         format!(
             "state_dir: {state}\ntls:\n  ca_file: {d}/ca.pem\n\
              credentials:\n  delegated:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: pub\n    grant: refresh_token\n\
-             mailboxes:\n  m:\n    address: {user}\n    credential: delegated\n    protocols: [imap]\n    interval: 1s\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+             mailboxes:\n  m:\n    address: {user}\n    credential: delegated\n    protocols: [imap]\n    interval: 5s\n    timeout: 2s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
             state = state.display(),
             d = dir.display(),
             auth = ep.authority(),
