@@ -2,7 +2,7 @@
 
 use base64::prelude::*;
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{Behaviour, Echo, ServerBehaviour, echo_challenge, echoed_token, judge};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
@@ -439,10 +439,27 @@ async fn authenticate(
             ),
             None,
         ),
-        Behaviour::ErrorChallenge => {
-            conn.send(&format!("+ {}", mech.error_challenge()))
-                .await
-                .ok()?;
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!("{tag} NO token {} is not valid", echoed_token(mech, &response)),
+            None,
+        ),
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("* BYE {response}")).await;
+            return None;
+        }
+        Behaviour::ErrorChallenge | Behaviour::Echo(Echo::Challenge) => {
+            let challenge = match behaviour {
+                Behaviour::ErrorChallenge => mech.error_challenge().to_string(),
+                _ => echo_challenge(&echoed_token(mech, &response)),
+            };
+            conn.send(&format!("+ {challenge}")).await.ok()?;
             let answer = conn.read_line().await.ok()?;
             let answer = answer.trim();
             let reply = if mech.is_challenge_ack(answer) {

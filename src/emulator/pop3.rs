@@ -1,6 +1,6 @@
 //! The emulated POP3 server (RFC 1939, 2449 CAPA, 2595 STLS, 5034 AUTH) with Exchange Online's replies.
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{Behaviour, Echo, ServerBehaviour, echo_challenge, echoed_token, judge};
 use super::conn::{Conn, LineError};
 use super::imap::host_token;
 use super::sasl::Mechanism;
@@ -248,10 +248,27 @@ async fn authenticate(
             ),
             None,
         ),
-        Behaviour::ErrorChallenge => {
-            conn.send(&format!("+ {}", mech.error_challenge()))
-                .await
-                .ok()?;
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "-ERR [AUTH] Invalid credentials for: AUTH {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!("-ERR token {} is not valid", echoed_token(mech, &response)),
+            None,
+        ),
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("-ERR {response}")).await;
+            return None;
+        }
+        Behaviour::ErrorChallenge | Behaviour::Echo(Echo::Challenge) => {
+            let challenge = match behaviour {
+                Behaviour::ErrorChallenge => mech.error_challenge().to_string(),
+                _ => echo_challenge(&echoed_token(mech, &response)),
+            };
+            conn.send(&format!("+ {challenge}")).await.ok()?;
             let answer = conn.read_line().await.ok()?;
             let answer = answer.trim();
             let reply = if mech.is_challenge_ack(answer) {
