@@ -447,7 +447,10 @@ async fn authenticate(
             None,
         ),
         Behaviour::Echo(Echo::Token) => (
-            format!("{tag} NO token {} is not valid", echoed_token(mech, &response)),
+            format!(
+                "{tag} NO token {} is not valid",
+                echoed_token(mech, &response)
+            ),
             None,
         ),
         Behaviour::Echo(Echo::Bye) => {

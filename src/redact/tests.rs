@@ -44,7 +44,14 @@ fn url_encoded_forms_are_blanked() {
 #[test]
 fn base64_forms_at_every_alignment_are_blanked() {
     let r = one(TOKEN);
-    for prefix in ["", "a", "ab", "abc", "{\"error\":\"bad ", "user=x@y\u{1}auth=Bearer "] {
+    for prefix in [
+        "",
+        "a",
+        "ab",
+        "abc",
+        "{\"error\":\"bad ",
+        "user=x@y\u{1}auth=Bearer ",
+    ] {
         let plain = format!("{prefix}{TOKEN} trailing");
         for engine in [&STANDARD, &URL_SAFE_NO_PAD] {
             let enc = engine.encode(&plain);
@@ -66,9 +73,8 @@ fn the_sasl_response_is_blanked_whole_and_decoded() {
     let mut r = Redactor::new();
     r.add(&Secret::new(TOKEN));
     r.add_sasl(&Secret::new(ir.clone()));
-    let echo = format!(
-        "A01 NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE XOAUTH2 {ir}"
-    );
+    let echo =
+        format!("A01 NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE XOAUTH2 {ir}");
     assert_eq!(
         r.redact(&echo),
         "A01 NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE XOAUTH2 <redacted>"
@@ -82,7 +88,8 @@ fn the_sasl_response_is_blanked_whole_and_decoded() {
 
 #[test]
 fn a_json_challenge_echoing_the_token_still_decodes_redacted() {
-    let json = format!(r#"{{"status":"401","schemes":"Bearer","error":"token {TOKEN} is not valid"}}"#);
+    let json =
+        format!(r#"{{"status":"401","schemes":"Bearer","error":"token {TOKEN} is not valid"}}"#);
     let challenge = STANDARD.encode(&json);
     let got = one(TOKEN).redact(&format!("+ {challenge}"));
     let b64 = got.strip_prefix("+ ").unwrap();
@@ -95,7 +102,8 @@ fn a_json_challenge_echoing_the_token_still_decodes_redacted() {
 
 #[test]
 fn unknown_values_of_sensitive_json_fields_are_blanked_also_in_base64() {
-    let json = r#"{"status":"401","access_token":"abc.def-ghi","scope":"https://mail.google.com/"}"#;
+    let json =
+        r#"{"status":"401","access_token":"abc.def-ghi","scope":"https://mail.google.com/"}"#;
     let r = Redactor::new();
     assert_eq!(
         r.redact(json),
@@ -103,7 +111,11 @@ fn unknown_values_of_sensitive_json_fields_are_blanked_also_in_base64() {
     );
     let got = r.redact(&format!("334 {}", STANDARD.encode(json)));
     let decoded = STANDARD.decode(got.strip_prefix("334 ").unwrap()).unwrap();
-    assert!(String::from_utf8(decoded).unwrap().contains(r#""access_token":"<redacted>""#));
+    assert!(
+        String::from_utf8(decoded)
+            .unwrap()
+            .contains(r#""access_token":"<redacted>""#)
+    );
 }
 
 #[test]
@@ -130,7 +142,10 @@ fn field_names_are_blanked_in_json_form_and_broken_bodies() {
             r#"{"Password" : "with \"quotes\" inside", "ClientAssertion": 12}"#,
             r#"{"Password" : "<redacted>", "ClientAssertion": <redacted>}"#,
         ),
-        ("password: hunter22 then more", "password: <redacted> then more"),
+        (
+            "password: hunter22 then more",
+            "password: <redacted> then more",
+        ),
     ];
     for (input, want) in cases {
         assert_eq!(r.redact(input), want, "{input}");
@@ -160,7 +175,10 @@ fn overlapping_and_adjacent_secrets_leave_nothing() {
     let r = Redactor::new()
         .with(&Secret::new(TOKEN))
         .with(&Secret::new(format!("auth=Bearer {TOKEN}")));
-    assert_eq!(r.redact(&format!("x auth=Bearer {TOKEN} y")), "x <redacted> y");
+    assert_eq!(
+        r.redact(&format!("x auth=Bearer {TOKEN} y")),
+        "x <redacted> y"
+    );
 }
 
 #[test]
