@@ -1,7 +1,8 @@
 //! The redacted record of a probe's dialogue: what each side said, and when.
 //!
-//! Lines are redacted as they are recorded, so no unredacted copy of a secret ever
-//! exists in a transcript, however it is later shown (CLI, status page, logs).
+//! Lines are redacted as they are recorded, through the probe's [`Redactor`] (the same
+//! one that redacts every received line as it is read), so no unredacted copy of a secret
+//! ever exists in a transcript, however it is later shown (CLI, status page, logs).
 
 use crate::redact::Redactor;
 use serde::Serialize;

@@ -170,9 +170,9 @@ use mail_oauth_exporter::secret::Secret;
 
 /// How a secret is embedded in a server's or endpoint's text.
 #[derive(Debug, Clone, Copy)]
-enum Form {
+enum Embedding {
     Raw,
-    FormUrlEncoded,
+    UrlEncoded,
     PercentEncoded,
     /// Inside base64 text, after `pad` bytes of other text (any alignment).
     Base64,
@@ -182,7 +182,7 @@ enum Form {
     /// Unknown to the redactor: the value of a JSON `*token*` field.
     JsonField,
     /// Unknown to the redactor: the value of a form `*secret*` field.
-    FormField,
+    SecretFormField,
     /// Unknown to the redactor: a JSON `*token*` field inside a base64 error challenge.
     Base64JsonField,
 }
@@ -204,15 +204,15 @@ proptest! {
         pad in "[ -~]{0,5}",
         tail in "[ -~]{0,5}",
         cut in 0usize..100,
-        form in proptest::sample::select(vec![
-            Form::Raw, Form::FormUrlEncoded, Form::PercentEncoded, Form::Base64,
-            Form::Base64Url, Form::Cut, Form::JsonField, Form::FormField,
-            Form::Base64JsonField,
+        embedding in proptest::sample::select(vec![
+            Embedding::Raw, Embedding::UrlEncoded, Embedding::PercentEncoded, Embedding::Base64,
+            Embedding::Base64Url, Embedding::Cut, Embedding::JsonField, Embedding::SecretFormField,
+            Embedding::Base64JsonField,
         ]),
     ) {
         use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
         let url: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-        let known = !matches!(form, Form::JsonField | Form::FormField | Form::Base64JsonField);
+        let known = !matches!(embedding, Embedding::JsonField | Embedding::SecretFormField | Embedding::Base64JsonField);
         // For base64: the encoded text, and its characters that depend on the secret alone.
         let encode = |engine: &base64::engine::GeneralPurpose| {
             let enc = engine.encode(format!("{pad}{secret}{tail}"));
@@ -221,16 +221,16 @@ proptest! {
             let core = enc[start..end].to_string();
             (enc, core)
         };
-        let (embedded, core) = match form {
-            Form::Raw => (secret.clone(), None),
-            Form::FormUrlEncoded => (url.clone(), None),
-            Form::PercentEncoded => (url.replace('+', "%20"), None),
-            Form::Base64 => { let (e, c) = encode(&STANDARD); (e, Some(c)) }
-            Form::Base64Url => { let (e, c) = encode(&URL_SAFE_NO_PAD); (e, Some(c)) }
-            Form::Cut => (secret[..(WINDOW + cut).min(secret.len())].to_string(), None),
-            Form::JsonField => (format!(r#"{{"refresh_token":"{secret}"}}"#), None),
-            Form::FormField => (format!("client_secret={url}&scope=x"), None),
-            Form::Base64JsonField => {
+        let (embedded, core) = match embedding {
+            Embedding::Raw => (secret.clone(), None),
+            Embedding::UrlEncoded => (url.clone(), None),
+            Embedding::PercentEncoded => (url.replace('+', "%20"), None),
+            Embedding::Base64 => { let (e, c) = encode(&STANDARD); (e, Some(c)) }
+            Embedding::Base64Url => { let (e, c) = encode(&URL_SAFE_NO_PAD); (e, Some(c)) }
+            Embedding::Cut => (secret[..(WINDOW + cut).min(secret.len())].to_string(), None),
+            Embedding::JsonField => (format!(r#"{{"refresh_token":"{secret}"}}"#), None),
+            Embedding::SecretFormField => (format!("client_secret={url}&scope=x"), None),
+            Embedding::Base64JsonField => {
                 let json = format!(r#"{{"status":"401","access_token":"{secret}"}}"#);
                 (STANDARD.encode(json), None)
             }
@@ -242,14 +242,14 @@ proptest! {
         }
         let out = r.redact(&text);
         for w in windows(&secret).chain(windows(&url)) {
-            prop_assert!(!out.contains(w), "{:?} kept {:?}: {}", form, w, out);
+            prop_assert!(!out.contains(w), "{:?} kept {:?}: {}", embedding, w, out);
         }
         if let Some(core) = core {
             for w in windows(&core) {
-                prop_assert!(!out.contains(w), "{:?} kept encoded {:?}: {}", form, w, out);
+                prop_assert!(!out.contains(w), "{:?} kept encoded {:?}: {}", embedding, w, out);
             }
         }
-        if matches!(form, Form::Base64JsonField) {
+        if matches!(embedding, Embedding::Base64JsonField) {
             // Still an error challenge: it decodes, with the value blanked.
             let b64 = out.split(' ').find(|w| STANDARD.decode(w).is_ok() && w.len() > 20);
             let decoded = b64.map(|b| String::from_utf8(STANDARD.decode(b).unwrap()).unwrap());
