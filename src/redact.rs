@@ -14,8 +14,8 @@
 //!   (standard and URL-safe alphabets, at each of the three byte alignments a secret can
 //!   have inside a longer base64 text, RFC 4648 §4–5); a secret shorter than `WINDOW` is
 //!   blanked where it appears whole;
-//! - the value of every field whose name contains `token`, `secret`, `assertion` or
-//!   `password` (any case) in a JSON object or a form body (`"name": "v"`, `name=v`,
+//! - the value of every field whose name contains `token`, `secret`, `assertion`,
+//!   `password` or `device_code` (any case) in a JSON object or a form body (`"name": "v"`, `name=v`,
 //!   `name: v`), even when the JSON is broken, escaped inside another JSON string, or
 //!   base64-encoded (an RFC 7628 §3.2.2 error challenge): such a base64 text is decoded,
 //!   redacted and encoded again, so it still decodes.
@@ -25,6 +25,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Shortest run of a secret's bytes that is blanked wherever it appears: no 16
 /// consecutive characters of a secret survive, in any of its forms.
@@ -33,7 +34,8 @@ pub const WINDOW: usize = 16;
 /// value this short is no secret (config validation refuses empty ones).
 pub const MIN_SECRET: usize = 4;
 /// Field names whose values are blanked, compared in lower case.
-pub const SENSITIVE_NAMES: [&str; 4] = ["token", "secret", "assertion", "password"];
+/// `device_code` is RFC 8628's device verification code, a secret without the words.
+pub const SENSITIVE_NAMES: [&str; 5] = ["token", "secret", "assertion", "password", "device_code"];
 
 /// Length of the sampled pieces the index holds. Pieces are taken every `STRIDE` bytes of a
 /// form, so any `WINDOW` bytes of it contain one whole piece (STRIDE + GRAM - 1 = WINDOW).
@@ -48,12 +50,45 @@ const MIN_BLOB: usize = 16;
 /// (the index holds one entry per 9 bytes of each form); `redact` is linear in the text.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    /// Forms shorter than [`WINDOW`], longest first: blanked where they appear whole.
+    /// Forms shorter than [`WINDOW`] and decoded SASL strings, longest first: blanked where
+    /// they appear whole.
     whole: Vec<String>,
     /// Forms of at least [`WINDOW`] bytes: any run of `WINDOW` of their bytes is blanked.
     long: Vec<Vec<u8>>,
-    /// Sampled `GRAM`-byte pieces of `long`: piece → (form, offset).
-    index: HashMap<[u8; GRAM], Vec<(u32, u32)>>,
+    /// Sampled `GRAM`-byte pieces of `long` (as little-endian `u64`) → the first of their
+    /// places in `places`.
+    index: HashMap<u64, u32, BuildHasherDefault<PieceHasher>>,
+    /// Where each piece occurs: (form, offset, next place of the same piece or `u32::MAX`).
+    /// One list for all, so building costs no allocation per piece.
+    places: Vec<(u32, u32, u32)>,
+}
+
+/// One multiply for a piece already 8 bytes wide: the lookup runs once per byte of every
+/// line read, where SipHash would cost more than the rest of the redaction. The keys are
+/// the secrets' own bytes, which a server cannot choose, so flooding one bucket needs
+/// knowing the secret it is meant to hide.
+#[derive(Default)]
+struct PieceHasher(u64);
+
+impl Hasher for PieceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 ^= self.0 >> 32;
+    }
+}
+
+fn piece(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..GRAM].try_into().expect("GRAM bytes"))
 }
 
 /// Never prints the secrets it holds.
@@ -83,21 +118,27 @@ impl Redactor {
         self
     }
 
-    /// Adds a SASL initial response (base64): the base64 text and what it decodes to.
+    /// Adds a SASL initial response (base64): the base64 text in all its forms, and what
+    /// it decodes to where it appears whole. Pieces of the decoded text are not searched
+    /// for: they hold the user, host and port, which are no secret and appear elsewhere;
+    /// the token inside is a secret of its own ([`Redactor::add`]).
     pub fn add_sasl(&mut self, initial_response: &Secret) {
         self.add(initial_response);
         if let Ok(raw) = STANDARD.decode(initial_response.expose())
             && let Ok(text) = String::from_utf8(raw)
+            && text.len() >= MIN_SECRET
+            && !self.whole.contains(&text)
         {
-            self.add_str(&text);
+            self.whole.push(text);
+            self.whole.sort_by_key(|f| std::cmp::Reverse(f.len()));
         }
     }
 
     /// Adds the value of every field of a form body (`application/x-www-form-urlencoded`,
-    /// a token request) whose name is sensitive, or is `device_code` (RFC 8628 §3.4).
+    /// a token request) whose name is sensitive ([`SENSITIVE_NAMES`]).
     pub fn add_form_secrets(&mut self, body: &[u8]) {
         for (name, value) in form_urlencoded::parse(body) {
-            if is_sensitive(&name) || name == "device_code" {
+            if is_sensitive(&name) {
                 self.add_str(&value);
             }
         }
@@ -153,17 +194,16 @@ impl Redactor {
             return;
         }
         let id = self.long.len() as u32;
-        let mut off = 0;
-        while off + GRAM <= bytes.len() {
-            let piece: [u8; GRAM] = bytes[off..off + GRAM].try_into().expect("GRAM bytes");
-            self.index.entry(piece).or_default().push((id, off as u32));
-            off += STRIDE;
-        }
-        // The last piece too, so the form's tail is found however its length falls.
         let last = bytes.len() - GRAM;
-        if !last.is_multiple_of(STRIDE) {
-            let piece: [u8; GRAM] = bytes[last..].try_into().expect("GRAM bytes");
-            self.index.entry(piece).or_default().push((id, last as u32));
+        // Every STRIDE bytes, and the last piece too, so the form's tail is found however
+        // its length falls.
+        let offsets = (0..=last)
+            .step_by(STRIDE)
+            .chain((!last.is_multiple_of(STRIDE)).then_some(last));
+        for off in offsets {
+            let at = self.places.len() as u32;
+            let next = self.index.insert(piece(&bytes[off..]), at);
+            self.places.push((id, off as u32, next.unwrap_or(u32::MAX)));
         }
         self.long.push(bytes);
     }
@@ -241,7 +281,9 @@ impl Redactor {
     /// Byte ranges of `text` that hold secrets: sorted, merged, on char boundaries.
     fn secret_marks(&self, text: &str) -> Vec<(usize, usize)> {
         let mut marks = Vec::new();
-        for form in &self.whole {
+        // Longest first: a text shorter than a form cannot hold it (and building the
+        // searcher for a long form costs more than a short line's whole redaction).
+        for form in self.whole.iter().skip_while(|f| f.len() > text.len()) {
             for (i, m) in text.match_indices(form.as_str()) {
                 marks.push((i, i + m.len()));
             }
@@ -253,11 +295,12 @@ impl Redactor {
                 if i + GRAM <= covered {
                     continue;
                 }
-                let piece: &[u8; GRAM] = bytes[i..i + GRAM].try_into().expect("GRAM bytes");
-                let Some(hits) = self.index.get(piece) else {
-                    continue;
+                let mut next = match self.index.get(&piece(&bytes[i..])) {
+                    Some(&at) => at,
+                    None => continue,
                 };
-                for &(id, off) in hits {
+                while let Some(&(id, off, after)) = self.places.get(next as usize) {
+                    next = after;
                     let form = &self.long[id as usize];
                     let off = off as usize;
                     let mut left = 0;
@@ -338,8 +381,12 @@ fn base64_runs(text: &str) -> Vec<(usize, usize)> {
 /// Whether a field of this name holds a secret (`access_token`, `client_secret`,
 /// `client_assertion`, `password`, ...).
 pub fn is_sensitive(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    SENSITIVE_NAMES.iter().any(|k| lower.contains(k))
+    // Without allocating: this runs for every word of every line.
+    let name = name.as_bytes();
+    SENSITIVE_NAMES.iter().any(|k| {
+        name.windows(k.len())
+            .any(|w| w.eq_ignore_ascii_case(k.as_bytes()))
+    })
 }
 
 fn is_name_char(b: u8) -> bool {

@@ -87,6 +87,19 @@ fn the_sasl_response_is_blanked_whole_and_decoded() {
 }
 
 #[test]
+fn the_user_host_and_port_of_a_sasl_response_are_not_secrets() {
+    let token = "ya29.a0AfB_byC-very-long-access-token-value";
+    let raw = format!(
+        "n,a=helpdesk@contoso.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer {token}\x01\x01"
+    );
+    let mut r = Redactor::new().with(&Secret::new(token));
+    r.add_sasl(&Secret::new(STANDARD.encode(&raw)));
+    let greeting = "* OK imap.example.com ready for helpdesk@contoso.com";
+    assert_eq!(r.redact(greeting), greeting);
+    assert_eq!(r.redact(&format!("echo {raw}")), "echo <redacted>");
+}
+
+#[test]
 fn a_json_challenge_echoing_the_token_still_decodes_redacted() {
     let json =
         format!(r#"{{"status":"401","schemes":"Bearer","error":"token {TOKEN} is not valid"}}"#);

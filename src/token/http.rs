@@ -255,7 +255,7 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         },
         E::Other(msg) => TokenError::Http {
             status,
-            excerpt: bounded(&msg, EXCERPT_MAX),
+            excerpt: excerpt(msg.as_bytes()),
             retry_after: meta.retry_after,
         },
     }
