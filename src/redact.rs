@@ -273,7 +273,14 @@ impl Redactor {
             };
             let text = String::from_utf8(raw).ok()?;
             let redacted = self.redact_at(&text, depth + 1);
-            return (redacted != text).then(|| engine.encode(redacted));
+            if redacted == text {
+                return None;
+            }
+            // The new encoding could, by chance, spell a secret's run itself (a secret of
+            // base64 characters): blank that too, even if the text then no longer decodes.
+            let encoded = engine.encode(redacted);
+            let marks = self.secret_marks(&encoded);
+            return Some(replace(&encoded, &marks));
         }
         None
     }
@@ -339,6 +346,19 @@ impl Redactor {
         }
         merged
     }
+}
+
+/// `text` with each of the (sorted, disjoint) `marks` shown as [`REDACTED`].
+fn replace(text: &str, marks: &[(usize, usize)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for &(s, e) in marks {
+        out.push_str(&text[at..s]);
+        out.push_str(REDACTED);
+        at = e;
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 /// Whether the marks cover all of `start..end`.
