@@ -15,7 +15,8 @@
 //!   have inside a longer base64 text, RFC 4648 §4–5); a secret shorter than `WINDOW` is
 //!   blanked where it appears whole;
 //! - the value of every field whose name contains `token`, `secret`, `assertion`,
-//!   `password` or `device_code` (any case) in a JSON object or a form body (`"name": "v"`, `name=v`,
+//!   `password` or `device_code` (any case; not one ending in `type`, such as
+//!   `token_type`, which names a kind) in a JSON object or a form body (`"name": "v"`, `name=v`,
 //!   `name: v`), even when the JSON is broken, escaped inside another JSON string, or
 //!   base64-encoded (an RFC 7628 §3.2.2 error challenge): such a base64 text is decoded,
 //!   redacted and encoded again, so it still decodes.
@@ -400,9 +401,19 @@ fn base64_runs(text: &str) -> Vec<(usize, usize)> {
 
 /// Whether a field of this name holds a secret (`access_token`, `client_secret`,
 /// `client_assertion`, `password`, ...).
+///
+/// A name ending in `type` or `type_hint` (`token_type`, `client_assertion_type`,
+/// `token_type_hint`) names a kind (`Bearer`, a public URN), not a secret.
 pub fn is_sensitive(name: &str) -> bool {
     // Without allocating: this runs for every word of every line.
     let name = name.as_bytes();
+    let lower_ends = |suffix: &str| {
+        name.len() >= suffix.len()
+            && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    if lower_ends("type") || lower_ends("type_hint") {
+        return false;
+    }
     SENSITIVE_NAMES.iter().any(|k| {
         name.windows(k.len())
             .any(|w| w.eq_ignore_ascii_case(k.as_bytes()))

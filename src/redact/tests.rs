@@ -137,7 +137,7 @@ fn field_names_are_blanked_in_json_form_and_broken_bodies() {
     let cases = [
         (
             r#"{"token_type":"Bearer","expires_in":3599,"access_token":"eyJhbGciOi"#,
-            r#"{"token_type":"<redacted>","expires_in":3599,"access_token":"<redacted>"#,
+            r#"{"token_type":"Bearer","expires_in":3599,"access_token":"<redacted>"#,
         ),
         (
             "client_id=app&client_secret=p%40ss&refresh_token=0.AAA&scope=x",
@@ -219,15 +219,18 @@ fn any_window_of_a_long_secret_is_blanked_but_shorter_pieces_are_not() {
 
 #[test]
 fn form_secrets_of_a_token_request_are_learned() {
-    let body = b"grant_type=refresh_token&client_id=app&client_secret=Zx8Q~verysecret.value&refresh_token=0.AAAA-refresh-token-value&device_code=GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS";
+    let body = b"grant_type=refresh_token&client_id=app&client_secret=Zx8Q~verysecret.value&refresh_token=0.AAAA-refresh-token-value&device_code=GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJhcHAifQ.c2lnbmF0dXJl";
     let mut r = Redactor::new();
     r.add_form_secrets(body);
     // `grant_type`'s value is no secret.
-    let echo = "invalid: Zx8Q~verysecret.value / 0.AAAA-refresh-token-value / GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS / refresh_token";
+    let echo = "invalid: Zx8Q~verysecret.value / 0.AAAA-refresh-token-value / GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS / refresh_token / eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJhcHAifQ.c2lnbmF0dXJl";
     assert_eq!(
         r.redact(echo),
-        "invalid: <redacted> / <redacted> / <redacted> / refresh_token"
+        "invalid: <redacted> / <redacted> / <redacted> / refresh_token / <redacted>"
     );
+    // The assertion type is a public URN, not a secret, though its name says assertion.
+    let urn = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+    assert_eq!(r.redact(urn), urn);
 }
 
 #[test]
