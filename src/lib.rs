@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod probe;
 pub mod protocol;
 pub mod reason;
+pub mod redact;
 pub mod scheduler;
 pub mod secret;
 pub mod service;

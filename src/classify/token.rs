@@ -83,8 +83,9 @@ pub fn reason(e: &TokenError) -> Reason {
 }
 
 /// What the status page and logs show beside the reason: HTTP status, AADSTS code, `error`,
-/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: the
-/// server never echoes them, and our own errors name files, not contents.
+/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: what
+/// the endpoint sent was redacted as it entered the `TokenError` (`crate::redact`), and our
+/// own errors name files, not contents.
 pub fn detail(e: &TokenError) -> String {
     match e {
         TokenError::Endpoint { status, body, .. } => {

@@ -218,7 +218,7 @@ impl Config {
             if let Grant::TokenFile { path } = &c.grant
                 && let Err(e) = token_file::read_token_file(path)
             {
-                problems.push(format!("credential {name}: {e}"));
+                problems.push(format!("credential {name}: token_file: {e}"));
             }
         }
         if self

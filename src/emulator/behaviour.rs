@@ -101,6 +101,9 @@ pub enum Behaviour {
     /// reply to every command but the logout. Other protocols (and token records) behave
     /// as `Success`.
     Field(usize),
+    /// A hostile or careless server that repeats what the client sent in its refusal
+    /// (whatever the token): see [`Echo`].
+    Echo(Echo),
 }
 
 /// What a [`Behaviour::Field`] record does on `protocol`: `None` when it is not a mail
@@ -133,6 +136,45 @@ pub(crate) enum FieldStage {
     Auth,
     AuthAfterChallenge,
     PostAuth,
+}
+
+/// What an echoing server repeats, and where. Each protocol answers in its own words:
+///
+/// | echo | IMAP | POP3 | SMTP |
+/// |---|---|---|---|
+/// | `AuthLine` | `TAG NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE XOAUTH2 <b64>` | `-ERR [AUTH] Invalid credentials for: AUTH XOAUTH2 <b64>` | `535 5.7.8 Invalid credentials for: AUTH XOAUTH2 <b64>` |
+/// | `Token` | `TAG NO token <token> is not valid` | `-ERR token <token> is not valid` | `535 5.7.3 token <token> is not valid` |
+/// | `Bye` | `* BYE <b64>`, close | `-ERR <b64>`, close | `421 4.7.0 <b64>`, close |
+/// | `Challenge` | `+ <b64 JSON with the token>`, then the `ErrorChallenge` refusal | same with `+` | same with `334` |
+///
+/// `<b64>` is the client's initial response as received, `<token>` the bearer token in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    AuthLine,
+    Token,
+    Bye,
+    Challenge,
+}
+
+/// The bearer token inside a SASL response, for the echo behaviours (empty if malformed).
+pub(crate) fn echoed_token(mech: super::sasl::Mechanism, response: &str) -> String {
+    super::sasl::parse_response(mech, response)
+        .map(|c| c.token)
+        .unwrap_or_default()
+}
+
+/// An RFC 7628 error challenge that carries the token twice: as a JSON field and inside
+/// the error text, base64-encoded as a server sends it.
+pub(crate) fn echo_challenge(token: &str) -> String {
+    use base64::Engine;
+    let json = serde_json::json!({
+        "status": "invalid_token",
+        "schemes": "Bearer",
+        "scope": "https://outlook.office.com/",
+        "bearer_token": token,
+        "error": format!("token {token} is not valid"),
+    });
+    base64::engine::general_purpose::STANDARD.encode(json.to_string())
 }
 
 /// What the server does before any user is known (all protocols, all ports).

@@ -2,7 +2,9 @@
 
 use base64::prelude::*;
 
-use super::behaviour::{Behaviour, FieldStage, ServerBehaviour, field_on, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
@@ -448,16 +450,45 @@ async fn authenticate(
             ),
             None,
         ),
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!(
+                "{tag} NO token {} is not valid",
+                echoed_token(mech, &response)
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Challenge) => {
+            let challenge = echo_challenge(&echoed_token(mech, &response));
+            let failure = format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)");
+            (
+                error_challenge(conn, mech, &challenge, tag, failure).await?,
+                None,
+            )
+        }
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("* BYE {response}")).await;
+            return None;
+        }
         Behaviour::ErrorChallenge => {
             let failure = format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)");
-            (error_challenge(conn, mech, tag, failure).await?, None)
+            (
+                error_challenge(conn, mech, mech.error_challenge(), tag, failure).await?,
+                None,
+            )
         }
         Behaviour::Field(i) => match field_on(i, Protocol::Imap) {
             None => (success, Some(AfterLogin::Normal)),
             Some((f, FieldStage::PostAuth)) => (success, Some(AfterLogin::Field(f))),
             Some((f, FieldStage::Auth)) => (f.wire_reply(tag), None),
             Some((f, FieldStage::AuthAfterChallenge)) => (
-                error_challenge(conn, mech, tag, f.wire_reply(tag)).await?,
+                error_challenge(conn, mech, mech.error_challenge(), tag, f.wire_reply(tag)).await?,
                 None,
             ),
         },
@@ -480,12 +511,11 @@ async fn authenticate(
 async fn error_challenge(
     conn: &mut Conn,
     mech: Mechanism,
+    challenge: &str,
     tag: &str,
     final_reply: String,
 ) -> Option<String> {
-    conn.send(&format!("+ {}", mech.error_challenge()))
-        .await
-        .ok()?;
+    conn.send(&format!("+ {challenge}")).await.ok()?;
     let answer = conn.read_line().await.ok()?;
     let answer = answer.trim();
     Some(if mech.is_challenge_ack(answer) {

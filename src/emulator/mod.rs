@@ -43,6 +43,8 @@
 //! | `TemporaryFailure` | `TAG NO [UNAVAILABLE] Temporary authentication failure. [host:time]` (Dovecot's words) | `-ERR [SYS/TEMP] Temporary authentication failure. [host:time]` | `454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.` |
 //! | `Field(i)` | the reply recorded at index `i` of [`field::replies`], on its protocol and stage (other protocols: as `Success`) | | |
 //!
+//! | `Echo(_)` | the client's SASL response or token repeated in the refusal, a `BYE` or an error challenge (see [`Echo`]) | same | same |
+//!
 //! After an error challenge the client must answer with an empty line (XOAUTH2) or `AQ==`
 //! (OAUTHBEARER); anything else gets a protocol error (`BAD`, `-ERR`, `501`).
 //!
@@ -72,7 +74,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub use behaviour::{Behaviour, ServerBehaviour, StaticTokens, TokenCheck, TokenVerdict};
+pub use behaviour::{Behaviour, Echo, ServerBehaviour, StaticTokens, TokenCheck, TokenVerdict};
 pub use ca::{CaError, ServerCert, TestCa};
 
 use conn::Conn;

@@ -1,6 +1,8 @@
 //! The emulated POP3 server (RFC 1939, 2449 CAPA, 2595 STLS, 5034 AUTH) with Exchange Online's replies.
 
-use super::behaviour::{Behaviour, FieldStage, ServerBehaviour, field_on, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::imap::host_token;
 use super::sasl::Mechanism;
@@ -205,10 +207,13 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
 
 /// The error challenge (`+ <base64 JSON>`), then `final_reply` once the client answers it.
 /// `None`: the connection is gone.
-async fn error_challenge(conn: &mut Conn, mech: Mechanism, final_reply: String) -> Option<String> {
-    conn.send(&format!("+ {}", mech.error_challenge()))
-        .await
-        .ok()?;
+async fn error_challenge(
+    conn: &mut Conn,
+    mech: Mechanism,
+    challenge: &str,
+    final_reply: String,
+) -> Option<String> {
+    conn.send(&format!("+ {challenge}")).await.ok()?;
     let answer = conn.read_line().await.ok()?;
     let answer = answer.trim();
     Some(if mech.is_challenge_ack(answer) {
@@ -281,17 +286,47 @@ async fn authenticate(
             ),
             None,
         ),
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "-ERR [AUTH] Invalid credentials for: AUTH {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!("-ERR token {} is not valid", echoed_token(mech, &response)),
+            None,
+        ),
+        Behaviour::Echo(Echo::Challenge) => {
+            let challenge = echo_challenge(&echoed_token(mech, &response));
+            let failure = "-ERR [AUTH] Invalid credentials.".to_string();
+            (
+                error_challenge(conn, mech, &challenge, failure).await?,
+                None,
+            )
+        }
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("-ERR {response}")).await;
+            return None;
+        }
         Behaviour::ErrorChallenge => (
-            error_challenge(conn, mech, "-ERR [AUTH] Invalid credentials.".into()).await?,
+            error_challenge(
+                conn,
+                mech,
+                mech.error_challenge(),
+                "-ERR [AUTH] Invalid credentials.".into(),
+            )
+            .await?,
             None,
         ),
         Behaviour::Field(i) => match field_on(i, Protocol::Pop3) {
             None => (success, Some(AfterLogin::Normal)),
             Some((f, FieldStage::PostAuth)) => (success, Some(AfterLogin::Field(f))),
             Some((f, FieldStage::Auth)) => (f.wire_reply(""), None),
-            Some((f, FieldStage::AuthAfterChallenge)) => {
-                (error_challenge(conn, mech, f.wire_reply("")).await?, None)
-            }
+            Some((f, FieldStage::AuthAfterChallenge)) => (
+                error_challenge(conn, mech, mech.error_challenge(), f.wire_reply("")).await?,
+                None,
+            ),
         },
     };
     if behaviour == Behaviour::Slow {

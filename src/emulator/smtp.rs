@@ -3,7 +3,9 @@
 
 use x509_parser::time::ASN1Time;
 
-use super::behaviour::{Behaviour, FieldStage, ServerBehaviour, field_on, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
@@ -469,12 +471,27 @@ async fn authenticate(conn: &mut Conn, s: &Session, mech_name: &str, initial: &s
                     vec!["421 4.7.0 Try again later, closing connection.".into()],
                     Flow::Close,
                 ),
-                Behaviour::ErrorChallenge => {
-                    if conn
-                        .send(&format!("334 {}", mech.error_challenge()))
-                        .await
-                        .is_err()
-                    {
+                Behaviour::Echo(Echo::AuthLine) => (
+                    vec![format!(
+                        "535 5.7.8 Invalid credentials for: AUTH {} {response}",
+                        mech_name.to_ascii_uppercase()
+                    )],
+                    Flow::Continue,
+                ),
+                Behaviour::Echo(Echo::Token) => (
+                    vec![format!(
+                        "535 5.7.3 token {} is not valid",
+                        echoed_token(mech, &response)
+                    )],
+                    Flow::Continue,
+                ),
+                Behaviour::Echo(Echo::Bye) => (vec![format!("421 4.7.0 {response}")], Flow::Close),
+                Behaviour::ErrorChallenge | Behaviour::Echo(Echo::Challenge) => {
+                    let challenge = match behaviour {
+                        Behaviour::ErrorChallenge => mech.error_challenge().to_string(),
+                        _ => echo_challenge(&echoed_token(mech, &response)),
+                    };
+                    if conn.send(&format!("334 {challenge}")).await.is_err() {
                         return Flow::Gone;
                     }
                     let answer = match conn.read_line().await {

@@ -218,6 +218,10 @@ pub enum Scripted {
     Huge(usize),
     /// Never answers.
     Hang,
+    /// A proxy or endpoint that echoes the request: this status, with the form body as
+    /// received (`client_id=...&client_secret=...&refresh_token=...`) as the OAuth
+    /// `error_description`.
+    EchoForm(u16),
     /// The recorded token body at this index of [`super::field::replies`], with its status.
     Field(usize),
     /// This status, `Content-Type` and body, as given (other providers' oddities: an OAuth
@@ -769,8 +773,22 @@ fn aad(code: u64) -> Reply {
     }
 }
 
-fn scripted(s: Scripted) -> Reply {
+fn scripted(s: Scripted, form: &HashMap<String, String>) -> Reply {
     match s {
+        Scripted::EchoForm(status) => {
+            let mut pairs: Vec<(&String, &String)> = form.iter().collect();
+            pairs.sort();
+            let echoed = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(pairs)
+                .finish();
+            json(
+                status,
+                serde_json::json!({
+                    "error": "invalid_request",
+                    "error_description": format!("Bad request: {echoed}"),
+                }),
+            )
+        }
         Scripted::Aadsts(code) => aad(code),
         Scripted::OAuth {
             status,
@@ -880,7 +898,7 @@ fn respond(
     }
     let client_id = form.get("client_id").cloned().unwrap_or_default();
     if let Some(s) = take_script(st, &Target::Client(client_id.clone())) {
-        return scripted(s);
+        return scripted(s, form);
     }
     let Some(client) = st.clients.get(&client_id).cloned() else {
         return aad(700016);
@@ -1184,7 +1202,7 @@ fn introspect(st: &mut State, method: &http::Method, form: &HashMap<String, Stri
         return Reply::Now(plain(405, "method not allowed"));
     }
     if let Some(s) = take_script(st, &Target::Introspection) {
-        return scripted(s);
+        return scripted(s, form);
     }
     let Some(token) = form.get("token") else {
         // RFC 7662 §2.1: `token` is required; a malformed request is a 400.
@@ -1273,7 +1291,7 @@ fn token(
                 );
             };
             if let Some(s) = take_script(st, &Target::User(record.user.clone())) {
-                return scripted(s);
+                return scripted(s, form);
             }
             if record.client_id != client.id {
                 return ms_error(
@@ -1359,7 +1377,7 @@ fn token(
                     let scopes = device.scopes.clone();
                     let with_refresh = scopes.iter().any(|s| s == "offline_access");
                     if let Some(s) = take_script(st, &Target::User(user.clone())) {
-                        return scripted(s);
+                        return scripted(s, form);
                     }
                     issue(st, &client.id, Some(&user), scopes, with_refresh)
                 }

@@ -1,7 +1,9 @@
 //! Token errors: everything a token request can end in, with what the server said kept intact.
 //!
-//! Nothing here holds a secret: the server's error body never echoes the token or client
-//! secret, and our own messages name files and variables, not their contents.
+//! Nothing here holds a secret: an endpoint's error body is redacted (`crate::redact`)
+//! before it is parsed into a `TokenError` (`super::http::HttpClient::send`), an excerpt of
+//! a success body is made only by `super::http::excerpt`, which blanks every `*token*`
+//! field, and our own messages name files and variables, not their contents.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -3,6 +3,7 @@
 //! credentials elsewhere), a per-request timeout, and a cap on the reply size.
 
 use super::error::{EXCERPT_MAX, TokenError, bounded};
+use crate::redact::Redactor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,12 +93,22 @@ impl HttpClient {
 
     /// One request, the reply read up to [`MAX_BODY`]; the status and `Retry-After` are also
     /// written to `meta`, because oauth2 keeps neither in its error.
+    ///
+    /// The reply body is where the endpoint's text enters, so an error reply (any status
+    /// but 2xx) is redacted here, before oauth2 parses it into a `TokenError`: with the
+    /// secrets of this request's form (client secret, refresh token, client assertion, device
+    /// code, in every form) and the sensitive-field rules of [`Redactor`]. A success reply
+    /// is left as sent (it carries the tokens we need, and a provider that does not rotate
+    /// sends the refresh token back as is); one that cannot be used is shown only through
+    /// [`excerpt`], which blanks every `*token*`, `*secret*` and `*assertion*` field.
     pub async fn send(
         &self,
         request: oauth2::HttpRequest,
         meta: &Mutex<ReplyMeta>,
     ) -> Result<oauth2::HttpResponse, TransportError> {
         let (parts, body) = request.into_parts();
+        let mut redactor = Redactor::new();
+        redactor.add_form_secrets(&body);
         let mut req = self
             .inner
             .request(parts.method, parts.uri.to_string())
@@ -129,6 +140,11 @@ impl HttpClient {
             }
             body.extend_from_slice(&chunk);
         }
+        let body = if status.is_success() || body.is_empty() {
+            body
+        } else {
+            redactor.redact_bytes(&body).into_bytes()
+        };
         builder
             .body(body)
             .map_err(|e| TransportError::Request(e.to_string()))
@@ -256,20 +272,18 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         },
         E::Other(msg) => TokenError::Http {
             status,
-            excerpt: bounded(&msg, EXCERPT_MAX),
+            excerpt: excerpt(msg.as_bytes()),
             retry_after: meta.retry_after,
         },
     }
 }
 
-/// A short printable excerpt of a reply body, with the value of every `*token*` field
-/// `<redacted>` (a 2xx body may carry tokens; the rest is what operators need to see).
+/// A short printable excerpt of a reply body, with the value of every sensitive field
+/// (`access_token`, `refresh_token`, `id_token`, `client_secret`...) `<redacted>` before
+/// it is cut, even in JSON that is broken or cut short.
 pub fn excerpt(body: &[u8]) -> String {
-    // Redaction runs before the cut, on a bounded prefix: a value cut in half is still
-    // recognised as a value.
-    let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
-    let redacted = super::reply::redact_token_fields(text.trim());
-    bounded(&redacted, EXCERPT_MAX)
+    let text = Redactor::new().redact_bytes(&body[..body.len().min(64 * EXCERPT_MAX)]);
+    bounded(text.trim(), EXCERPT_MAX)
 }
 
 /// The OAuth error body in a reply, if it is one (a JSON object with a non-empty `error`).

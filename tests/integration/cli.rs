@@ -175,7 +175,10 @@ async fn check_validates_files_and_reports_locations() {
     std::fs::remove_file(dir.path().join("token")).unwrap();
     let (code, _, err) = run(&["check", "--config", config_s]).await;
     assert_eq!(code, 2);
-    assert!(err.contains("credential external: token file"), "{err}");
+    assert!(
+        err.contains("credential external: token_file: token file"),
+        "{err}"
+    );
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(

@@ -248,3 +248,120 @@ fn check_config(text: &str) -> Result<(), TestCaseError> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// The redactor: random secrets in random text, in any form, never survive.
+
+use mail_oauth_exporter::redact::Redactor;
+use mail_oauth_exporter::secret::Secret;
+
+/// How a secret is embedded in a server's or endpoint's text.
+#[derive(Debug, Clone, Copy)]
+enum Embedding {
+    Raw,
+    UrlEncoded,
+    PercentEncoded,
+    /// Inside base64 text, after `pad` bytes of other text (any alignment).
+    Base64,
+    Base64Url,
+    /// A prefix of the secret (a server that cuts what it echoes).
+    Cut,
+    /// Unknown to the redactor: the value of a JSON `*token*` field.
+    JsonField,
+    /// Unknown to the redactor: the value of a form `*secret*` field.
+    SecretFormField,
+    /// Unknown to the redactor: a JSON `*token*` field inside a base64 error challenge.
+    Base64JsonField,
+}
+
+const WINDOW: usize = 16;
+
+fn windows(s: &str) -> impl Iterator<Item = &str> {
+    (0..=s.len().saturating_sub(WINDOW)).map(move |i| &s[i..i + WINDOW])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn redacted_text_holds_no_window_of_a_secret_in_any_form(
+        secret in "[A-Za-z0-9._~+/=-]{16,120}",
+        before in "\\PC{0,60}",
+        after in "\\PC{0,60}",
+        pad in "[ -~]{0,5}",
+        tail in "[ -~]{0,5}",
+        cut in 0usize..100,
+        embedding in proptest::sample::select(vec![
+            Embedding::Raw, Embedding::UrlEncoded, Embedding::PercentEncoded, Embedding::Base64,
+            Embedding::Base64Url, Embedding::Cut, Embedding::JsonField, Embedding::SecretFormField,
+            Embedding::Base64JsonField,
+        ]),
+    ) {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let url: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let known = !matches!(embedding, Embedding::JsonField | Embedding::SecretFormField | Embedding::Base64JsonField);
+        // For base64: the encoded text, and its characters that depend on the secret alone.
+        let encode = |engine: &base64::engine::GeneralPurpose| {
+            let enc = engine.encode(format!("{pad}{secret}{tail}"));
+            let start = (8 * pad.len()).div_ceil(6);
+            let end = 8 * (pad.len() + secret.len()) / 6;
+            let core = enc[start..end].to_string();
+            (enc, core)
+        };
+        let (embedded, core) = match embedding {
+            Embedding::Raw => (secret.clone(), None),
+            Embedding::UrlEncoded => (url.clone(), None),
+            Embedding::PercentEncoded => (url.replace('+', "%20"), None),
+            Embedding::Base64 => { let (e, c) = encode(&STANDARD); (e, Some(c)) }
+            Embedding::Base64Url => { let (e, c) = encode(&URL_SAFE_NO_PAD); (e, Some(c)) }
+            Embedding::Cut => (secret[..(WINDOW + cut).min(secret.len())].to_string(), None),
+            Embedding::JsonField => (format!(r#"{{"refresh_token":"{secret}"}}"#), None),
+            Embedding::SecretFormField => (format!("client_secret={url}&scope=x"), None),
+            Embedding::Base64JsonField => {
+                let json = format!(r#"{{"status":"401","access_token":"{secret}"}}"#);
+                (STANDARD.encode(json), None)
+            }
+        };
+        let text = format!("{before} {embedded} {after}");
+        let mut r = Redactor::new();
+        if known {
+            r.add(&Secret::new(secret.clone()));
+        }
+        let out = r.redact(&text);
+        for w in windows(&secret).chain(windows(&url)) {
+            prop_assert!(!out.contains(w), "{:?} kept {:?}: {}", embedding, w, out);
+        }
+        if let Some(core) = core {
+            for w in windows(&core) {
+                prop_assert!(!out.contains(w), "{:?} kept encoded {:?}: {}", embedding, w, out);
+            }
+        }
+        if matches!(embedding, Embedding::Base64JsonField) {
+            // Still an error challenge: it decodes, with the value blanked.
+            let b64 = out.split(' ').find(|w| STANDARD.decode(w).is_ok() && w.len() > 20);
+            let decoded = b64.map(|b| String::from_utf8(STANDARD.decode(b).unwrap()).unwrap());
+            prop_assert!(
+                decoded.as_deref().is_some_and(|d| d.contains(r#""access_token":"<redacted>""#)),
+                "{}", out
+            );
+        }
+    }
+
+    #[test]
+    fn the_redactor_takes_any_text_and_any_secrets(
+        secrets in proptest::collection::vec(any::<String>(), 0..4),
+        text in any::<String>(),
+    ) {
+        let mut r = Redactor::new();
+        for s in &secrets {
+            r.add(&Secret::new(s.clone()));
+            r.add_sasl(&Secret::new(s.clone()));
+        }
+        let out = r.redact(&text);
+        // Blanking can lengthen short values, never without bound.
+        prop_assert!(out.len() <= 4 * text.len() + 64, "{} → {}", text.len(), out.len());
+        for s in secrets.iter().filter(|s| s.len() >= WINDOW && !s.contains('<')) {
+            prop_assert!(!out.contains(s.as_str()));
+        }
+    }
+}
