@@ -361,14 +361,14 @@ impl EchoWorld {
                 "token@contoso.com",
                 "xoauth2",
                 "missing",
-                r#"accessToken\":\"<redacted>\""#,
+                r#""accessToken":"<redacted>""#,
             ),
             (
                 "token-unusable-cut",
                 "token@contoso.com",
                 "xoauth2",
                 "cut",
-                r#"access_token\":\"<redacted>"#,
+                r#""access_token":"<redacted>"#,
             ),
         ] {
             let (protocols, servers) = if mailbox.starts_with("echo-") {
@@ -384,22 +384,20 @@ impl EchoWorld {
         let path = d.join("config.yaml");
         std::fs::write(&path, config).unwrap();
 
-        // The delegated credential's refresh token, imported as an operator would.
+        // The delegated credential's refresh token, stored as `login` leaves it (`login`
+        // itself now redeems an imported token, which this endpoint refuses by design).
         let rt = format!(
             "0.AAAA-echo-refresh-token-{}-Zm9vYmFyYmF6cXV4",
             std::process::id()
         );
-        std::fs::write(d.join("rt"), &rt).unwrap();
-        made_up.push(rt);
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
-            .args(["login", "--config"])
-            .arg(&path)
-            .args(["--credential", "echo-rt", "--refresh-token-file"])
-            .arg(d.join("rt"))
-            .output()
+        mail_oauth_exporter::token::RefreshTokenStore::new(d.join("state"))
+            .save(
+                "echo-rt",
+                &mail_oauth_exporter::secret::Secret::new(rt.clone()),
+            )
             .await
             .unwrap();
-        assert!(out.status.success(), "login import: {out:?}");
+        made_up.push(rt);
         EchoWorld {
             _ep: ep.clone(),
             emu,
