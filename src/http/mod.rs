@@ -236,15 +236,25 @@ async fn route(
                 )
             }
         }
-        "/" if get => text(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            page::render(&board.snapshot()),
-        ),
-        "/api/v1/status" if get => match serde_json::to_vec_pretty(&board.snapshot()) {
-            Ok(body) => text(StatusCode::OK, "application/json", body),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
-        },
+        "/" if get => {
+            let board = board.clone();
+            off_the_runtime(move || {
+                text(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    page::render(&board.snapshot()),
+                )
+            })
+            .await
+        }
+        "/api/v1/status" if get => {
+            let board = board.clone();
+            off_the_runtime(move || match serde_json::to_vec_pretty(&board.snapshot()) {
+                Ok(body) => text(StatusCode::OK, "application/json", body),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+            })
+            .await
+        }
         "/transcript" if get => transcript(service, &req),
         "/-/reload" if method == Method::POST => {
             tracing::info!(%peer, "reload requested over HTTP");
@@ -275,6 +285,20 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
+}
+
+/// Renders a status page (HTML or JSON, one row per mailbox × protocol: large for a large
+/// fleet) on a blocking thread, one at a time: a client asking for it over and over, on
+/// hundreds of connections, costs at most one core and never takes the runtime's worker
+/// threads from the probes, `/healthz`, `/readyz` and `/metrics`.
+async fn off_the_runtime(
+    render: impl FnOnce() -> Response<Body> + Send + 'static,
+) -> Response<Body> {
+    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let _turn = ONE_AT_A_TIME.acquire().await;
+    tokio::task::spawn_blocking(render)
+        .await
+        .unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")))
 }
 
 fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {

@@ -11,6 +11,7 @@ mod deploy;
 mod dovecot;
 mod emulator;
 mod hostile;
+mod listener;
 mod oauth;
 mod probe;
 mod prometheus;
