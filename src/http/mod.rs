@@ -16,6 +16,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::net::{IpAddr, SocketAddr};
+use tokio::sync::Semaphore;
 
 pub use listener::{
     HEADER_TIMEOUT, MAX_BUF, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION, WRITE_TIMEOUT,
@@ -238,20 +239,15 @@ async fn route(
         }
         "/" if get => {
             let board = board.clone();
-            off_the_runtime(move || {
-                text(
-                    StatusCode::OK,
-                    "text/html; charset=utf-8",
-                    page::render(&board.snapshot()),
-                )
+            off_the_runtime("text/html; charset=utf-8", move || {
+                Ok(page::render(&board.snapshot()).into_bytes())
             })
             .await
         }
         "/api/v1/status" if get => {
             let board = board.clone();
-            off_the_runtime(move || match serde_json::to_vec_pretty(&board.snapshot()) {
-                Ok(body) => text(StatusCode::OK, "application/json", body),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+            off_the_runtime("application/json", move || {
+                serde_json::to_vec_pretty(&board.snapshot()).map_err(|e| e.to_string())
             })
             .await
         }
@@ -288,17 +284,49 @@ async fn route(
 }
 
 /// Renders a status page (HTML or JSON, one row per mailbox × protocol: large for a large
-/// fleet) on a blocking thread, one at a time: a client asking for it over and over, on
-/// hundreds of connections, costs at most one core and never takes the runtime's worker
-/// threads from the probes, `/healthz`, `/readyz` and `/metrics`.
+/// fleet) on a blocking thread, one at a time, so that a client asking for it over and
+/// over on hundreds of connections costs at most one core and never takes the runtime's
+/// worker threads from the probes, `/healthz`, `/readyz` and `/metrics`. At most
+/// [`PAGES_IN_FLIGHT`] rendered pages exist at once: each holds its turn until the client
+/// has received it (or the connection is gone), so clients that never read cannot make
+/// the process hold a page per connection.
 async fn off_the_runtime(
-    render: impl FnOnce() -> Response<Body> + Send + 'static,
+    content_type: &'static str,
+    render: impl FnOnce() -> Result<Vec<u8>, String> + Send + 'static,
 ) -> Response<Body> {
-    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let _turn = ONE_AT_A_TIME.acquire().await;
-    tokio::task::spawn_blocking(render)
-        .await
-        .unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")))
+    static IN_FLIGHT: Semaphore = Semaphore::const_new(PAGES_IN_FLIGHT);
+    static RENDERING: Semaphore = Semaphore::const_new(1);
+    let (Ok(in_flight), Ok(rendering)) = (IN_FLIGHT.acquire().await, RENDERING.acquire().await)
+    else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "shutting down\n");
+    };
+    let rendered = tokio::task::spawn_blocking(render).await;
+    drop(rendering);
+    match rendered {
+        Ok(Ok(page)) => text(
+            StatusCode::OK,
+            content_type,
+            Bytes::from_owner(Sending(page, in_flight)),
+        ),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+    }
+}
+
+/// Rendered status pages that may exist at once (being sent, or waiting for a client that
+/// reads slowly); more requests wait their turn.
+const PAGES_IN_FLIGHT: usize = 4;
+
+/// A rendered page and its turn, released when hyper drops the body.
+struct Sending(
+    Vec<u8>,
+    #[allow(dead_code)] tokio::sync::SemaphorePermit<'static>,
+);
+
+impl AsRef<[u8]> for Sending {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
