@@ -510,7 +510,7 @@ fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
                 }
             }
         };
-        let (health, metrics, failed) = rt.block_on(async {
+        let (health, metrics, failed, cpu, before) = rt.block_on(async {
             let up = async {
                 while client
                     .get(format!("http://{addr}/readyz"))
@@ -527,6 +527,7 @@ fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
                     .is_ok(),
                 "run is not ready"
             );
+            let before = status_kib(pid, "VmRSS:");
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut attackers = tokio::task::JoinSet::new();
             for _ in 0..n {
@@ -553,6 +554,7 @@ fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let (mut health, mut metrics, mut failed) = (Vec::new(), Vec::new(), 0);
+            let cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
             let window = Instant::now();
             while window.elapsed() < Duration::from_secs(15) {
                 for (path, into) in [("/healthz", &mut health), ("/metrics", &mut metrics)] {
@@ -562,9 +564,11 @@ fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            let cpu =
+                (cpu_seconds(&format!("/proc/{pid}/stat")) - cpu0) / window.elapsed().as_secs_f64();
             let _ = stop.send(true);
             while attackers.join_next().await.is_some() {}
-            (health, metrics, failed)
+            (health, metrics, failed, cpu, before)
         });
         let rss = status_kib(pid, "VmRSS:");
         let hwm = status_kib(pid, "VmHWM:");
@@ -584,8 +588,16 @@ fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
             );
         }
         table.row(
-            format!("listener under {name}: RSS (peak), failed requests"),
-            format!("{} ({}), {failed}", mib(rss), mib(hwm)),
+            format!(
+                "listener under {name}: RSS before → during (peak), CPU of run, failed requests"
+            ),
+            format!(
+                "{} → {} ({}), {:.0} % of a core, {failed}",
+                mib(before),
+                mib(rss),
+                mib(hwm),
+                cpu * 100.0
+            ),
             "bounded",
         );
         let _ = child.kill();

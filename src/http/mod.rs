@@ -284,8 +284,9 @@ async fn route(
 }
 
 /// Renders a status page (HTML or JSON, one row per mailbox × protocol: large for a large
-/// fleet) on a blocking thread, one at a time, so that a client asking for it over and
-/// over on hundreds of connections costs at most one core and never takes the runtime's
+/// fleet) on a blocking thread, one at a time and then a pause as long as the render, so
+/// that a client asking for it over and over on hundreds of connections costs at most half
+/// a core and never takes the runtime's
 /// worker threads from the probes, `/healthz`, `/readyz` and `/metrics`. At most
 /// [`PAGES_IN_FLIGHT`] rendered pages exist at once: each holds its turn until the client
 /// has received it (or the connection is gone), so clients that never read cannot make
@@ -300,8 +301,15 @@ async fn off_the_runtime(
     else {
         return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "shutting down\n");
     };
+    let started = tokio::time::Instant::now();
     let rendered = tokio::task::spawn_blocking(render).await;
-    drop(rendering);
+    // The next render waits as long again: pages asked for without pause cost at most
+    // half a core.
+    let spent = started.elapsed();
+    tokio::spawn(async move {
+        tokio::time::sleep(spent).await;
+        drop(rendering);
+    });
     match rendered {
         Ok(Ok(page)) => text(
             StatusCode::OK,
