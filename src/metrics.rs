@@ -61,6 +61,8 @@ pub struct Metrics {
     token_duration: HistogramVec,
     token_expiry: GaugeVec,
     token_last_success: GaugeVec,
+    /// Beyond the contract: refresh tokens that could not be written under `state_dir`.
+    token_save_failures: IntCounterVec,
     credential_expiry: GaugeVec,
     reload_ok: Gauge,
     reload_ts: Gauge,
@@ -192,6 +194,11 @@ impl Metrics {
             token_last_success: gauge(
                 "mail_oauth_token_last_success_timestamp_seconds",
                 "When an access token was last obtained.",
+                &["credential"],
+            ),
+            token_save_failures: counter(
+                "mail_oauth_token_save_failures_total",
+                "Refresh tokens received from the token endpoint that could not be written under state_dir (kept in memory only: a restart loses them).",
                 &["credential"],
             ),
             credential_expiry: gauge(
@@ -386,6 +393,7 @@ impl Metrics {
         let _ = self.token_duration.remove_label_values(&[credential]);
         let _ = self.token_expiry.remove_label_values(&[credential]);
         let _ = self.token_last_success.remove_label_values(&[credential]);
+        let _ = self.token_save_failures.remove_label_values(&[credential]);
         for k in EXPIRY_KINDS {
             let _ = self
                 .credential_expiry
@@ -435,6 +443,12 @@ impl TokenObserver for Metrics {
                     .inc();
             }
         }
+    }
+
+    fn save_failed(&self, credential: &str, _error: &str) {
+        self.token_save_failures
+            .with_label_values(&[credential])
+            .inc();
     }
 }
 

@@ -1,6 +1,6 @@
 //! The contract's reasons: the one stable label every probe outcome ends in.
 //!
-//! The names, stages and transience here are public interface (../shared/CONTRACT.md):
+//! The names, stages and transience here are public interface (docs/reasons.md):
 //! dashboards and alerts match on them, so they never change silently.
 
 use std::fmt;

@@ -2,6 +2,8 @@
 //!
 //! `Debug` and `Display` show `<redacted>`; the value is reached only through
 //! [`Secret::expose`], so every place that sends a secret over the wire is greppable.
+//! Text from outside that may repeat a secret (a server's reply, a token endpoint's body)
+//! is blanked by `crate::redact::Redactor`, which shows it as [`REDACTED`] too.
 
 use std::fmt;
 

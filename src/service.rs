@@ -10,7 +10,9 @@ use crate::reason::Reason;
 use crate::scheduler::{Execute, Job, Scheduler};
 use crate::shard::Shard;
 use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
-use crate::token::{Credential, CredentialExpiryKind, Grant, TokenService, TokenServiceOptions};
+use crate::token::{
+    Credential, CredentialExpiryKind, Grant, TokenBudget, TokenService, TokenServiceOptions,
+};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -73,7 +75,10 @@ impl Execute<Payload> for Prober {
         Box::pin(async move {
             let p = &job.payload;
             let cred = &p.credential;
-            let result = match engine.tokens.access_token(cred).await {
+            // One deadline for the run, token request included: a token endpoint that
+            // never answers costs this probe its `timeout`, not the HTTP client's.
+            let budget = TokenBudget::new(p.mailbox.timeout, p.mailbox.interval);
+            let result = match engine.tokens.access_token_within(cred, budget).await {
                 Err(e) => {
                     let c = classify::token_failure(&e);
                     ProbeResult {
@@ -88,7 +93,10 @@ impl Execute<Payload> for Prober {
                     }
                 }
                 Ok(token) => {
-                    let spec = p.mailbox.probe_spec(&p.endpoint);
+                    let mut spec = p.mailbox.probe_spec(&p.endpoint);
+                    spec.timeout = budget
+                        .deadline
+                        .saturating_duration_since(tokio::time::Instant::now());
                     let report = probe::run(&spec, &engine.tls, &token.value).await;
                     let c = classify::probe_outcome(&report.outcome);
                     if c.reason == Reason::AuthTokenExpired {
@@ -254,9 +262,27 @@ impl Service {
                 message: "shutting down; not reloaded".into(),
             });
         };
-        let result = Config::load(&path).and_then(|config| {
-            let engine = self.engine_for(&config)?;
-            Ok((config, engine))
+        // Files are read on the blocking pool (the config, and through the engine and
+        // `check_files` every file it names): none of them can stall the runtime, and none
+        // can block at all (`crate::fsread` refuses FIFOs and devices).
+        let current = read(&self.engine);
+        let metrics = self.metrics.clone();
+        let file = path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&file)?;
+            let engine = engine_for(&current, &config, &metrics)?;
+            let problems = config.check_files();
+            Ok((config, engine, problems))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError {
+                file: path.clone(),
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: format!("reload task failed: {e}"),
+            })
         });
         match result {
             Err(e) => {
@@ -268,7 +294,7 @@ impl Service {
                 self.board.set_config_status(st);
                 Err(e)
             }
-            Ok((config, engine)) => {
+            Ok((config, engine, problems)) => {
                 if let Some(engine) = engine {
                     write(&self.engine, Arc::new(engine));
                 }
@@ -276,73 +302,52 @@ impl Service {
                 if old.listen != config.listen {
                     tracing::warn!("`listen` changed; it takes effect at the next restart");
                 }
-                self.install(config, scheduler);
+                self.install(config, scheduler, problems);
                 tracing::info!(file = %path.display(), "config reloaded");
                 Ok(())
             }
         }
     }
 
-    /// A new engine when the config changes what it is built from.
-    fn engine_for(&self, config: &Config) -> Result<Option<Engine>, ConfigError> {
-        let current = read(&self.engine);
-        if current.ca_file == config.ca_file && current.state_dir == config.state_dir {
-            return Ok(None);
-        }
-        Engine::new(config, &self.metrics).map(Some)
-    }
-
     fn apply_now(&self, config: Config) {
+        let problems = config.check_files();
         // Called from `start` only, before anyone else can hold the lock.
         let mut guard = self
             .scheduler
             .try_lock()
             .expect("the scheduler is not shared yet");
         if let Some(s) = guard.as_mut() {
-            self.install(config, s);
+            self.install(config, s, problems);
         }
     }
 
-    fn install(&self, config: Config, scheduler: &mut Scheduler<Payload>) {
+    /// Puts `config` in force; `problems` are its [`Config::check_files`] findings.
+    fn install(&self, config: Config, scheduler: &mut Scheduler<Payload>, problems: Vec<String>) {
         let config = match self.shard {
             Some(shard) => shard.filter(config),
             None => config,
         };
-        for problem in config.check_files() {
+        for problem in problems {
             // Not fatal: a token file may be written later by another tool; the probes
             // report it with a reason until then.
             tracing::warn!(file = %config.file.display(), "{problem}");
         }
         let engine = read(&self.engine);
-        let mut targets = Vec::new();
-        let mut jobs = Vec::new();
-        for mb in config.mailboxes.values() {
-            let mailbox = Arc::new(mb.clone());
-            let Some(cred) = config.credentials.get(&mb.credential) else {
-                continue; // the validator guarantees it exists
-            };
-            let credential = Arc::new(cred.clone());
-            for e in &mb.endpoints {
-                targets.push(TargetInfo {
+        let jobs = jobs(&config);
+        let targets = jobs
+            .iter()
+            .map(|j| {
+                let mb = &j.payload.mailbox;
+                TargetInfo {
                     mailbox: mb.name.clone(),
-                    protocol: e.protocol,
+                    protocol: j.protocol,
                     credential: mb.credential.clone(),
                     address: mb.address.clone(),
-                    target: mb.probe_spec(e).target.to_string(),
+                    target: mb.probe_spec(&j.payload.endpoint).target.to_string(),
                     interval: mb.interval,
-                });
-                jobs.push(Job {
-                    mailbox: mb.name.clone(),
-                    protocol: e.protocol,
-                    interval: mb.interval,
-                    payload: Payload {
-                        mailbox: mailbox.clone(),
-                        endpoint: e.clone(),
-                        credential: credential.clone(),
-                    },
-                });
-            }
-        }
+                }
+            })
+            .collect();
         let credentials = config
             .credentials
             .values()
@@ -395,6 +400,85 @@ impl Service {
             .flat_map(|m| m.endpoints.iter().map(|e| (m.name.clone(), e.protocol)))
             .collect()
     }
+}
+
+/// A new engine when `config` changes what `current` was built from.
+fn engine_for(
+    current: &Engine,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Engine>, ConfigError> {
+    if current.ca_file == config.ca_file && current.state_dir == config.state_dir {
+        return Ok(None);
+    }
+    Engine::new(config, metrics).map(Some)
+}
+
+/// Builds what [`Service::start`] builds from `config`, without probing or listening: the
+/// TLS clients from `tls.ca_file` and the token service, then every job on a scheduler
+/// whose runs do nothing, kept running for `run_for` (on a paused test clock, long
+/// enough for every job to run and reschedule) before it shuts down with the config's
+/// grace period. `check` and the property tests call it, so a config `check` accepts is
+/// one `run` starts with. Reads the CA file: on the blocking pool.
+///
+/// # Errors
+/// What [`Service::start`] would fail with (an unusable CA file).
+pub async fn rehearse(config: &Config, run_for: Duration) -> Result<(), ConfigError> {
+    let owned = config.clone();
+    tokio::task::spawn_blocking(move || Engine::new(&owned, &Arc::new(Metrics::new())).map(drop))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError {
+                file: config.file.clone(),
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: format!("engine task failed: {e}"),
+            })
+        })?;
+    struct Idle;
+    impl Execute<Payload> for Idle {
+        fn execute(&self, _: Arc<Job<Payload>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(async {})
+        }
+    }
+    let schedule = &config.schedule;
+    let mut s = Scheduler::new(
+        Arc::new(Idle) as Arc<dyn Execute<Payload>>,
+        schedule.max_concurrent_probes,
+    );
+    let jobs = jobs(config);
+    s.apply(jobs.clone(), schedule);
+    tokio::time::sleep(run_for).await;
+    // A reload of the same config, as `reload` applies it.
+    s.apply(jobs, schedule);
+    s.shutdown(schedule.shutdown_grace).await;
+    Ok(())
+}
+
+/// The scheduled jobs of `config`, one per mailbox × protocol.
+fn jobs(config: &Config) -> Vec<Job<Payload>> {
+    let mut jobs = Vec::new();
+    for mb in config.mailboxes.values() {
+        let mailbox = Arc::new(mb.clone());
+        let Some(cred) = config.credentials.get(&mb.credential) else {
+            continue; // the validator guarantees it exists
+        };
+        let credential = Arc::new(cred.clone());
+        for e in &mb.endpoints {
+            jobs.push(Job {
+                mailbox: mb.name.clone(),
+                protocol: e.protocol,
+                interval: mb.interval,
+                payload: Payload {
+                    mailbox: mailbox.clone(),
+                    endpoint: e.clone(),
+                    credential: credential.clone(),
+                },
+            });
+        }
+    }
+    jobs
 }
 
 fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus {

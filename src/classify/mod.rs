@@ -1,7 +1,9 @@
 //! Classification: the one place where a failure becomes a contract [`Reason`].
 //!
 //! Matching is on reply codes and stable words, never on whole lines: real servers vary
-//! the bracketed host names, case and line splitting (../shared/FAILURES.md).
+//! the bracketed host names, case and line splitting (docs/field-replies.md). Where two reasons could apply, the
+//! rules of docs/reasons.md decide (`probe.rs` and `token.rs` say which, in order); the replies
+//! recorded from the field (`src/emulator/field_replies.txt`) are tested against them.
 
 pub mod probe;
 pub mod token;

@@ -26,19 +26,14 @@ pub fn reason(e: &ProbeError) -> Reason {
 }
 
 /// A server's "no": decided by codes and stable words first, by phase last.
+///
+/// The order is the contract's ("Rules where two rows could apply"): token expiry, the
+/// `5.7.139` variants, `4.7.66`, then connection and rate limits (whatever the status word,
+/// response code or stage), then temporary failures, then the phase.
 fn refusal(phase: Phase, reply: &str) -> Reason {
     let text = reply.to_ascii_lowercase();
     let has = |w: &str| text.contains(w);
-    // SMTP's three-digit code, when this is an SMTP reply.
-    let code = reply
-        .get(..3)
-        .and_then(|c| c.parse::<u16>().ok())
-        .filter(|_| {
-            reply
-                .as_bytes()
-                .get(3)
-                .is_none_or(|b| *b == b' ' || *b == b'-')
-        });
+    let code = smtp_code(reply);
 
     // Expiry first: `* BYE ... AccessTokenExpired` wins even after a tagged OK.
     if has("accesstokenexpired") || has("5.5.127") || has("token will expire") {
@@ -47,6 +42,8 @@ fn refusal(phase: Phase, reply: &str) -> Reason {
     if has("5.7.139") {
         return if has("smtpclientauthentication") {
             Reason::SmtpAuthDisabled
+        } else if has("credentials were incorrect") {
+            Reason::AuthRejected
         } else {
             Reason::AuthPolicyBlocked
         };
@@ -55,15 +52,10 @@ fn refusal(phase: Phase, reply: &str) -> Reason {
     if has("4.7.66") {
         return Reason::TlsHandshakeFailed;
     }
-    if has("throttl")
-        || has("[limit]")
-        || has("[in-use]")
-        || code == Some(432)
-        || (code == Some(421) && has("4.7.0"))
-    {
+    if is_limit(&text, code) {
         return Reason::Throttled;
     }
-    if has("[unavailable]") || has("[sys/temp]") || code.is_some_and(|c| (400..500).contains(&c)) {
+    if is_temporary(&text, code) {
         return Reason::ServerUnavailable;
     }
     match phase {
@@ -72,6 +64,78 @@ fn refusal(phase: Phase, reply: &str) -> Reason {
         Phase::PostAuth => Reason::MailboxUnavailable,
         Phase::Tls => Reason::StarttlsUnavailable,
         Phase::Resolve | Phase::Connect | Phase::Capability => Reason::ProtocolError,
+    }
+}
+
+/// SMTP's three-digit code, when the reply is an SMTP reply (`NNN ` or `NNN-`).
+fn smtp_code(reply: &str) -> Option<u16> {
+    reply
+        .get(..3)
+        .and_then(|c| c.parse::<u16>().ok())
+        .filter(|_| {
+            reply
+                .as_bytes()
+                .get(3)
+                .is_none_or(|b| *b == b' ' || *b == b'-')
+        })
+}
+
+/// Connection and rate limits, by response code (RFC 5530 `[LIMIT]`, RFC 2449 `[IN-USE]`,
+/// Gmail's `[OVERQUOTA]` for its bandwidth limits), SMTP code (`432 4.3.2`; `421 4.7.0`
+/// unless its words blame the server, as Exchange's "Temporary server error" and Gmail's
+/// "Temporary System Problem" do) or the stable words servers use for them (Gmail's "Too
+/// many simultaneous connections", Dovecot's "Maximum number of connections", Gmail's "Too
+/// many login attempts", Exchange's "Request is throttled").
+fn is_limit(text: &str, code: Option<u16>) -> bool {
+    const CODES: &[&str] = &["[limit]", "[in-use]", "[overquota]", "[throttled]"];
+    const WORDS: &[&str] = &[
+        "throttl",
+        "too many",
+        "maximum number of connections",
+        "connection limit",
+        "connections limit",
+        "concurrent connections",
+        "simultaneous connections",
+        "rate limit",
+        "bandwidth limit",
+    ];
+    CODES.iter().chain(WORDS).any(|w| text.contains(w))
+        || (code == Some(432) && text.contains("4.3.2"))
+        || (code == Some(421) && text.contains("4.7.0") && !blames_server(text))
+}
+
+/// Words that put the fault on the server itself (not on how much the client asks).
+fn blames_server(text: &str) -> bool {
+    [
+        "server error",
+        "system problem",
+        "system error",
+        "internal error",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
+
+/// Temporary failures: RFC 5530 `[UNAVAILABLE]` and `[SERVERBUG]`, RFC 3206 `[SYS/TEMP]`,
+/// Yahoo's `[TEMPFAIL]`, any 4xx SMTP reply, or (for IMAP and POP3, which carry no code)
+/// words saying the server cannot serve for now (Exchange's `Server Unavailable. 15`,
+/// Gmail's `System Error (Failure)`, Dovecot's `Internal error occurred`). A 5xx SMTP reply
+/// is permanent whatever its words.
+fn is_temporary(text: &str, code: Option<u16>) -> bool {
+    const CODES: &[&str] = &["[unavailable]", "[sys/temp]", "[tempfail]", "[serverbug]"];
+    const WORDS: &[&str] = &[
+        "server unavailable",
+        "service unavailable",
+        "temporar",
+        "try again later",
+        "system error",
+        "server error",
+        "internal error",
+    ];
+    match code {
+        Some(c) => (400..500).contains(&c),
+        // An untagged IMAP BYE: the server ends the session (the contract's "BYE").
+        None => text.starts_with("* bye") || CODES.iter().chain(WORDS).any(|w| text.contains(w)),
     }
 }
 
@@ -87,7 +151,7 @@ mod tests {
         })
     }
 
-    /// Every reply of ../shared/FAILURES.md, with the phase it arrives in, and variants a
+    /// Every reply of docs/field-replies.md, with the phase it arrives in, and variants a
     /// real server sends (another bracketed host, other case, multi-line).
     #[test]
     fn every_reply_of_failures_md() {
@@ -258,7 +322,7 @@ mod tests {
                 "E01 NO [NONEXISTENT] Mailbox doesn't exist: INBOX",
                 MailboxUnavailable,
             ),
-            (PostAuth, "-ERR Server Unavailable. 21", MailboxUnavailable),
+            (PostAuth, "-ERR Server Unavailable. 21", ServerUnavailable),
             (
                 PostAuth,
                 "421 4.4.2 Connection dropped due to timeout",
@@ -271,6 +335,176 @@ mod tests {
         for (phase, reply, want) in cases {
             assert_eq!(refused(*phase, reply), *want, "{phase}: {reply}");
         }
+    }
+
+    /// Rule: connection and rate limits are `throttled`, whatever status word, response
+    /// code or stage carries them.
+    #[test]
+    fn rule_limits_are_throttled_at_every_stage() {
+        use Phase::*;
+        let replies = [
+            "A01 NO [ALERT] Too many simultaneous connections. (Failure)",
+            "A01 NO [UNAVAILABLE] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)",
+            "454 4.7.0 Too many login attempts, please try again later. x1-20020a05 - gsmtp",
+            "E01 NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)",
+            "-ERR [IN-USE] Unable to lock maildrop",
+            "* BYE [ALERT] Too many simultaneous connections. (Failure)",
+            "A01 BAD Too many connections",
+        ];
+        for reply in replies {
+            for phase in [Greeting, Capability, Auth, PostAuth] {
+                assert_eq!(refused(phase, reply), Reason::Throttled, "{phase}: {reply}");
+            }
+        }
+    }
+
+    /// Rule: after login, words saying the server is temporarily unable are
+    /// `server_unavailable`; replies naming the mailbox or account are `mailbox_unavailable`.
+    #[test]
+    fn rule_post_login_temporary_failures() {
+        use Phase::PostAuth;
+        for reply in [
+            "E01 NO Server Unavailable. 15",
+            "-ERR Server Unavailable. 21",
+            "E01 NO System Error (Failure)",
+            "E01 NO [UNAVAILABLE] UID FETCH Service is temporarily not available",
+            "E01 NO [TEMPFAIL] Temporary failure on server",
+            "451 4.3.0 Temporary server error",
+        ] {
+            assert_eq!(
+                refused(PostAuth, reply),
+                Reason::ServerUnavailable,
+                "{reply}"
+            );
+        }
+        for reply in [
+            "E01 BAD User is authenticated but not connected.",
+            "-ERR User is authenticated but not connected.",
+            "E01 NO [NONEXISTENT] Mailbox doesn't exist: INBOX",
+            "E01 NO The requested item could not be found.",
+            "530 5.7.57 Client not authenticated to send mail.",
+        ] {
+            assert_eq!(
+                refused(PostAuth, reply),
+                Reason::MailboxUnavailable,
+                "{reply}"
+            );
+        }
+        // The server ends the session: `* BYE`, whatever it says.
+        assert_eq!(
+            refused(PostAuth, "* BYE Connection closed. 14"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            refused(Phase::Auth, "* BYE Jakarta is shutting down"),
+            Reason::ServerUnavailable
+        );
+        // A 5xx SMTP reply is permanent, whatever its words.
+        assert_eq!(
+            refused(PostAuth, "554 5.3.2 Service unavailable, try again later"),
+            Reason::MailboxUnavailable
+        );
+    }
+
+    /// `421 4.7.0` is a rate limit unless its words blame the server; `432` is the
+    /// concurrent-connection limit only as `4.3.2`.
+    #[test]
+    fn rule_421_4_7_0_and_432() {
+        let r = |s| refused(Phase::Auth, s);
+        assert_eq!(
+            r("421 4.7.0 Try again later, closing connection."),
+            Reason::Throttled
+        );
+        assert_eq!(
+            r(
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints"
+            ),
+            Reason::Throttled
+        );
+        assert_eq!(
+            r(
+                "421 4.7.0 Temporary System Problem.  Try again later (10). q123-v6sm5523809pfq.169 - gsmtp"
+            ),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            r("421 4.7.0 Temporary server error. Please try again later. PRX4 [host]"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            r("432 4.7.12 A password transition is needed"),
+            Reason::ServerUnavailable
+        );
+        assert_eq!(
+            refused(
+                Phase::PostAuth,
+                "E01 NO [SERVERBUG] Internal error occurred. Refer to server log for more information. [2022-07-07 18:46:51]"
+            ),
+            Reason::ServerUnavailable
+        );
+    }
+
+    /// Rule: `5.7.139` names SmtpClientAuthentication → `smtp_auth_disabled`, incorrect
+    /// credentials → `auth_rejected`, anything else → `auth_policy_blocked`.
+    #[test]
+    fn rule_5_7_139_variants() {
+        let r = |s| refused(Phase::Auth, s);
+        assert_eq!(
+            r(
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. [h]"
+            ),
+            Reason::SmtpAuthDisabled
+        );
+        assert_eq!(
+            r(
+                "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect. [PH0PR07CA0004.namprd07.prod.outlook.com]"
+            ),
+            Reason::AuthRejected
+        );
+        assert_eq!(
+            r("535 5.7.139 Authentication unsuccessful, basic authentication is disabled. [h]"),
+            Reason::AuthPolicyBlocked
+        );
+        assert_eq!(
+            r(
+                "535 5.7.139 Authentication unsuccessful, the organization configuration does not allow this authentication request. [h]"
+            ),
+            Reason::AuthPolicyBlocked
+        );
+    }
+
+    /// Rule: `421 4.7.66` (TLS version refused) is `tls_handshake_failed` at any stage.
+    #[test]
+    fn rule_4_7_66_is_tls() {
+        for phase in [Phase::Greeting, Phase::Capability, Phase::Auth] {
+            assert_eq!(
+                refused(phase, "421 4.7.66 TLS 1.0 and 1.1 are not supported. [h]"),
+                Reason::TlsHandshakeFailed
+            );
+        }
+    }
+
+    /// Every recorded field reply of `src/emulator/field_replies.txt`, classified as the
+    /// file says (the same records are replayed over real sockets in the integration tests).
+    #[test]
+    fn field_replies() {
+        use crate::emulator::field::{Kind, replies};
+        let mut n = 0;
+        for f in replies().iter() {
+            let Kind::Mail { phase, .. } = f.kind else {
+                continue;
+            };
+            let wire = f.wire_reply("A01");
+            assert_eq!(
+                refused(phase, &wire),
+                f.reason,
+                "{} ({})",
+                f.reply,
+                f.source
+            );
+            n += 1;
+        }
+        assert!(n >= 10, "only {n} mail replies recorded");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Token errors → the contract's `token_*` reasons, plus the detail shown beside them.
 //!
-//! Rules (CONTRACT.md): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
+//! Rules (docs/reasons.md): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
 //! (from `error_codes`, else the description's `AADSTSnnnn:` prefix) decides before `error`;
 //! an unknown code falls back on `error`; a reply that is not OAuth JSON is classified by its
 //! HTTP status. Description text is never matched.
@@ -8,7 +8,7 @@
 use crate::reason::Reason;
 use crate::token::error::{EXCERPT_MAX, TokenError, bounded};
 
-/// The reason of a known AADSTS code (FAILURES.md), `None` for codes we do not know.
+/// The reason of a known AADSTS code (docs/field-replies.md), `None` for codes we do not know.
 pub fn aadsts_reason(code: u64) -> Option<Reason> {
     Some(match code {
         70008 | 700082 | 50173 | 700084 => Reason::TokenInvalidGrant,
@@ -16,9 +16,12 @@ pub fn aadsts_reason(code: u64) -> Option<Reason> {
         50076 | 50079 | 50158 | 53003 | 70043 => Reason::TokenInteractionRequired,
         7000215 | 700027 => Reason::TokenInvalidClient,
         7000222 => Reason::TokenClientSecretExpired,
-        700016 | 90002 => Reason::TokenUnauthorizedClient,
+        // 900023: the tenant in the URL is neither a GUID nor a domain; 90002: no such tenant.
+        700016 | 90002 | 900023 => Reason::TokenUnauthorizedClient,
         70011 | 500011 => Reason::TokenInvalidScope,
-        50057 | 50053 | 50055 => Reason::TokenAccountBlocked,
+        // 50034: the user is not in the directory (deleted or never created); 50020: the
+        // user's identity provider's account is not in the tenant.
+        50057 | 50053 | 50055 | 50034 | 50020 => Reason::TokenAccountBlocked,
         50196 | 90055 => Reason::TokenThrottled,
         _ => return None,
     })
@@ -28,14 +31,30 @@ pub fn aadsts_reason(code: u64) -> Option<Reason> {
 pub fn error_reason(error: &str) -> Reason {
     match error {
         "invalid_grant" => Reason::TokenInvalidGrant,
-        "invalid_client" => Reason::TokenInvalidClient,
-        "unauthorized_client" => Reason::TokenUnauthorizedClient,
+        // Google: `deleted_client` when the OAuth client was deleted from the project.
+        "invalid_client" | "deleted_client" => Reason::TokenInvalidClient,
+        // Google: an "Internal" app used by an account outside its organisation.
+        "unauthorized_client" | "org_internal" => Reason::TokenUnauthorizedClient,
         "invalid_scope" => Reason::TokenInvalidScope,
-        "consent_required" => Reason::TokenConsentRequired,
+        // Google: a Workspace admin blocks the app or its scopes (admin consent needed).
+        "consent_required" | "admin_policy_enforced" => Reason::TokenConsentRequired,
         "interaction_required" => Reason::TokenInteractionRequired,
         "temporarily_unavailable" | "server_error" => Reason::TokenServerError,
         _ => Reason::TokenError,
     }
+}
+
+/// Google's refinements of `invalid_grant`: `invalid_rapt` (re-authentication required by
+/// the Workspace session control policy) is a policy that needs a person, not a dead token.
+/// Google sends it as `error_subtype`, and older endpoints only inside the description as
+/// `(invalid_rapt)`: a code in parentheses, not prose, so it is matched there too.
+fn google_subtype_reason(body: &crate::token::OAuthErrorBody) -> Option<Reason> {
+    let rapt = body.error_subtype.as_deref() == Some("invalid_rapt")
+        || body
+            .error_description
+            .as_deref()
+            .is_some_and(|d| d.contains("(invalid_rapt)"));
+    (body.error == "invalid_grant" && rapt).then_some(Reason::TokenInteractionRequired)
 }
 
 fn status_reason(status: u16) -> Reason {
@@ -55,6 +74,7 @@ pub fn reason(e: &TokenError) -> Reason {
         TokenError::Endpoint { body, .. } => body
             .aadsts_code()
             .and_then(aadsts_reason)
+            .or_else(|| google_subtype_reason(body))
             .unwrap_or_else(|| error_reason(&body.error)),
         TokenError::Config { .. } | TokenError::TokenFile { .. } | TokenError::Store { .. } => {
             Reason::TokenError
@@ -63,8 +83,9 @@ pub fn reason(e: &TokenError) -> Reason {
 }
 
 /// What the status page and logs show beside the reason: HTTP status, AADSTS code, `error`,
-/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: the
-/// server never echoes them, and our own errors name files, not contents.
+/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: what
+/// the endpoint sent was redacted as it entered the `TokenError` (`crate::redact`), and our
+/// own errors name files, not contents.
 pub fn detail(e: &TokenError) -> String {
     match e {
         TokenError::Endpoint { status, body, .. } => {
@@ -120,7 +141,7 @@ mod tests {
         }
     }
 
-    /// Every AADSTS row of FAILURES.md, with the `error` and status Microsoft sends.
+    /// Every AADSTS row of docs/field-replies.md, with the `error` and status Microsoft sends.
     pub const FAILURES_AADSTS: &[(u64, &str, u16, Reason)] = &[
         (70008, "invalid_grant", 400, Reason::TokenInvalidGrant),
         (700082, "invalid_grant", 400, Reason::TokenInvalidGrant),
@@ -226,6 +247,78 @@ mod tests {
             )),
             Reason::TokenUnauthorizedClient
         );
+    }
+
+    /// Rule: token endpoint codes beyond the table.
+    #[test]
+    fn rule_codes_beyond_the_table() {
+        assert_eq!(
+            reason(&ms(400, "invalid_grant", 50034)),
+            Reason::TokenAccountBlocked
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_request", 900023)),
+            Reason::TokenUnauthorizedClient
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_request", 90002)),
+            Reason::TokenUnauthorizedClient
+        );
+        // Google invalid_rapt, as error_subtype and as the description's code only.
+        let mut e = google(400, "invalid_grant", "reauth related error (invalid_rapt)");
+        assert_eq!(reason(&e), Reason::TokenInteractionRequired);
+        if let TokenError::Endpoint { body, .. } = &mut e {
+            body.error_description = Some("reauth related error".into());
+            body.error_subtype = Some("invalid_rapt".into());
+        }
+        assert_eq!(reason(&e), Reason::TokenInteractionRequired);
+        // Without the subtype it stays an invalid grant.
+        assert_eq!(
+            reason(&google(400, "invalid_grant", "reauth related error")),
+            Reason::TokenInvalidGrant
+        );
+        assert_eq!(
+            reason(&google(
+                401,
+                "deleted_client",
+                "The OAuth client was deleted."
+            )),
+            Reason::TokenInvalidClient
+        );
+        assert_eq!(
+            reason(&google(400, "admin_policy_enforced", "blocked by admin")),
+            Reason::TokenConsentRequired
+        );
+        assert_eq!(
+            reason(&google(403, "org_internal", "internal app")),
+            Reason::TokenUnauthorizedClient
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_grant", 50020)),
+            Reason::TokenAccountBlocked
+        );
+    }
+
+    /// Every recorded token body of `src/emulator/field_replies.txt`, parsed as the token
+    /// client parses it and classified as the file says.
+    #[test]
+    fn field_token_bodies() {
+        use crate::emulator::field::{Kind, replies};
+        let mut n = 0;
+        for f in replies().iter() {
+            let Kind::Token { status } = f.kind else {
+                continue;
+            };
+            let body: OAuthErrorBody = serde_json::from_str(&f.reply).expect(&f.reply);
+            let e = TokenError::Endpoint {
+                status,
+                body: Box::new(body),
+                retry_after: None,
+            };
+            assert_eq!(reason(&e), f.reason, "{} ({})", f.reply, f.source);
+            n += 1;
+        }
+        assert!(n >= 5, "only {n} token bodies recorded");
     }
 
     #[test]

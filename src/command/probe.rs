@@ -1,5 +1,36 @@
-//! `probe`: one probe of a mailbox now, printed for a person: result, reason, fix, phase
-//! timings and the redacted transcript.
+//! `probe`: one probe of a mailbox now, printed for a person (result, reason, fix, phase
+//! timings and the redacted transcript) or, with `--output json`, for a script.
+//!
+//! # JSON output
+//!
+//! `--output json` prints one JSON array with one object per probed protocol:
+//!
+//! ```json
+//! [{"mailbox": "helpdesk", "protocol": "imap", "credential": "contoso-app",
+//!   "target": "imap://outlook.office365.com:993 (implicit TLS)",
+//!   "user": "helpdesk@contoso.com", "mechanism": "xoauth2",
+//!   "success": false, "reason": "auth_rejected", "stage": "auth", "transient": false,
+//!   "detail": "A01 NO AUTHENTICATE failed.", "hint": "check the token's scope/audience, ...",
+//!   "phases": {"resolve": 0.0011, "connect": 0.021, "tls": 0.034, "greeting": 0.012,
+//!              "capability": 0.011, "auth": 0.19, "post_auth": null},
+//!   "duration_seconds": 0.279, "total_seconds": 0.301,
+//!   "tls_version": "TLSv1.3", "tls_certificate_expiry_timestamp_seconds": 1790812800,
+//!   "tls_certificate_expiry": "2026-10-01T00:00:00Z",
+//!   "transcript": ["S: * OK The Microsoft Exchange IMAP4 service is ready. [...]", "..."]}]
+//! ```
+//!
+//! - `reason` is a contract label (`ok` on success); `stage` is `null` for `ok`, else one of
+//!   `token`, `connect`, `protocol`, `auth`, `post_auth`; `transient` as in the contract.
+//! - `phases`: seconds per phase, `null` for a phase the probe did not reach (all `null`
+//!   when the token could not be obtained: no login is attempted then).
+//! - `duration_seconds`: connect start to the server's reply to the auth step (the
+//!   contract's `mail_oauth_probe_duration_seconds`), `null` when the auth step was not
+//!   reached; `total_seconds`: the whole probe, logout included.
+//! - TLS fields are `null` when no TLS session was made; the expiry is the earliest notAfter
+//!   of the chain the server presented, as unix seconds and as RFC 3339.
+//! - `transcript`: the redacted dialogue, one string a line (`[]` when no login was tried).
+//!
+//! The exit code is the same in both formats: 0 when every protocol succeeded, 1 otherwise.
 
 use super::CommandError;
 use crate::classify::{self, Classified};
@@ -11,11 +42,44 @@ use crate::token::{TokenService, TokenServiceOptions};
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// Probes `mailbox` on `protocol` (or all its protocols). Returns whether all succeeded.
+/// How `probe` prints its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// For a person: labelled lines and the transcript.
+    #[default]
+    Text,
+    /// For scripts: the JSON array described in the module docs.
+    Json,
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Output::Text),
+            "json" => Ok(Output::Json),
+            other => Err(format!("unknown output `{other}` (expected text or json)")),
+        }
+    }
+}
+
+/// Probes `mailbox` on `protocol` (or all its protocols) and prints the results as text.
+/// Returns whether all succeeded.
 pub async fn run(
     config: &Config,
     mailbox: &str,
     protocol: Option<Protocol>,
+    out: &mut dyn Write,
+) -> Result<bool, CommandError> {
+    run_with(config, mailbox, protocol, Output::Text, out).await
+}
+
+/// [`run`] with a choice of output format.
+pub async fn run_with(
+    config: &Config,
+    mailbox: &str,
+    protocol: Option<Protocol>,
+    output: Output,
     out: &mut dyn Write,
 ) -> Result<bool, CommandError> {
     let mb = config.mailboxes.get(mailbox).ok_or_else(|| {
@@ -36,33 +100,106 @@ pub async fn run(
     let tokens = token_service(config)?;
     let credential = &config.credentials[&mb.credential];
     let mut all_ok = true;
+    let mut objects = Vec::new();
     for endpoint in endpoints {
         let spec = mb.probe_spec(endpoint);
-        writeln!(
-            out,
-            "probe      {mailbox} {} {}  user {}  mechanism {}",
-            endpoint.protocol,
-            spec.target,
-            spec.user,
-            spec.mechanism.as_str()
-        )?;
-        match tokens.access_token(credential).await {
-            Err(e) => {
-                // No token, no login: the probe reports the token's reason.
-                all_ok = false;
-                print_result(out, &classify::token_failure(&e))?;
-            }
+        if output == Output::Text {
+            writeln!(
+                out,
+                "probe      {mailbox} {} {}  user {}  mechanism {}",
+                endpoint.protocol,
+                spec.target,
+                spec.user,
+                spec.mechanism.as_str()
+            )?;
+        }
+        // The token request counts against the mailbox's `timeout`, as in `run`.
+        let budget = crate::token::TokenBudget::new(mb.timeout, mb.interval);
+        // No token, no login: the probe reports the token's reason.
+        let (c, report) = match tokens.access_token_within(credential, budget).await {
+            Err(e) => (classify::token_failure(&e), None),
             Ok(token) => {
+                let mut spec = spec.clone();
+                spec.timeout = budget
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
                 let report = probe::run(&spec, &tls, &token.value).await;
-                let c = classify::probe_outcome(&report.outcome);
-                all_ok &= c.reason == Reason::Ok;
+                (classify::probe_outcome(&report.outcome), Some(report))
+            }
+        };
+        all_ok &= c.reason == Reason::Ok;
+        match output {
+            Output::Text => {
                 print_result(out, &c)?;
-                print_report(out, &report)?;
+                if let Some(report) = &report {
+                    print_report(out, report)?;
+                }
+                writeln!(out)?;
+            }
+            Output::Json => {
+                let mut o = json_result(mailbox, endpoint.protocol, &spec, &c, report.as_ref());
+                o["credential"] = mb.credential.clone().into();
+                objects.push(o);
             }
         }
-        writeln!(out)?;
+    }
+    if output == Output::Json {
+        writeln!(out, "[")?;
+        for (i, o) in objects.iter().enumerate() {
+            let sep = if i + 1 < objects.len() { "," } else { "" };
+            writeln!(out, "{o}{sep}")?;
+        }
+        writeln!(out, "]")?;
     }
     Ok(all_ok)
+}
+
+/// One protocol's result as the JSON object of the module docs.
+pub fn json_result(
+    mailbox: &str,
+    protocol: Protocol,
+    spec: &probe::ProbeSpec,
+    c: &Classified,
+    report: Option<&ProbeReport>,
+) -> serde_json::Value {
+    let r = c.reason;
+    let phases: serde_json::Map<String, serde_json::Value> = Phase::ALL
+        .iter()
+        .map(|p| {
+            let secs = report
+                .and_then(|rep| rep.phases.get(*p))
+                .map(|d| d.as_secs_f64());
+            (p.as_str().to_string(), secs.into())
+        })
+        .collect();
+    let not_after = report.and_then(|rep| rep.tls_not_after);
+    serde_json::json!({
+        "mailbox": mailbox,
+        "protocol": protocol.as_str(),
+        "target": spec.target.to_string(),
+        "user": spec.user,
+        "mechanism": spec.mechanism.as_str(),
+        "success": r == Reason::Ok,
+        "reason": r.as_str(),
+        "stage": (r != Reason::Ok).then(|| r.stage().as_str()),
+        "transient": r.is_transient(),
+        "detail": c.detail,
+        "hint": r.hint(),
+        "phases": phases,
+        "duration_seconds": report.and_then(|rep| rep.duration).map(|d| d.as_secs_f64()),
+        "total_seconds": report.map(|rep| rep.total.as_secs_f64()),
+        "tls_version": report.and_then(|rep| rep.tls_version.clone()),
+        "tls_certificate_expiry_timestamp_seconds": not_after,
+        "tls_certificate_expiry": not_after.map(rfc3339),
+        "transcript": report
+            .map(|rep| rep.transcript.render().lines().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    })
+}
+
+fn rfc3339(unix: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64))
+        .to_string()
 }
 
 /// The token service over the config's state directory and trust roots.
@@ -74,7 +211,8 @@ pub(crate) fn token_service(config: &Config) -> Result<TokenService, CommandErro
 
 fn print_result(out: &mut dyn Write, c: &Classified) -> std::io::Result<()> {
     if c.reason == Reason::Ok {
-        return writeln!(out, "result     OK");
+        writeln!(out, "result     OK")?;
+        return writeln!(out, "reason     {}", c.reason);
     }
     let r = c.reason;
     writeln!(
@@ -87,6 +225,7 @@ fn print_result(out: &mut dyn Write, c: &Classified) -> std::io::Result<()> {
             "permanent"
         }
     )?;
+    writeln!(out, "reason     {r}")?;
     writeln!(out, "detail     {}", c.detail)?;
     writeln!(out, "fix        {}", r.hint())
 }
@@ -105,9 +244,7 @@ fn print_report(out: &mut dyn Write, r: &ProbeReport) -> std::io::Result<()> {
         ms(r.total)
     )?;
     if let Some(not_after) = r.tls_not_after {
-        let when = humantime::format_rfc3339_seconds(
-            UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
-        );
+        let when = rfc3339(not_after);
         writeln!(
             out,
             "tls        {}, server certificate chain valid until {when}",

@@ -8,24 +8,48 @@ use crate::service::Service;
 use crate::shard::Shard;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-/// Runs the service from `config_path` until `shutdown` completes. Every message on
-/// `reloads` (SIGHUP) reloads the config. `web_config` (`--web.config.file`) turns on TLS
-/// and basic auth for the HTTP endpoints; it is read once, at start.
+/// The service's command-line settings (`--config.file`, `--web.*`, `--shard`), whether
+/// given to `run` or to the binary without a command.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--config.file`: the YAML config, re-read on every reload.
+    pub config_file: PathBuf,
+    /// `--web.listen-address`; `None`: the config's `listen`, else [`DEFAULT_LISTEN`].
+    pub listen: Option<SocketAddr>,
+    /// `--shard INDEX/COUNT`: probe only this replica's share of the mailboxes.
+    pub shard: Option<Shard>,
+    /// `--web.config.file`: TLS and basic auth for the HTTP endpoints, read once at start.
+    pub web_config_file: Option<PathBuf>,
+    /// `--web.telemetry-path`: where the metrics are served (`/metrics`).
+    pub telemetry_path: String,
+}
+
+/// Runs the service as `options` say until `shutdown` completes. Every message on
+/// `reloads` (SIGHUP) reloads the config.
 pub async fn run(
-    config_path: &Path,
-    listen: Option<SocketAddr>,
-    shard: Option<Shard>,
-    web_config: Option<&Path>,
+    options: &RunOptions,
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,
 ) -> Result<(), CommandError> {
-    let config = Config::load(config_path)?;
-    let web = load_web_config(web_config)?;
+    let config_path = options.config_file.as_path();
+    let (listen, shard) = (options.listen, options.shard);
+    // Read on the blocking pool: files never stall the runtime (see `crate::fsread`).
+    let (config, web) = {
+        let (path, web_path) = (config_path.to_owned(), options.web_config_file.clone());
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, CommandError>((Config::load(&path)?, load_web_config(web_path.as_deref())?))
+        })
+        .await
+        .map_err(|e| CommandError::Usage(format!("cannot read the config: {e}")))??
+    };
+    let web = web
+        .with_telemetry_path(&options.telemetry_path)
+        .map_err(|e| CommandError::Usage(format!("--web.telemetry-path {e}")))?;
     let addr = listen.or(config.listen).unwrap_or_else(|| {
         DEFAULT_LISTEN
             .parse()
@@ -34,7 +58,10 @@ pub async fn run(
     let listener = bind(addr).await?;
     let service = Service::start_sharded(config, shard)?;
     tracing::info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        revision = %crate::REVISION,
         address = %listener.local_addr().unwrap_or(addr),
+        metrics = web.telemetry_path(),
         config = %config_path.display(),
         shard = shard.map(|s| s.to_string()),
         probes = service.keys().len(),

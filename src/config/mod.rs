@@ -4,9 +4,11 @@
 
 mod locate;
 mod raw;
+mod yaml;
 
 pub use raw::ProviderKind;
 
+use crate::fsread::{self, FileKind};
 use crate::probe::{Limits, ProbeSpec, Target};
 use crate::protocol::{Mechanism, Protocol, TlsMode};
 use crate::token::{ClientAuth, Credential, Grant, Provider, SecretSource, default_scopes};
@@ -26,6 +28,17 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONCURRENT_PROBES: usize = 32;
 const DEFAULT_JITTER: Duration = Duration::from_secs(1);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// The shortest probe interval: one login per 5 s per mailbox and protocol. Faster is a
+/// load on the provider (`interval: 1ms` was 830 logins a second), not monitoring.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest probe interval, and of `scheduler.startup_spread`: a day.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// The longest `scheduler.shutdown_grace`: an hour.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+/// The most `scheduler.max_concurrent_probes`: each probe holds a socket, and more than
+/// this would run out of file descriptors before it helped.
+pub const MAX_CONCURRENT_PROBES: usize = 10_000;
 
 /// A config error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,76 +154,150 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path`: a regular file of at most 16 MiB (never a FIFO or
+    /// device: [`crate::fsread`]), UTF-8 with an optional byte order mark. Blocking: from
+    /// async code, call it on the blocking pool.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            column: 0,
-            field: String::new(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text = read_text(path, FileKind::Config)?;
         Config::parse(path, &text)
     }
 
-    /// Validates `text` as if read from `path` (the name is used in errors).
+    /// Validates `text` as if read from `path` (the name is used in errors). An empty
+    /// document (nothing but whitespace and comments) and a config without mailboxes are
+    /// errors: either would silently switch monitoring off.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = if text.trim().is_empty() {
-            RawConfig::default()
-        } else {
-            serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?
-        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if yaml::is_blank(text) {
+            return Err(ConfigError {
+                file: path.to_owned(),
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: "the config is empty (nothing but whitespace and comments); it must name at least one mailbox".into(),
+            });
+        }
+        let raw: RawConfig = parse_yaml(path, text)?;
         Validator { path, text }.config(raw)
     }
 
-    /// Checks what only exists outside the file: secret and token files readable,
-    /// environment variables set. Returns every problem, not just the first.
+    /// Checks what only exists outside the file, by reading and parsing it as a probe
+    /// will: client secrets (files or variables: not empty, within 64 KiB), certificates
+    /// and keys (PEM that loads, a key that signs), token files, the CA file (PEM
+    /// certificates), and `state_dir` (a writable directory, or one that can be created)
+    /// when a credential keeps refresh tokens there. Returns every problem, not just the
+    /// first; never blocks on a FIFO (see [`crate::fsread`]), but does read files, so
+    /// async callers run it on the blocking pool.
     pub fn check_files(&self) -> Vec<String> {
+        use crate::token::{assertion::ClientCertificate, grant, token_file};
         let mut problems = Vec::new();
-        let readable = |problems: &mut Vec<String>, what: &str, p: &Path| {
-            if let Err(e) = std::fs::File::open(p) {
-                problems.push(format!("{what} {}: {e}", p.display()));
-            }
-        };
-        if let Some(ca) = &self.ca_file {
-            readable(&mut problems, "tls.ca_file", ca);
+        if let Some(ca) = &self.ca_file
+            && let Err(e) = check_ca_file(ca)
+        {
+            problems.push(format!("tls.ca_file: {e}"));
         }
         for c in self.credentials.values() {
             let name = &c.name;
             match &c.client_auth {
-                ClientAuth::Secret(SecretSource::File(p)) => readable(
-                    &mut problems,
-                    &format!("credential {name}: client_secret_file"),
-                    p,
-                ),
-                ClientAuth::Secret(SecretSource::Env(v)) if std::env::var_os(v).is_none() => {
-                    problems.push(format!(
-                        "credential {name}: client_secret_env {v} is not set"
-                    ))
+                ClientAuth::Secret(source) => {
+                    if let Err(e) = grant::read_secret(source) {
+                        problems.push(format!("credential {name}: {e}"));
+                    }
                 }
                 ClientAuth::Certificate {
                     certificate_file,
                     private_key_file,
                 } => {
-                    for (what, p) in [
-                        ("certificate_file", certificate_file),
-                        ("private_key_file", private_key_file),
-                    ] {
-                        readable(&mut problems, &format!("credential {name}: {what}"), p);
+                    if let Err(e) = ClientCertificate::load(certificate_file, private_key_file) {
+                        problems.push(format!(
+                            "credential {name}: certificate_file/private_key_file: {e}"
+                        ));
                     }
                 }
-                _ => {}
+                ClientAuth::None => {}
             }
-            if let Grant::TokenFile { path } = &c.grant {
-                readable(
-                    &mut problems,
-                    &format!("credential {name}: token_file"),
-                    path,
-                );
+            if let Grant::TokenFile { path } = &c.grant
+                && let Err(e) = token_file::read_token_file(path)
+            {
+                problems.push(format!("credential {name}: token_file: {e}"));
             }
+        }
+        if self
+            .credentials
+            .values()
+            .any(|c| c.grant == Grant::RefreshToken)
+            && let Err(e) = check_state_dir(&self.state_dir)
+        {
+            problems.push(format!("state_dir {}: {e}", self.state_dir.display()));
         }
         problems
     }
+}
+
+/// The CA file holds PEM certificates, and only loadable ones.
+fn check_ca_file(ca: &Path) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = fsread::read(ca, FileKind::Pem).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        x509_parser::parse_x509_certificate(&cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(format!("{}: no PEM certificate in it", ca.display()));
+    }
+    Ok(())
+}
+
+/// `dir` is a directory we can write to, or does not exist yet and its nearest existing
+/// ancestor is one (the token store creates it at its first save).
+fn check_state_dir(dir: &Path) -> Result<(), String> {
+    let mut d = dir;
+    loop {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", d.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() => d = p,
+                _ => {
+                    d = Path::new(".");
+                    break;
+                }
+            },
+            Err(e) => return Err(format!("{}: {e}", d.display())),
+        }
+    }
+    // A real write: permissions, a read-only mount or a full disk all show here.
+    tempfile::tempfile_in(d)
+        .map(drop)
+        .map_err(|e| format!("cannot write in {}: {e}", d.display()))
+}
+
+/// The text of the YAML file `path` (the config or the web config): read through
+/// [`crate::fsread`] with `kind`'s cap, UTF-8 (errors located), byte order mark dropped.
+pub(crate) fn read_text(path: &Path, kind: FileKind) -> Result<String, ConfigError> {
+    let bytes = fsread::read(path, kind).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        field: String::new(),
+        message: match e {
+            fsread::ReadError::Io { message, .. } => format!("cannot read: {message}"),
+            other => other.reason(),
+        },
+    })?;
+    yaml::decode(path, bytes)
+}
+
+/// `text` deserialized, after the nesting limit ([`yaml::MAX_DEPTH`]) is checked in one
+/// linear pass (libyaml alone takes tens of seconds to refuse 100,000 levels).
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    yaml::check_nesting(path, text)?;
+    serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))
 }
 
 /// serde_yaml's error as file:line:column, key path and message (shared by every YAML
@@ -238,6 +325,15 @@ pub(crate) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
         field,
         message,
     }
+}
+
+/// What a mailbox inherits: `defaults.*` and the scheduler's jitter.
+#[derive(Clone, Copy)]
+struct MailboxDefaults {
+    interval: Duration,
+    timeout: Duration,
+    mechanism: Mechanism,
+    jitter: Duration,
 }
 
 struct Validator<'a> {
@@ -268,6 +364,31 @@ impl Validator<'_> {
         located(self.path, self.text, field, message)
     }
 
+    /// A credential or mailbox name: a label value and a page heading, so not empty and
+    /// without control characters.
+    fn name(&self, parent: &[&str], what: &str, name: &str) -> Result<(), ConfigError> {
+        if name.trim().is_empty() {
+            return Err(self.err(parent, format!("a {what} name cannot be empty")));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(self.err(
+                parent,
+                format!(
+                    "{what} name `{}` holds control characters",
+                    name.escape_debug()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn path_field(&self, field: &[&str], p: &Path) -> Result<(), ConfigError> {
+        if p.as_os_str().is_empty() {
+            return Err(self.err(field, "a file name cannot be empty"));
+        }
+        Ok(())
+    }
+
     fn duration(&self, field: &[&str], v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
         let Some(v) = v else { return Ok(None) };
         let d = humantime::parse_duration(v).map_err(|e| {
@@ -282,25 +403,79 @@ impl Validator<'_> {
         Ok(Some(d))
     }
 
+    /// A duration within `[min, max]` (`min` > 0), so nothing computed from it later
+    /// (deadlines, slots) can overflow.
+    fn bounded(
+        &self,
+        field: &[&str],
+        v: Option<&str>,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(d) = self.duration(field, v)? else {
+            return Ok(None);
+        };
+        if d < min {
+            return Err(self.err(
+                field,
+                format!(
+                    "`{}` is shorter than the minimum, {}",
+                    v.unwrap_or_default(),
+                    fmt_duration(min)
+                ),
+            ));
+        }
+        if d > max {
+            return Err(self.err(
+                field,
+                format!(
+                    "`{}` is longer than the maximum, {}",
+                    v.unwrap_or_default(),
+                    fmt_duration(max)
+                ),
+            ));
+        }
+        Ok(Some(d))
+    }
+
     fn schedule(&self, raw: RawScheduler) -> Result<Schedule, ConfigError> {
         let d = Schedule::default();
         let at = |k| ["scheduler", k];
         let max_concurrent_probes = match raw.max_concurrent_probes {
             Some(0) => return Err(self.err(&at("max_concurrent_probes"), "must be at least 1")),
+            Some(n) if n > MAX_CONCURRENT_PROBES => {
+                return Err(self.err(
+                    &at("max_concurrent_probes"),
+                    format!("{n} is more than the maximum, {MAX_CONCURRENT_PROBES}"),
+                ));
+            }
             Some(n) => n,
             None => d.max_concurrent_probes,
         };
+        let ns = Duration::from_nanos(1);
         // A zero jitter is allowed (strictly periodic probes), unlike other durations.
-        let jitter = match raw.jitter.as_deref() {
+        let jitter = match raw.jitter.as_deref().map(str::trim) {
             Some("0") | Some("0s") => Duration::ZERO,
-            j => self.duration(&at("jitter"), j)?.unwrap_or(d.jitter),
+            _ => self
+                .bounded(&at("jitter"), raw.jitter.as_deref(), ns, MAX_INTERVAL)?
+                .unwrap_or(d.jitter),
         };
         Ok(Schedule {
             max_concurrent_probes,
-            startup_spread: self.duration(&at("startup_spread"), raw.startup_spread.as_deref())?,
+            startup_spread: self.bounded(
+                &at("startup_spread"),
+                raw.startup_spread.as_deref(),
+                ns,
+                MAX_INTERVAL,
+            )?,
             jitter,
             shutdown_grace: self
-                .duration(&at("shutdown_grace"), raw.shutdown_grace.as_deref())?
+                .bounded(
+                    &at("shutdown_grace"),
+                    raw.shutdown_grace.as_deref(),
+                    ns,
+                    MAX_SHUTDOWN_GRACE,
+                )?
                 .unwrap_or(d.shutdown_grace),
         })
     }
@@ -317,27 +492,74 @@ impl Validator<'_> {
         };
         let defaults = raw.defaults.unwrap_or_default();
         let interval = self
-            .duration(&["defaults", "interval"], defaults.interval.as_deref())?
+            .bounded(
+                &["defaults", "interval"],
+                defaults.interval.as_deref(),
+                MIN_INTERVAL,
+                MAX_INTERVAL,
+            )?
             .unwrap_or(DEFAULT_INTERVAL);
         let timeout = self
-            .duration(&["defaults", "timeout"], defaults.timeout.as_deref())?
+            .bounded(
+                &["defaults", "timeout"],
+                defaults.timeout.as_deref(),
+                Duration::from_nanos(1),
+                MAX_INTERVAL,
+            )?
             .unwrap_or(DEFAULT_TIMEOUT);
         let mechanism = defaults.mechanism.unwrap_or_default();
         let schedule = self.schedule(raw.scheduler.unwrap_or_default())?;
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        self.path_field(&["state_dir"], &state_dir)?;
+        let ca_file = raw.tls.and_then(|t| t.ca_file);
+        if let Some(f) = &ca_file {
+            self.path_field(&["tls", "ca_file"], f)?;
+        }
 
         let mut credentials = BTreeMap::new();
         let mut kinds = BTreeMap::new();
         let mut explicit_scopes = BTreeMap::new();
         for (name, c) in raw.credentials {
+            self.name(&["credentials"], "credential", &name)?;
             explicit_scopes.insert(name.clone(), c.scopes.clone());
             kinds.insert(name.clone(), c.provider.unwrap_or(ProviderKind::Microsoft));
             let cred = self.credential(&name, c)?;
             credentials.insert(name, cred);
         }
+        if raw.mailboxes.is_empty() {
+            return Err(self.err(
+                &["mailboxes"],
+                "no mailbox is configured: a config that probes nothing would silently switch monitoring off",
+            ));
+        }
         let mut mailboxes = BTreeMap::new();
         for (name, m) in raw.mailboxes {
-            let mb = self.mailbox(&name, m, &kinds, interval, timeout, mechanism)?;
+            self.name(&["mailboxes"], "mailbox", &name)?;
+            let defaults = MailboxDefaults {
+                interval,
+                timeout,
+                mechanism,
+                jitter: schedule.jitter,
+            };
+            let mb = self.mailbox(&name, m, &kinds, &defaults)?;
             mailboxes.insert(name, mb);
+        }
+        // The first runs are spread over `startup_spread`: longer than an interval, and a
+        // mailbox's first result could come later than its interval promises.
+        if let Some(spread) = schedule.startup_spread
+            && let Some(m) = mailboxes.values().find(|m| m.interval < spread)
+        {
+            return Err(self.err(
+                &["scheduler", "startup_spread"],
+                format!(
+                    "{} is longer than the interval of mailbox `{}` ({}): its first probe could come later than one interval after a start",
+                    fmt_duration(spread),
+                    m.name.escape_debug(),
+                    fmt_duration(m.interval)
+                ),
+            ));
         }
         // Scopes follow the protocols of the mailboxes that use a credential: Microsoft
         // delegated tokens carry exactly those permissions (plus offline_access).
@@ -360,10 +582,8 @@ impl Validator<'_> {
             file: self.path.to_owned(),
             listen,
             schedule,
-            state_dir: raw
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            ca_file: raw.tls.and_then(|t| t.ca_file),
+            state_dir,
+            ca_file,
             credentials,
             mailboxes,
         })
@@ -375,6 +595,61 @@ impl Validator<'_> {
             return Err(self.err(
                 &at("client_secret"),
                 "secrets are never written in the config: use client_secret_file or client_secret_env",
+            ));
+        }
+        for (k, v) in [
+            ("client_secret_file", &c.client_secret_file),
+            ("certificate_file", &c.certificate_file),
+            ("private_key_file", &c.private_key_file),
+            ("token_file", &c.token_file),
+        ] {
+            if let Some(p) = v {
+                self.path_field(&at(k), p)?;
+            }
+        }
+        if let Some(v) = &c.client_secret_env
+            && (v.is_empty() || v.contains(['=', '\0']) || v.chars().any(char::is_whitespace))
+        {
+            return Err(self.err(
+                &at("client_secret_env"),
+                format!("`{}` is not an environment variable name", v.escape_debug()),
+            ));
+        }
+        for (k, v) in [("client_id", &c.client_id), ("tenant", &c.tenant)] {
+            if let Some(v) = v
+                && v.chars().any(char::is_control)
+            {
+                return Err(self.err(
+                    &at(k),
+                    format!("`{}` holds control characters", v.escape_debug()),
+                ));
+            }
+        }
+        // The tenant goes into the token URL's path: a GUID, a domain, or `common`.
+        if let Some(t) = &c.tenant
+            && !t
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_'))
+        {
+            return Err(self.err(
+                &at("tenant"),
+                format!(
+                    "`{}` is not a tenant ID or domain (letters, digits, `.`, `-`, `_`)",
+                    t.escape_debug()
+                ),
+            ));
+        }
+        if let Some(scopes) = &c.scopes
+            && let Some(bad) = scopes
+                .iter()
+                .find(|s| s.is_empty() || s.chars().any(|ch| ch.is_whitespace() || ch.is_control()))
+        {
+            return Err(self.err(
+                &at("scopes"),
+                format!(
+                    "`{}` is not one scope: scopes are listed one per entry, without spaces",
+                    bad.escape_debug()
+                ),
             ));
         }
         let client_secret = match (c.client_secret_file.clone(), c.client_secret_env.clone()) {
@@ -453,13 +728,8 @@ impl Validator<'_> {
             ("token_url", &c.token_url),
             ("device_authorization_url", &c.device_authorization_url),
         ] {
-            // Plain http only to loopback (the demo's and tests' emulated provider).
-            if let Some(u) = v
-                && !(u.starts_with("https://")
-                    || u.starts_with("http://127.")
-                    || u.starts_with("http://localhost"))
-            {
-                return Err(self.err(&at(k), format!("`{u}` must be an https:// URL")));
+            if let Some(u) = v {
+                endpoint_url(u, k == "authority").map_err(|m| self.err(&at(k), m))?;
             }
         }
         let provider = match provider {
@@ -491,6 +761,19 @@ impl Validator<'_> {
             },
             _ => ClientAuth::None,
         };
+        // The URL actually requested (authority + tenant for Microsoft) obeys the same rule.
+        if c.grant != RawGrant::TokenFile {
+            endpoint_url(&provider.token_url(), false).map_err(|m| {
+                self.err(
+                    &at(if c.authority.is_some() {
+                        "authority"
+                    } else {
+                        "token_url"
+                    }),
+                    m,
+                )
+            })?;
+        }
         Ok(Credential {
             name: name.to_owned(),
             provider,
@@ -508,10 +791,14 @@ impl Validator<'_> {
         name: &str,
         m: RawMailbox,
         credentials: &BTreeMap<String, ProviderKind>,
-        interval: Duration,
-        timeout: Duration,
-        mechanism: Mechanism,
+        defaults: &MailboxDefaults,
     ) -> Result<Mailbox, ConfigError> {
+        let MailboxDefaults {
+            interval,
+            timeout,
+            mechanism,
+            jitter,
+        } = *defaults;
         let at = |k: &'static str| ["mailboxes", name, k];
         let Some(provider) = credentials.get(&m.credential).copied() else {
             let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
@@ -528,6 +815,18 @@ impl Validator<'_> {
                 ),
             ));
         };
+        if m.address
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(self.err(
+                &at("address"),
+                format!(
+                    "`{}` holds spaces or control characters",
+                    m.address.escape_debug()
+                ),
+            ));
+        }
         if !m.address.contains('@') {
             return Err(self.err(
                 &at("address"),
@@ -543,15 +842,38 @@ impl Validator<'_> {
             }
         }
         let interval = self
-            .duration(&at("interval"), m.interval.as_deref())?
+            .bounded(
+                &at("interval"),
+                m.interval.as_deref(),
+                MIN_INTERVAL,
+                MAX_INTERVAL,
+            )?
             .unwrap_or(interval);
         let timeout = self
-            .duration(&at("timeout"), m.timeout.as_deref())?
+            .bounded(
+                &at("timeout"),
+                m.timeout.as_deref(),
+                Duration::from_nanos(1),
+                MAX_INTERVAL,
+            )?
             .unwrap_or(timeout);
         if timeout > interval {
             return Err(self.err(
                 &at("timeout"),
                 format!("timeout {timeout:?} is longer than the interval {interval:?}"),
+            ));
+        }
+        // A run starts up to `jitter` after its slot and may last `timeout`: together they
+        // must end before the next slot.
+        if timeout + jitter > interval {
+            return Err(self.err(
+                &at("timeout"),
+                format!(
+                    "timeout {} plus scheduler.jitter {} is longer than the interval {}: a run could reach into its next slot",
+                    fmt_duration(timeout),
+                    fmt_duration(jitter),
+                    fmt_duration(interval)
+                ),
             ));
         }
         let mut endpoints = Vec::new();
@@ -593,8 +915,15 @@ impl Validator<'_> {
     ) -> Result<Endpoint, ConfigError> {
         let (default_host, default_tls) = provider_server(provider, p);
         let tls = e.tls.unwrap_or(default_tls);
+        let at = |k: &'static str| ["mailboxes", mailbox, p.as_str(), k];
+        if let Some(h) = &e.host {
+            check_host(h).map_err(|m| self.err(&at("host"), m))?;
+        }
+        if e.port == Some(0) {
+            return Err(self.err(&at("port"), "port 0 is not a port a server listens on"));
+        }
         let host = match (e.host, default_host) {
-            (Some(h), _) if !h.trim().is_empty() => h,
+            (Some(h), _) => h,
             (_, Some(h)) => h.to_owned(),
             _ => {
                 return Err(self.err(
@@ -610,6 +939,85 @@ impl Validator<'_> {
             tls,
             source_address: e.source_address,
         })
+    }
+}
+
+/// `30s`, `5m`, `1day`: how errors print durations.
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// A token endpoint URL: `https`, or plain `http` only to this host (a loopback IP
+/// literal or exactly `localhost`, as the demo's emulated provider is); never a user name
+/// or password (`http://localhost@attacker.example` is a request to attacker.example).
+/// An `authority` is a base: no query or fragment either.
+pub fn endpoint_url(u: &str, base: bool) -> Result<url::Url, String> {
+    let shown = u.escape_debug();
+    let url = url::Url::parse(u).map_err(|e| match e {
+        url::ParseError::RelativeUrlWithoutBase => format!("`{shown}` must be an https:// URL"),
+        e => format!("`{shown}` is not a URL: {e}"),
+    })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "`{shown}` holds a user name or password (`user@`): credentials never go in a URL, and the part after `@` is the host"
+        ));
+    }
+    if url.fragment().is_some() || (base && url.query().is_some()) {
+        return Err(format!(
+            "`{shown}` has a {}: give the URL without it",
+            if url.fragment().is_some() {
+                "fragment (`#`)"
+            } else {
+                "query (`?`)"
+            }
+        ));
+    }
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(url),
+        "http" => {
+            let local = match url.host() {
+                Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if local {
+                Ok(url)
+            } else {
+                Err(format!(
+                    "`{shown}` must be an https:// URL (plain http only to a loopback address or `localhost`)"
+                ))
+            }
+        }
+        _ => Err(format!("`{shown}` must be an https:// URL")),
+    }
+}
+
+/// A mail server's host: an IP address or a DNS name (letters, digits, `-`, `_`, dots
+/// between labels; internationalized names in their `xn--` form).
+fn check_host(h: &str) -> Result<(), String> {
+    if h.trim().is_empty() {
+        return Err("`host` cannot be empty".into());
+    }
+    if h.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = h.strip_suffix('.').unwrap_or(h);
+    let valid = name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a host name or IP address",
+            h.escape_debug()
+        ))
     }
 }
 

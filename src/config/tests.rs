@@ -12,6 +12,10 @@ fn err(text: &str) -> String {
         .to_string()
 }
 
+/// The smallest valid config: one mailbox on a token file.
+const MINIMAL: &str = "credentials:\n  t:\n    grant: token_file\n    token_file: /run/t\n\
+mailboxes:\n  m:\n    address: m@example.com\n    credential: t\n    protocols: [imap]\n";
+
 const CONTRACT_SHAPE: &str = "\
 listen: 0.0.0.0:9925
 state_dir: /var/lib/mail-oauth-exporter
@@ -122,10 +126,12 @@ fn delegated_scopes_follow_the_protocols_of_the_mailboxes() {
 
 #[test]
 fn scheduler_defaults_and_overrides() {
-    let c = parse("").unwrap();
+    let c = parse(MINIMAL).unwrap();
     assert_eq!(c.schedule, crate::config::Schedule::default());
-    let c = parse("scheduler:\n  max_concurrent_probes: 4\n  startup_spread: 30s\n  jitter: 0s\n")
-        .unwrap();
+    let c = parse(&format!(
+        "scheduler:\n  max_concurrent_probes: 4\n  startup_spread: 30s\n  jitter: 0s\n{MINIMAL}"
+    ))
+    .unwrap();
     assert_eq!(c.schedule.max_concurrent_probes, 4);
     assert_eq!(c.schedule.startup_spread, Some(Duration::from_secs(30)));
     assert_eq!(c.schedule.jitter, Duration::ZERO);
@@ -216,4 +222,67 @@ fn the_examples_in_config_are_valid() {
         }
     }
     assert!(n >= 1, "no examples in {}", dir.display());
+}
+
+/// Issue 16 §4: the loopback exception was a string prefix, so
+/// `http://localhost@attacker.example` sent the secret in clear to attacker.example.
+#[test]
+fn plain_http_only_to_this_host() {
+    for ok in [
+        "https://login.microsoftonline.us",
+        "https://idp.example.net/oauth2/token?tenant=x",
+        "http://127.0.0.1:10080",
+        "http://127.8.9.10/token",
+        "http://[::1]:8080/token",
+        "http://localhost:8080",
+        "http://LOCALHOST/token",
+    ] {
+        assert!(endpoint_url(ok, false).is_ok(), "{ok} refused");
+    }
+    for bad in [
+        "http://localhost@attacker.example",
+        "http://127.0.0.1.nip.io",
+        "http://localhost.attacker.example",
+        "http://127.0.0.1@attacker.example",
+        "https://user:secret@idp.example.net/token",
+        "https://user@idp.example.net/token",
+        "http://10.0.0.1/token",
+        "http://localhost./token",
+        "ftp://idp.example.net/token",
+        "idp.example.net/token",
+        "https://idp.example.net/token#frag",
+    ] {
+        assert!(endpoint_url(bad, false).is_err(), "{bad} accepted");
+    }
+    // An authority is a base: the tenant and path are appended to it.
+    assert!(endpoint_url("https://login.microsoftonline.us/?x=1", true).is_err());
+}
+
+/// Issue 16 §7: a byte order mark at the start is accepted and does not shift the
+/// location of errors on the first line.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let c = parse(&format!("\u{feff}{MINIMAL}")).unwrap();
+    assert_eq!(c.mailboxes.len(), 1);
+    let e = err(&format!("\u{feff}listen: nowhere\n{MINIMAL}"));
+    assert!(e.starts_with("mail.yaml:1:1: listen: `nowhere`"), "{e}");
+}
+
+/// The limits are inclusive: the floor and ceilings themselves are valid.
+#[test]
+fn limits_are_inclusive() {
+    let c = parse(&format!(
+        "scheduler:\n  max_concurrent_probes: 10000\n  shutdown_grace: 1h\n  jitter: 0s\n\
+         defaults:\n  interval: 5s\n  timeout: 5s\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.mailboxes["m"].interval, MIN_INTERVAL);
+    assert_eq!(c.schedule.max_concurrent_probes, MAX_CONCURRENT_PROBES);
+    let c = parse(&format!("defaults:\n  interval: 24h\n{MINIMAL}")).unwrap();
+    assert_eq!(c.mailboxes["m"].interval, MAX_INTERVAL);
+    // Timeout plus jitter may fill the interval exactly.
+    parse(&format!(
+        "scheduler:\n  jitter: 1s\ndefaults:\n  interval: 30s\n  timeout: 29s\n{MINIMAL}"
+    ))
+    .unwrap();
 }

@@ -95,6 +95,86 @@ pub enum Behaviour {
     TryAgainLater,
     /// Like `Success`, but every reply from the auth step on is delayed by `slow_delay`.
     Slow,
+    /// The record at this index of [`super::field::replies`], on its protocol: at `auth`,
+    /// the recorded reply to the auth command (after the XOAUTH2 error challenge for
+    /// `auth+challenge`); at `post_auth`, a login (valid token needed) and then the recorded
+    /// reply to every command but the logout. Other protocols (and token records) behave
+    /// as `Success`.
+    Field(usize),
+    /// A hostile or careless server that repeats what the client sent in its refusal
+    /// (whatever the token): see [`Echo`].
+    Echo(Echo),
+}
+
+/// What a [`Behaviour::Field`] record does on `protocol`: `None` when it is not a mail
+/// record of that protocol (then the user behaves as `Success`).
+pub(crate) fn field_on(
+    index: usize,
+    protocol: crate::protocol::Protocol,
+) -> Option<(&'static super::field::FieldReply, FieldStage)> {
+    let f = super::field::get(index)?;
+    match f.kind {
+        super::field::Kind::Mail {
+            protocol: p,
+            phase,
+            challenge,
+        } if p == protocol => Some((
+            f,
+            match (phase, challenge) {
+                (crate::probe::Phase::PostAuth, _) => FieldStage::PostAuth,
+                (_, true) => FieldStage::AuthAfterChallenge,
+                (_, false) => FieldStage::Auth,
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// Where a recorded reply is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FieldStage {
+    Auth,
+    AuthAfterChallenge,
+    PostAuth,
+}
+
+/// What an echoing server repeats, and where. Each protocol answers in its own words:
+///
+/// | echo | IMAP | POP3 | SMTP |
+/// |---|---|---|---|
+/// | `AuthLine` | `TAG NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE XOAUTH2 <b64>` | `-ERR [AUTH] Invalid credentials for: AUTH XOAUTH2 <b64>` | `535 5.7.8 Invalid credentials for: AUTH XOAUTH2 <b64>` |
+/// | `Token` | `TAG NO token <token> is not valid` | `-ERR token <token> is not valid` | `535 5.7.3 token <token> is not valid` |
+/// | `Bye` | `* BYE <b64>`, close | `-ERR <b64>`, close | `421 4.7.0 <b64>`, close |
+/// | `Challenge` | `+ <b64 JSON with the token>`, then the `ErrorChallenge` refusal | same with `+` | same with `334` |
+///
+/// `<b64>` is the client's initial response as received, `<token>` the bearer token in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    AuthLine,
+    Token,
+    Bye,
+    Challenge,
+}
+
+/// The bearer token inside a SASL response, for the echo behaviours (empty if malformed).
+pub(crate) fn echoed_token(mech: super::sasl::Mechanism, response: &str) -> String {
+    super::sasl::parse_response(mech, response)
+        .map(|c| c.token)
+        .unwrap_or_default()
+}
+
+/// An RFC 7628 error challenge that carries the token twice: as a JSON field and inside
+/// the error text, base64-encoded as a server sends it.
+pub(crate) fn echo_challenge(token: &str) -> String {
+    use base64::Engine;
+    let json = serde_json::json!({
+        "status": "invalid_token",
+        "schemes": "Bearer",
+        "scope": "https://outlook.office.com/",
+        "bearer_token": token,
+        "error": format!("token {token} is not valid"),
+    });
+    base64::engine::general_purpose::STANDARD.encode(json.to_string())
 }
 
 /// What the server does before any user is known (all protocols, all ports).

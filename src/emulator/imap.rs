@@ -2,10 +2,13 @@
 
 use base64::prelude::*;
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
+use crate::protocol::Protocol;
 
 /// Exchange shows its back-end host as base64 of UTF-16LE in the greeting.
 pub(crate) fn host_token(host: &str) -> String {
@@ -33,6 +36,8 @@ enum AfterLogin {
     Normal,
     NotConnected,
     TokenExpired,
+    /// Every command but LOGOUT gets this recorded reply (`field_replies.txt`).
+    Field(&'static super::field::FieldReply),
 }
 
 const INVALID_STATE: &str = "BAD Command received in Invalid state.";
@@ -191,6 +196,12 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
             AfterLogin::NotConnected if name != "LOGOUT" => {
                 let reply = format!("{tag} BAD User is authenticated but not connected.");
                 if conn.send(&reply).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            AfterLogin::Field(f) if name != "LOGOUT" => {
+                if conn.send_all(&f.wire_lines(tag)).await.is_err() {
                     return;
                 }
                 continue;
@@ -439,21 +450,48 @@ async fn authenticate(
             ),
             None,
         ),
-        Behaviour::ErrorChallenge => {
-            conn.send(&format!("+ {}", mech.error_challenge()))
-                .await
-                .ok()?;
-            let answer = conn.read_line().await.ok()?;
-            let answer = answer.trim();
-            let reply = if mech.is_challenge_ack(answer) {
-                format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)")
-            } else if answer == "*" {
-                format!("{tag} BAD AUTHENTICATE aborted.")
-            } else {
-                format!("{tag} BAD Invalid response to the error challenge.")
-            };
-            (reply, None)
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials for: AUTHENTICATE {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!(
+                "{tag} NO token {} is not valid",
+                echoed_token(mech, &response)
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Challenge) => {
+            let challenge = echo_challenge(&echoed_token(mech, &response));
+            let failure = format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)");
+            (
+                error_challenge(conn, mech, &challenge, tag, failure).await?,
+                None,
+            )
         }
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("* BYE {response}")).await;
+            return None;
+        }
+        Behaviour::ErrorChallenge => {
+            let failure = format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)");
+            (
+                error_challenge(conn, mech, mech.error_challenge(), tag, failure).await?,
+                None,
+            )
+        }
+        Behaviour::Field(i) => match field_on(i, Protocol::Imap) {
+            None => (success, Some(AfterLogin::Normal)),
+            Some((f, FieldStage::PostAuth)) => (success, Some(AfterLogin::Field(f))),
+            Some((f, FieldStage::Auth)) => (f.wire_reply(tag), None),
+            Some((f, FieldStage::AuthAfterChallenge)) => (
+                error_challenge(conn, mech, mech.error_challenge(), tag, f.wire_reply(tag)).await?,
+                None,
+            ),
+        },
     };
     if behaviour == Behaviour::Slow {
         conn.delay = shared.slow_delay;
@@ -466,6 +504,27 @@ async fn authenticate(
     };
     conn.send(&reply).await.ok()?;
     Some(after)
+}
+
+/// Gmail's error challenge: `+ <base64 JSON>`, then `final_reply` once the client answers
+/// it properly. `None`: the connection is gone.
+async fn error_challenge(
+    conn: &mut Conn,
+    mech: Mechanism,
+    challenge: &str,
+    tag: &str,
+    final_reply: String,
+) -> Option<String> {
+    conn.send(&format!("+ {challenge}")).await.ok()?;
+    let answer = conn.read_line().await.ok()?;
+    let answer = answer.trim();
+    Some(if mech.is_challenge_ack(answer) {
+        final_reply
+    } else if answer == "*" {
+        format!("{tag} BAD AUTHENTICATE aborted.")
+    } else {
+        format!("{tag} BAD Invalid response to the error challenge.")
+    })
 }
 
 #[cfg(test)]

@@ -36,11 +36,14 @@
 //! | behaviour | IMAP | POP3 | SMTP |
 //! |---|---|---|---|
 //! | refusal | `TAG NO AUTHENTICATE failed.` | `-ERR Authentication failure: unknown user name or bad password.` | `535 5.7.3 Authentication unsuccessful [host]` |
-//! | `AuthenticatedNotConnected` | next command: `TAG BAD User is authenticated but not connected.` | next command: `-ERR Server Unavailable. 21` | next command: `530 5.7.57 Client not authenticated to send mail.` |
+//! | `AuthenticatedNotConnected` | next command: `TAG BAD User is authenticated but not connected.` | next command: `-ERR User is authenticated but not connected.` | next command: `530 5.7.57 Client not authenticated to send mail.` |
 //! | `Throttled` | `TAG NO Request is throttled. Suggested Backoff Time: 299961 milliseconds` | `-ERR [IN-USE] Request is throttled.` | `432 4.3.2 Concurrent connections limit exceeded. ...` |
 //! | `ErrorChallenge` | `+ <b64 JSON>`, then `TAG NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)` | `+ <b64 JSON>`, then `-ERR [AUTH] Invalid credentials.` | `334 <b64 JSON>`, then `535-5.7.8 ...` / `535 5.7.8 ...` |
 //! | `TokenExpiring` | next command: `* BYE Session invalidated - AccessTokenExpired` | next command: `-ERR Session invalidated - AccessTokenExpired` | `501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon` |
 //! | `TemporaryFailure` | `TAG NO [UNAVAILABLE] Temporary authentication failure. [host:time]` (Dovecot's words) | `-ERR [SYS/TEMP] Temporary authentication failure. [host:time]` | `454 4.7.0 Cannot authenticate due to temporary system problem. Try again later.` |
+//! | `Field(i)` | the reply recorded at index `i` of [`field::replies`], on its protocol and stage (other protocols: as `Success`) | | |
+//!
+//! | `Echo(_)` | the client's SASL response or token repeated in the refusal, a `BYE` or an error challenge (see [`Echo`]) | same | same |
 //!
 //! After an error challenge the client must answer with an empty line (XOAUTH2) or `AQ==`
 //! (OAUTHBEARER); anything else gets a protocol error (`BAD`, `-ERR`, `501`).
@@ -54,6 +57,7 @@
 mod behaviour;
 mod ca;
 mod conn;
+pub mod field;
 mod imap;
 mod pop3;
 mod sasl;
@@ -70,7 +74,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub use behaviour::{Behaviour, ServerBehaviour, StaticTokens, TokenCheck, TokenVerdict};
+pub use behaviour::{Behaviour, Echo, ServerBehaviour, StaticTokens, TokenCheck, TokenVerdict};
 pub use ca::{CaError, ServerCert, TestCa};
 
 use conn::Conn;

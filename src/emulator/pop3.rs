@@ -1,10 +1,13 @@
 //! The emulated POP3 server (RFC 1939, 2449 CAPA, 2595 STLS, 5034 AUTH) with Exchange Online's replies.
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::imap::host_token;
 use super::sasl::Mechanism;
 use super::{Session, Shared};
+use crate::protocol::Protocol;
 
 pub(crate) fn greeting(shared: &Shared) -> String {
     format!(
@@ -23,6 +26,8 @@ enum AfterLogin {
     Normal,
     NotConnected,
     TokenExpired,
+    /// Every command but QUIT gets this recorded reply (`field_replies.txt`).
+    Field(&'static super::field::FieldReply),
 }
 
 fn auth_allowed(conn: &Conn, s: &Session) -> bool {
@@ -93,8 +98,21 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
                 conn.close().await;
                 return;
             }
+            Some(AfterLogin::Field(f)) if name != "QUIT" => {
+                if conn.send_all(&f.wire_lines("")).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            // Exchange's IMAP words for a principal without access to the mailbox; its POP3
+            // words for it are not recorded (`-ERR Server Unavailable. 21` is its temporary
+            // failure, a `server_unavailable`).
             Some(AfterLogin::NotConnected) if name != "QUIT" => {
-                if conn.send("-ERR Server Unavailable. 21").await.is_err() {
+                if conn
+                    .send("-ERR User is authenticated but not connected.")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -187,6 +205,26 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
     }
 }
 
+/// The error challenge (`+ <base64 JSON>`), then `final_reply` once the client answers it.
+/// `None`: the connection is gone.
+async fn error_challenge(
+    conn: &mut Conn,
+    mech: Mechanism,
+    challenge: &str,
+    final_reply: String,
+) -> Option<String> {
+    conn.send(&format!("+ {challenge}")).await.ok()?;
+    let answer = conn.read_line().await.ok()?;
+    let answer = answer.trim();
+    Some(if mech.is_challenge_ack(answer) {
+        final_reply
+    } else if answer == "*" {
+        "-ERR Authentication canceled.".to_string()
+    } else {
+        UNKNOWN.to_string()
+    })
+}
+
 /// Runs one AUTH exchange and sends its final reply.
 /// `None`: the connection is gone; `Some(None)`: not logged in; `Some(Some(a))`: logged in.
 async fn authenticate(
@@ -248,21 +286,48 @@ async fn authenticate(
             ),
             None,
         ),
-        Behaviour::ErrorChallenge => {
-            conn.send(&format!("+ {}", mech.error_challenge()))
-                .await
-                .ok()?;
-            let answer = conn.read_line().await.ok()?;
-            let answer = answer.trim();
-            let reply = if mech.is_challenge_ack(answer) {
-                "-ERR [AUTH] Invalid credentials."
-            } else if answer == "*" {
-                "-ERR Authentication canceled."
-            } else {
-                UNKNOWN
-            };
-            (reply.to_string(), None)
+        Behaviour::Echo(Echo::AuthLine) => (
+            format!(
+                "-ERR [AUTH] Invalid credentials for: AUTH {} {response}",
+                mech_name.to_ascii_uppercase()
+            ),
+            None,
+        ),
+        Behaviour::Echo(Echo::Token) => (
+            format!("-ERR token {} is not valid", echoed_token(mech, &response)),
+            None,
+        ),
+        Behaviour::Echo(Echo::Challenge) => {
+            let challenge = echo_challenge(&echoed_token(mech, &response));
+            let failure = "-ERR [AUTH] Invalid credentials.".to_string();
+            (
+                error_challenge(conn, mech, &challenge, failure).await?,
+                None,
+            )
         }
+        Behaviour::Echo(Echo::Bye) => {
+            let _ = conn.send(&format!("-ERR {response}")).await;
+            return None;
+        }
+        Behaviour::ErrorChallenge => (
+            error_challenge(
+                conn,
+                mech,
+                mech.error_challenge(),
+                "-ERR [AUTH] Invalid credentials.".into(),
+            )
+            .await?,
+            None,
+        ),
+        Behaviour::Field(i) => match field_on(i, Protocol::Pop3) {
+            None => (success, Some(AfterLogin::Normal)),
+            Some((f, FieldStage::PostAuth)) => (success, Some(AfterLogin::Field(f))),
+            Some((f, FieldStage::Auth)) => (f.wire_reply(""), None),
+            Some((f, FieldStage::AuthAfterChallenge)) => (
+                error_challenge(conn, mech, mech.error_challenge(), f.wire_reply("")).await?,
+                None,
+            ),
+        },
     };
     if behaviour == Behaviour::Slow {
         conn.delay = shared.slow_delay;

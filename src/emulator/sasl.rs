@@ -24,7 +24,7 @@ impl Mechanism {
     /// The base64 error challenge a Gmail-like server sends after a refused token.
     pub(crate) fn error_challenge(self) -> &'static str {
         match self {
-            // Gmail's literal challenge, from FAILURES.md.
+            // Gmail's literal challenge, from docs/field-replies.md.
             Self::Xoauth2 => {
                 "eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ=="
             }

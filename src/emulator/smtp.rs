@@ -3,10 +3,13 @@
 
 use x509_parser::time::ASN1Time;
 
-use super::behaviour::{Behaviour, ServerBehaviour, judge};
+use super::behaviour::{
+    Behaviour, Echo, FieldStage, ServerBehaviour, echo_challenge, echoed_token, field_on, judge,
+};
 use super::conn::{Conn, LineError};
 use super::sasl::Mechanism;
 use super::{Session, Shared};
+use crate::protocol::Protocol;
 
 pub(crate) fn greeting(shared: &Shared) -> String {
     let date = ASN1Time::now()
@@ -28,6 +31,8 @@ const UNRECOGNIZED_AUTH: &str = "504 5.7.4 Unrecognized authentication type";
 enum AfterLogin {
     Normal,
     NotConnected,
+    /// Every command but QUIT gets this recorded reply (`field_replies.txt`).
+    Field(&'static super::field::FieldReply),
 }
 
 /// The mail transaction in progress.
@@ -125,6 +130,14 @@ pub(crate) async fn run(mut conn: Conn, s: Session) {
 
         if logged_in == Some(AfterLogin::NotConnected) && name != "QUIT" {
             if conn.send(NOT_AUTHENTICATED).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if let Some(AfterLogin::Field(f)) = logged_in
+            && name != "QUIT"
+        {
+            if conn.send_all(&f.wire_lines("")).await.is_err() {
                 return;
             }
             continue;
@@ -394,6 +407,30 @@ async fn authenticate(conn: &mut Conn, s: &Session, mech_name: &str, initial: &s
                 Behaviour::AuthenticatedNotConnected if ok => {
                     (vec![success], Flow::LoggedIn(AfterLogin::NotConnected))
                 }
+                Behaviour::Field(i) => match field_on(i, Protocol::Smtp) {
+                    None | Some((_, FieldStage::PostAuth)) if !ok => (vec![refused], Flow::Continue),
+                    None => (vec![success], Flow::LoggedIn(AfterLogin::Normal)),
+                    Some((f, FieldStage::PostAuth)) => {
+                        (vec![success], Flow::LoggedIn(AfterLogin::Field(f)))
+                    }
+                    Some((f, FieldStage::Auth)) => (f.wire_lines(""), Flow::Continue),
+                    Some((f, FieldStage::AuthAfterChallenge)) => {
+                        if conn
+                            .send(&format!("334 {}", mech.error_challenge()))
+                            .await
+                            .is_err()
+                        {
+                            return Flow::Gone;
+                        }
+                        match conn.read_line().await {
+                            Ok(a) if mech.is_challenge_ack(a.trim()) => {
+                                (f.wire_lines(""), Flow::Continue)
+                            }
+                            Ok(_) => (vec!["501 5.5.2 Cannot decode response".to_string()], Flow::Continue),
+                            Err(_) => return Flow::Gone,
+                        }
+                    }
+                },
                 Behaviour::Success
                 | Behaviour::Slow
                 | Behaviour::AuthenticatedNotConnected
@@ -434,12 +471,27 @@ async fn authenticate(conn: &mut Conn, s: &Session, mech_name: &str, initial: &s
                     vec!["421 4.7.0 Try again later, closing connection.".into()],
                     Flow::Close,
                 ),
-                Behaviour::ErrorChallenge => {
-                    if conn
-                        .send(&format!("334 {}", mech.error_challenge()))
-                        .await
-                        .is_err()
-                    {
+                Behaviour::Echo(Echo::AuthLine) => (
+                    vec![format!(
+                        "535 5.7.8 Invalid credentials for: AUTH {} {response}",
+                        mech_name.to_ascii_uppercase()
+                    )],
+                    Flow::Continue,
+                ),
+                Behaviour::Echo(Echo::Token) => (
+                    vec![format!(
+                        "535 5.7.3 token {} is not valid",
+                        echoed_token(mech, &response)
+                    )],
+                    Flow::Continue,
+                ),
+                Behaviour::Echo(Echo::Bye) => (vec![format!("421 4.7.0 {response}")], Flow::Close),
+                Behaviour::ErrorChallenge | Behaviour::Echo(Echo::Challenge) => {
+                    let challenge = match behaviour {
+                        Behaviour::ErrorChallenge => mech.error_challenge().to_string(),
+                        _ => echo_challenge(&echoed_token(mech, &response)),
+                    };
+                    if conn.send(&format!("334 {challenge}")).await.is_err() {
                         return Flow::Gone;
                     }
                     let answer = match conn.read_line().await {

@@ -5,7 +5,7 @@
 //! `POST /{tenant}/oauth2/v2.0/devicecode`, on 127.0.0.1, plus an RFC 7662 introspection
 //! endpoint (`POST /introspect`) so that a real mail server (Dovecot's `oauth2` passdb)
 //! checks the very tokens this endpoint issued. Scriptable: clients, users,
-//! lifetimes, forced errors exactly as FAILURES.md lists them, 429/5xx/HTML/hangs, device
+//! lifetimes, forced errors exactly as docs/field-replies.md lists them, 429/5xx/HTML/hangs, device
 //! flow states. It counts requests, and [`TokenEndpoint::validate`] tells the emulated mail
 //! servers whether an access token is one it issued and still valid.
 //!
@@ -14,7 +14,7 @@
 //!   an old one, or using one of a user whose grant was revoked, gets `invalid_grant`
 //!   AADSTS50173 ("the grant has expired due to it being revoked"), HTTP 400.
 //! - AADSTS50196 answers HTTP 400 `invalid_request`, AADSTS90055 HTTP 429
-//!   `temporarily_unavailable` (FAILURES.md allows both statuses).
+//!   `temporarily_unavailable` (docs/field-replies.md allows both statuses).
 //! - Device flow denial is `authorization_declined` (Microsoft's word; RFC 8628 says
 //!   `access_denied`), expiry is `expired_token`.
 //! - Microsoft has no introspection endpoint; ours follows RFC 7662: HTTP 200 with
@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// One AADSTS error of FAILURES.md as Microsoft sends it.
+/// One AADSTS error of docs/field-replies.md as Microsoft sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AadError {
     pub code: u64,
@@ -48,8 +48,8 @@ pub struct AadError {
     pub text: &'static str,
 }
 
-/// Every AADSTS error of FAILURES.md's token endpoint table (plus 65004, 50158, 500011
-/// which the contract names).
+/// Every AADSTS error of docs/field-replies.md's token endpoint table (plus 65004, 50158,
+/// 500011, which docs/reasons.md names).
 pub const AAD_ERRORS: &[AadError] = &[
     AadError {
         code: 70008,
@@ -218,6 +218,57 @@ pub enum Scripted {
     Huge(usize),
     /// Never answers.
     Hang,
+    /// A proxy or endpoint that echoes the request: this status, with the form body as
+    /// received (`client_id=...&client_secret=...&refresh_token=...`) as the OAuth
+    /// `error_description`.
+    EchoForm(u16),
+    /// The recorded token body at this index of [`super::field::replies`], with its status.
+    Field(usize),
+    /// This status, `Content-Type` and body, as given (other providers' oddities: an OAuth
+    /// error with HTTP 200, JSON labelled `text/plain`).
+    Raw {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+}
+
+/// How a successful token reply is worded: Microsoft's v2.0 endpoint by default, or another
+/// provider's dialect (all of them usable, except [`TokenDialect::NoAccessToken`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenDialect {
+    /// `"expires_in": 3599` (a number), `"token_type": "Bearer"`, `scope` a string.
+    #[default]
+    Microsoft,
+    /// Entra ID's v1.0 endpoint: every number as a string (`"expires_in": "3599"`),
+    /// plus `expires_on`, `not_before` and `resource`.
+    NumbersAsStrings,
+    /// No `expires_in`; the access token is a JWT whose `exp` claim holds the expiry.
+    JwtWithoutExpiresIn,
+    /// No `expires_in` and an opaque access token (RFC 6749 §5.1 makes it optional).
+    NoExpiresIn,
+    /// `"token_type": "bearer"` (GitHub, Keycloak and others use lower case).
+    LowercaseTokenType,
+    /// `"scope": ["...", "..."]`, a list instead of a space-separated string.
+    ScopeList,
+    /// No `scope` at all (allowed when it equals the requested scope).
+    NoScope,
+    /// Fields this client does not know, nested objects included (`id_token`, `session_state`, ...).
+    UnknownFields,
+    /// Unusable: a 200 with a refresh token and an id token but no `access_token`.
+    NoAccessToken,
+}
+
+/// How the device authorization reply names the verification page (RFC 8628 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceDialect {
+    /// `verification_uri` (RFC 8628, Microsoft).
+    #[default]
+    VerificationUri,
+    /// `verification_url` (Google's spelling).
+    VerificationUrl,
+    /// Both, with the same value (identity providers that serve both kinds of clients).
+    Both,
 }
 
 /// Who a script applies to.
@@ -258,6 +309,8 @@ pub struct ClientSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DevicePoll {
     Pending,
+    /// `authorization_pending` sent with HTTP 200 (GitHub's device flow does so).
+    PendingWith200,
     SlowDown,
     /// The user signed in: tokens are issued to this user.
     Approve(String),
@@ -295,6 +348,8 @@ struct RtRecord {
     client_id: String,
     scopes: Vec<String>,
     valid: bool,
+    /// When the reply carrying it was handed to the connection (`None`: [`TokenEndpoint::add_user`]).
+    sent_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -324,6 +379,8 @@ struct State {
     always: HashMap<Target, Scripted>,
     device_script: VecDeque<DevicePoll>,
     device_interval: u64,
+    token_dialect: TokenDialect,
+    device_dialect: DeviceDialect,
     devices: HashMap<String, Device>,
     requests: Vec<RequestRecord>,
 }
@@ -386,6 +443,8 @@ impl TokenEndpoint {
             always: HashMap::new(),
             device_script: VecDeque::new(),
             device_interval: 5,
+            token_dialect: TokenDialect::default(),
+            device_dialect: DeviceDialect::default(),
             devices: HashMap::new(),
             requests: Vec::new(),
         }));
@@ -443,6 +502,7 @@ impl TokenEndpoint {
                 client_id: client_id.into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 valid: true,
+                sent_at: None,
             },
         );
         rt
@@ -454,8 +514,10 @@ impl TokenEndpoint {
     }
 
     /// `true`: a refresh token stays valid after use, as Entra ID's do (until they expire
-    /// or are revoked). `false` (the default): single use, the strictest rotation, which
-    /// proves the exporter never sends an old one.
+    /// or are revoked). `false` (the default): single use, revoke-on-use rotation as Okta,
+    /// Auth0 and Keycloak do it: the presented token is invalid the moment the reply with
+    /// its successor is built, which proves the exporter never sends an old one and that a
+    /// crash never loses a token that reached its disk.
     pub fn allow_refresh_token_reuse(&self, allow: bool) {
         self.state().refresh_token_reuse = allow;
     }
@@ -546,6 +608,16 @@ impl TokenEndpoint {
     }
 
     /// The `interval` the device authorization reply announces (seconds).
+    /// Words later successful token replies in `dialect`.
+    pub fn set_token_dialect(&self, dialect: TokenDialect) {
+        self.state().token_dialect = dialect;
+    }
+
+    /// Words later device authorization replies in `dialect`.
+    pub fn set_device_dialect(&self, dialect: DeviceDialect) {
+        self.state().device_dialect = dialect;
+    }
+
     pub fn set_device_interval(&self, seconds: u64) {
         self.state().device_interval = seconds;
     }
@@ -572,6 +644,13 @@ impl TokenEndpoint {
     /// Every access token ever issued.
     pub fn all_access_tokens(&self) -> Vec<String> {
         self.state().access_tokens.keys().cloned().collect()
+    }
+
+    /// When the reply carrying the rotated refresh token `token` was handed to the
+    /// connection (a wall-clock `std` instant, comparable across processes' events such as
+    /// a kill); `None` for tokens never sent or given by [`TokenEndpoint::add_user`].
+    pub fn refresh_token_sent_at(&self, token: &str) -> Option<std::time::Instant> {
+        self.state().refresh_tokens.get(token)?.sent_at
     }
 
     /// The currently valid refresh tokens of `user`.
@@ -694,8 +773,22 @@ fn aad(code: u64) -> Reply {
     }
 }
 
-fn scripted(s: Scripted) -> Reply {
+fn scripted(s: Scripted, form: &HashMap<String, String>) -> Reply {
     match s {
+        Scripted::EchoForm(status) => {
+            let mut pairs: Vec<(&String, &String)> = form.iter().collect();
+            pairs.sort();
+            let echoed = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(pairs)
+                .finish();
+            json(
+                status,
+                serde_json::json!({
+                    "error": "invalid_request",
+                    "error_description": format!("Bad request: {echoed}"),
+                }),
+            )
+        }
         Scripted::Aadsts(code) => aad(code),
         Scripted::OAuth {
             status,
@@ -746,6 +839,31 @@ fn scripted(s: Scripted) -> Reply {
             )
         }
         Scripted::Hang => Reply::Hang,
+        Scripted::Field(i) => match super::field::get(i) {
+            Some(super::field::FieldReply {
+                kind: super::field::Kind::Token { status },
+                reply,
+                ..
+            }) => Reply::Now(
+                Response::builder()
+                    .status(StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST))
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(Full::new(Bytes::from(reply.clone())))
+                    .unwrap_or_default(),
+            ),
+            _ => Reply::Now(plain(500, "no such recorded token body")),
+        },
+        Scripted::Raw {
+            status,
+            content_type,
+            body,
+        } => Reply::Now(
+            Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default(),
+        ),
     }
 }
 
@@ -780,7 +898,7 @@ fn respond(
     }
     let client_id = form.get("client_id").cloned().unwrap_or_default();
     if let Some(s) = take_script(st, &Target::Client(client_id.clone())) {
-        return scripted(s);
+        return scripted(s, form);
     }
     let Some(client) = st.clients.get(&client_id).cloned() else {
         return aad(700016);
@@ -828,17 +946,20 @@ fn device_authorization(
         },
     );
     let uri = format!("{}/devicelogin", st.base_url);
-    json(
-        200,
-        serde_json::json!({
-            "user_code": user_code,
-            "device_code": device_code,
-            "verification_uri": uri,
-            "expires_in": 900,
-            "interval": st.device_interval,
-            "message": format!("To sign in, use a web browser to open the page {uri} and enter the code {user_code} to authenticate."),
-        }),
-    )
+    let mut body = serde_json::json!({
+        "user_code": user_code,
+        "device_code": device_code,
+        "expires_in": 900,
+        "interval": st.device_interval,
+        "message": format!("To sign in, use a web browser to open the page {uri} and enter the code {user_code} to authenticate."),
+    });
+    if st.device_dialect != DeviceDialect::VerificationUrl {
+        body["verification_uri"] = serde_json::Value::String(uri.clone());
+    }
+    if st.device_dialect != DeviceDialect::VerificationUri {
+        body["verification_url"] = serde_json::Value::String(uri);
+    }
+    json(200, body)
 }
 
 /// Checks client authentication; `Err` is the reply to send.
@@ -953,11 +1074,99 @@ fn issue(
                 client_id: client_id.into(),
                 scopes,
                 valid: true,
+                sent_at: Some(std::time::Instant::now()),
             },
         );
         body["refresh_token"] = serde_json::Value::String(rt);
     }
+    apply_dialect(st, &mut body);
     json(200, body)
+}
+
+/// Rewords a Microsoft-shaped success reply in the endpoint's [`TokenDialect`].
+fn apply_dialect(st: &mut State, body: &mut serde_json::Value) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    match st.token_dialect {
+        TokenDialect::Microsoft => {}
+        TokenDialect::NumbersAsStrings => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let lifetime = st.lifetime.as_secs();
+            for key in ["expires_in", "ext_expires_in"] {
+                obj.insert(key.into(), lifetime.to_string().into());
+            }
+            obj.insert("expires_on".into(), (now + lifetime).to_string().into());
+            obj.insert("not_before".into(), now.to_string().into());
+            obj.insert("resource".into(), "https://outlook.office.com".into());
+        }
+        TokenDialect::JwtWithoutExpiresIn => {
+            obj.remove("expires_in");
+            obj.remove("ext_expires_in");
+            let opaque = obj
+                .get("access_token")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            if let Some(issued) = st.access_tokens.remove(&opaque) {
+                let exp = issued
+                    .expires_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256"}"#);
+                let claims = URL_SAFE_NO_PAD.encode(
+                    serde_json::json!({"aud": "https://outlook.office.com", "exp": exp, "oid": random_hex(8)})
+                        .to_string(),
+                );
+                let jwt = format!("{header}.{claims}.{}", random_hex(32));
+                st.access_tokens.insert(jwt.clone(), issued);
+                obj.insert("access_token".into(), jwt.into());
+            }
+        }
+        TokenDialect::NoExpiresIn => {
+            obj.remove("expires_in");
+            obj.remove("ext_expires_in");
+        }
+        TokenDialect::LowercaseTokenType => {
+            obj.insert("token_type".into(), "bearer".into());
+        }
+        TokenDialect::ScopeList => {
+            let list: Vec<serde_json::Value> = obj
+                .get("scope")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|s| s.into())
+                .collect();
+            obj.insert("scope".into(), list.into());
+        }
+        TokenDialect::NoScope => {
+            obj.remove("scope");
+        }
+        TokenDialect::UnknownFields => {
+            obj.insert(
+                "id_token".into(),
+                format!("emu-id-{}", random_hex(16)).into(),
+            );
+            obj.insert(
+                "session_state".into(),
+                serde_json::json!({"sid": random_hex(8), "nested": [1, 2, {"x": null}]}),
+            );
+            obj.insert("refresh_expires_in".into(), 1800.into());
+            obj.insert("not-before-policy".into(), 0.into());
+        }
+        TokenDialect::NoAccessToken => {
+            obj.remove("access_token");
+            obj.insert(
+                "id_token".into(),
+                format!("emu-id-{}", random_hex(16)).into(),
+            );
+        }
+    }
 }
 
 /// Mints and records an access token: `emu-at-<random>`, padded with more random
@@ -993,7 +1202,7 @@ fn introspect(st: &mut State, method: &http::Method, form: &HashMap<String, Stri
         return Reply::Now(plain(405, "method not allowed"));
     }
     if let Some(s) = take_script(st, &Target::Introspection) {
-        return scripted(s);
+        return scripted(s, form);
     }
     let Some(token) = form.get("token") else {
         // RFC 7662 §2.1: `token` is required; a malformed request is a 400.
@@ -1082,7 +1291,7 @@ fn token(
                 );
             };
             if let Some(s) = take_script(st, &Target::User(record.user.clone())) {
-                return scripted(s);
+                return scripted(s, form);
             }
             if record.client_id != client.id {
                 return ms_error(
@@ -1138,6 +1347,13 @@ fn token(
                 DevicePoll::SlowDown => {
                     ms_error(400, "slow_down", None, "Polling too fast: slow down.")
                 }
+                DevicePoll::PendingWith200 => json(
+                    200,
+                    serde_json::json!({
+                        "error": "authorization_pending",
+                        "error_description": "The authorization request is still pending.",
+                    }),
+                ),
                 DevicePoll::Deny => {
                     device.done = true;
                     ms_error(
@@ -1161,7 +1377,7 @@ fn token(
                     let scopes = device.scopes.clone();
                     let with_refresh = scopes.iter().any(|s| s == "offline_access");
                     if let Some(s) = take_script(st, &Target::User(user.clone())) {
-                        return scripted(s);
+                        return scripted(s, form);
                     }
                     issue(st, &client.id, Some(&user), scopes, with_refresh)
                 }

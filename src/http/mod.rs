@@ -51,7 +51,7 @@ async fn handle(
     conn: Conn,
 ) -> Response<Body> {
     let mut response = match gate(web, &req, conn).await {
-        Ok(()) => route(service, req, conn.peer).await,
+        Ok(()) => route(service, req, conn.peer, web.telemetry_path()).await,
         Err(refused) => refused,
     };
     for (name, value) in &web.headers {
@@ -204,9 +204,15 @@ async fn route(
     service: &Service,
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
+    telemetry_path: &str,
 ) -> Response<Body> {
     let board = service.board();
-    let path = req.uri().path().to_string();
+    let path = match req.uri().path() {
+        // `--web.telemetry-path`: the metrics are there, and only there.
+        p if p == telemetry_path => "/metrics".to_string(),
+        "/metrics" => String::new(),
+        p => p.to_string(),
+    };
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     match path.as_str() {

@@ -105,7 +105,9 @@ fn client_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
         field: "client_ca_file",
         message,
     };
-    let pem = std::fs::read(ca).map_err(|e| err(format!("cannot read {}: {e}", ca.display())))?;
+    // Capped, never a FIFO or device: see `crate::fsread`.
+    let pem =
+        crate::fsread::read(ca, crate::fsread::FileKind::Pem).map_err(|e| err(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| err(format!("{}: {e}", ca.display())))?;
@@ -207,8 +209,8 @@ fn load_pair(
         field: "key_file",
         message,
     };
-    let pem = std::fs::read(cert_file)
-        .map_err(|e| cert_err(format!("cannot read {}: {e}", cert_file.display())))?;
+    let pem = crate::fsread::read(cert_file, crate::fsread::FileKind::Pem)
+        .map_err(|e| cert_err(e.to_string()))?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(format!("{}: {e}", cert_file.display())))?;
@@ -218,8 +220,8 @@ fn load_pair(
             cert_file.display()
         )));
     }
-    let pem = std::fs::read(key_file)
-        .map_err(|e| key_err(format!("cannot read {}: {e}", key_file.display())))?;
+    let pem = crate::fsread::read(key_file, crate::fsread::FileKind::Pem)
+        .map_err(|e| key_err(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         key_err(format!(
             "{}: no usable PEM private key in it ({e})",

@@ -7,7 +7,8 @@
 
 use super::auth::BasicAuth;
 use super::tls::{self, ClientAuth, TlsSettings, TlsVersion};
-use crate::config::{ConfigError, located, yaml_error};
+use crate::config::{ConfigError, located, parse_yaml, read_text};
+use crate::fsread::FileKind;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -25,7 +26,20 @@ pub struct WebConfig {
     pub(crate) auth: Option<BasicAuth>,
     /// `http_server_config.headers`, added to every response.
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// `--web.telemetry-path`: where the metrics are served; `None` is `/metrics`.
+    pub(crate) telemetry_path: Option<String>,
 }
+
+/// The paths the server answers besides the metrics: `--web.telemetry-path` may not take
+/// one of them (the router in `http/mod.rs` serves these).
+const OTHER_PATHS: &[&str] = &[
+    "/",
+    "/healthz",
+    "/readyz",
+    "/api/v1/status",
+    "/transcript",
+    "/-/reload",
+];
 
 impl std::fmt::Debug for WebConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,6 +48,7 @@ impl std::fmt::Debug for WebConfig {
             .field("client_certs", &self.client_certs)
             .field("auth", &self.auth)
             .field("headers", &self.headers)
+            .field("telemetry_path", &self.telemetry_path())
             .finish()
     }
 }
@@ -42,13 +57,8 @@ impl WebConfig {
     /// Reads and validates `path`, loads the certificate, key and client CA it names
     /// (so a bad file stops the start, not the first scrape) and checks every bcrypt hash.
     pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            column: 0,
-            field: String::new(),
-            message: format!("cannot read: {e}"),
-        })?;
+        // Capped at 1 MiB, never a FIFO or device: see `crate::fsread`.
+        let text = read_text(path, FileKind::WebConfig)?;
         WebConfig::parse(path, &text)
     }
 
@@ -58,7 +68,7 @@ impl WebConfig {
         let raw: RawWebConfig = if text.trim().is_empty() {
             RawWebConfig::default()
         } else {
-            serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?
+            parse_yaml(path, text)?
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let tls = match raw.tls_server_config {
@@ -99,7 +109,22 @@ impl WebConfig {
             client_certs,
             auth,
             headers,
+            telemetry_path: None,
         })
+    }
+
+    /// Serves the metrics at `path` (`--web.telemetry-path`, as Prometheus exporters
+    /// name it) instead of `/metrics`, which then answers 404. `path` is an absolute
+    /// URL path without query or fragment, and not one of the other endpoints' paths.
+    pub fn with_telemetry_path(mut self, path: &str) -> Result<WebConfig, String> {
+        validate_telemetry_path(path)?;
+        self.telemetry_path = Some(path.to_string());
+        Ok(self)
+    }
+
+    /// Where the metrics are served: `/metrics` unless `--web.telemetry-path` says otherwise.
+    pub fn telemetry_path(&self) -> &str {
+        self.telemetry_path.as_deref().unwrap_or("/metrics")
     }
 
     /// Whether the listener speaks TLS only.
@@ -130,6 +155,22 @@ impl WebConfig {
             }
         }
     }
+}
+
+/// Checks a `--web.telemetry-path` value; the error says what is wrong with it.
+pub fn validate_telemetry_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?}: must start with /"));
+    }
+    if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{path:?}: a URL path only (no query, fragment, spaces or control characters)"
+        ));
+    }
+    if OTHER_PATHS.contains(&path) {
+        return Err(format!("{path:?}: already serves another endpoint"));
+    }
+    Ok(())
 }
 
 /// The file as written. Unknown keys are errors (`deny_unknown_fields`); the toolkit's

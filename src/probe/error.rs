@@ -2,6 +2,9 @@
 //!
 //! Probes only describe what happened; `crate::classify` alone decides which contract
 //! reason that is.
+//!
+//! Server text in here (`reply`, `challenge`, `detail`, `offered`) was redacted as it was
+//! read (`crate::redact`), so an echoed token or SASL string is already `<redacted>`.
 
 use super::Phase;
 use thiserror::Error;

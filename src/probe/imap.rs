@@ -71,7 +71,7 @@ pub(crate) async fn dialogue(
     s.begin(Phase::Auth);
     let target = &s.spec.target;
     let ir = sasl::initial_response(mech, &s.spec.user, token, &target.host, target.port);
-    s.add_secret(&ir);
+    s.add_sasl_response(&ir);
     let mut reply = if has(&caps, "SASL-IR") {
         command(
             s,

@@ -62,7 +62,7 @@ pub(crate) async fn dialogue(
     s.begin(Phase::Auth);
     let target = &s.spec.target;
     let ir = sasl::initial_response(mech, &s.spec.user, token, &target.host, target.port);
-    s.add_secret(&ir);
+    s.add_sasl_response(&ir);
     // No initial response: with a real token the command would pass POP3's 255-octet
     // limit (RFC 5034 §4), and Microsoft documents this two-line form.
     s.send(&format!("AUTH {}", mech.sasl_name())).await?;

@@ -5,6 +5,7 @@ use super::tls::{TlsClient, earliest_not_after, is_certificate_error};
 use super::transcript::{Direction, Transcript};
 use super::{Phase, Phases, ProbeError, ProbeSpec};
 use crate::protocol::TlsMode;
+use crate::redact::Redactor;
 use crate::secret::Secret;
 use std::io;
 use std::net::SocketAddr;
@@ -58,8 +59,8 @@ pub(crate) struct Session<'a> {
     pub(crate) transcript: Transcript,
     pub(crate) tls_not_after: Option<i64>,
     pub(crate) tls_version: Option<String>,
-    /// Everything that must never appear in the transcript.
-    secrets: Vec<String>,
+    /// Knows the token and the SASL strings: every line, sent or received, passes through it.
+    redactor: Redactor,
     /// When the connection attempt began: the contract's probe duration starts here.
     pub(crate) connect_started: Option<Instant>,
 }
@@ -81,13 +82,14 @@ impl<'a> Session<'a> {
             transcript: Transcript::default(),
             tls_not_after: None,
             tls_version: None,
-            secrets: vec![token.expose().to_owned()],
+            redactor: Redactor::new().with(token),
             connect_started: None,
         }
     }
 
-    pub(crate) fn add_secret(&mut self, s: &Secret) {
-        self.secrets.push(s.expose().to_owned());
+    /// Adds the SASL initial response (base64) to the secrets, before it is sent.
+    pub(crate) fn add_sasl_response(&mut self, ir: &Secret) {
+        self.redactor.add_sasl(ir);
     }
 
     pub(crate) fn elapsed(&self) -> Duration {
@@ -119,7 +121,7 @@ impl<'a> Session<'a> {
     pub(crate) fn note(&mut self, text: &str) {
         let at = self.elapsed();
         self.transcript
-            .push(at, Direction::Note, text, &self.secrets);
+            .push(at, Direction::Note, text, &self.redactor);
     }
 
     /// Resolves the host, connects, and for implicit TLS completes the handshake.
@@ -252,7 +254,7 @@ impl<'a> Session<'a> {
     pub(crate) async fn send(&mut self, line: &str) -> Result<(), ProbeError> {
         let at = self.elapsed();
         self.transcript
-            .push(at, Direction::Client, line, &self.secrets);
+            .push(at, Direction::Client, line, &self.redactor);
         let phase = self.phase;
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
@@ -265,7 +267,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Reads one line (without its CRLF), bounded in length, total bytes and time.
+    /// Reads one line (without its CRLF), bounded in length, total bytes and time, with
+    /// every secret and sensitive field value already `<redacted>`.
     pub(crate) async fn read_line(&mut self) -> Result<String, ProbeError> {
         let phase = self.phase;
         let limits = self.spec.limits;
@@ -278,10 +281,12 @@ impl<'a> Session<'a> {
                 if raw.last() == Some(&b'\r') {
                     raw.pop();
                 }
-                let line = String::from_utf8_lossy(&raw).into_owned();
+                // The one point where server text enters: redacted here, before the dialogue
+                // parses it or keeps it in a `ProbeError`, so no unredacted copy is stored.
+                // An error challenge stays decodable (its inside is redacted, re-encoded).
+                let line = self.redactor.redact_bytes(&raw);
                 let at = self.elapsed();
-                self.transcript
-                    .push(at, Direction::Server, &line, &self.secrets);
+                self.transcript.push_redacted(at, Direction::Server, &line);
                 return Ok(line);
             }
             scanned = self.pending.len();

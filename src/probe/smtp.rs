@@ -85,7 +85,7 @@ pub(crate) async fn dialogue(
     s.begin(Phase::Auth);
     let target = &s.spec.target;
     let ir = sasl::initial_response(mech, &s.spec.user, token, &target.host, target.port);
-    s.add_secret(&ir);
+    s.add_sasl_response(&ir);
     let with_ir = format!("AUTH {} {}", mech.sasl_name(), ir.expose());
     let mut reply = if with_ir.len() + 2 <= MAX_COMMAND_LINE {
         s.send(&with_ir).await?;

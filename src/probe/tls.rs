@@ -73,9 +73,11 @@ impl TlsClient {
             path: path.to_owned(),
             message,
         };
-        let iter = CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?;
+        // Capped, never a FIFO or device: see `crate::fsread`.
+        let pem =
+            crate::fsread::read(path, crate::fsread::FileKind::Pem).map_err(|e| err(e.reason()))?;
         let mut n = 0;
-        for cert in iter {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             roots
                 .add(cert.map_err(|e| err(e.to_string()))?)
                 .map_err(|e| err(e.to_string()))?;

@@ -1,9 +1,10 @@
 //! The redacted record of a probe's dialogue: what each side said, and when.
 //!
-//! Lines are redacted as they are recorded, so no unredacted copy of a secret ever
-//! exists in a transcript, however it is later shown (CLI, status page, logs).
+//! Lines are redacted as they are recorded, through the probe's [`Redactor`] (the same
+//! one that redacts every received line as it is read), so no unredacted copy of a secret
+//! ever exists in a transcript, however it is later shown (CLI, status page, logs).
 
-use crate::secret::REDACTED;
+use crate::redact::Redactor;
 use serde::Serialize;
 use std::fmt;
 use std::time::Duration;
@@ -47,18 +48,28 @@ pub struct Transcript {
 }
 
 impl Transcript {
-    /// Records a line after replacing every secret in it with `<redacted>`.
-    pub(crate) fn push(&mut self, at: Duration, dir: Direction, raw: &str, secrets: &[String]) {
+    /// Records a line after passing it through `redactor` (every secret of the probe and
+    /// every sensitive field value shown as `<redacted>`), before it is cut to width.
+    pub(crate) fn push(&mut self, at: Duration, dir: Direction, raw: &str, redactor: &Redactor) {
         if self.lines.len() >= MAX_LINES {
             self.dropped += 1;
             return;
         }
-        let mut text = printable(raw);
-        for s in secrets.iter().filter(|s| !s.is_empty()) {
-            if text.contains(s.as_str()) {
-                text = text.replace(s.as_str(), REDACTED);
-            }
+        self.record(at, dir, &redactor.redact(raw));
+    }
+
+    /// Records a line that already went through the probe's redactor (a received line,
+    /// redacted as it was read).
+    pub(crate) fn push_redacted(&mut self, at: Duration, dir: Direction, redacted: &str) {
+        if self.lines.len() >= MAX_LINES {
+            self.dropped += 1;
+            return;
         }
+        self.record(at, dir, redacted);
+    }
+
+    fn record(&mut self, at: Duration, dir: Direction, redacted: &str) {
+        let mut text = printable(redacted);
         if text.len() > MAX_SHOWN {
             let mut cut = MAX_SHOWN;
             while !text.is_char_boundary(cut) {
@@ -109,11 +120,14 @@ fn printable(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     #[test]
     fn secrets_are_replaced_and_controls_escaped() {
         let mut t = Transcript::default();
-        let secrets = vec!["tok3n".to_string(), "dXNlcj1".to_string()];
+        let secrets = Redactor::new()
+            .with(&Secret::new("tok3n"))
+            .with(&Secret::new("dXNlcj1"));
         t.push(
             Duration::ZERO,
             Direction::Client,
@@ -136,7 +150,12 @@ mod tests {
     fn bounded_in_lines_and_width() {
         let mut t = Transcript::default();
         for _ in 0..(MAX_LINES + 5) {
-            t.push(Duration::ZERO, Direction::Server, &"x".repeat(10_000), &[]);
+            t.push(
+                Duration::ZERO,
+                Direction::Server,
+                &"x".repeat(10_000),
+                &Redactor::new(),
+            );
         }
         assert_eq!(t.lines.len(), MAX_LINES);
         assert_eq!(t.dropped, 5);

@@ -40,9 +40,10 @@ impl std::fmt::Debug for ClientCertificate {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AssertionError> {
-    std::fs::read(path).map_err(|e| AssertionError::Read {
+    // Capped, never a FIFO or device: see `crate::fsread`.
+    crate::fsread::read(path, crate::fsread::FileKind::Pem).map_err(|e| AssertionError::Read {
         path: path.display().to_string(),
-        detail: e.to_string(),
+        detail: e.reason(),
     })
 }
 

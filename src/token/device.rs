@@ -7,10 +7,12 @@
 use super::credential::{Credential, Grant, GrantKind};
 use super::error::{OAuthErrorBody, TokenError};
 use super::grant::{self, ClientProof};
-use super::http::{ReplyMeta, excerpt};
+use super::http::{ReplyMeta, excerpt, oauth_error_in, unusable};
 use super::observer::TokenInfo;
+use super::reply::TokenReply;
 use super::service::TokenService;
 use crate::secret::Secret;
+use oauth2::TokenResponse;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
@@ -41,12 +43,6 @@ pub enum LoginError {
     Output(std::io::Error),
 }
 
-#[derive(serde::Deserialize)]
-struct PollReply {
-    refresh_token: Option<String>,
-    expires_in: Option<u64>,
-}
-
 /// Runs the device flow for `cred`: prints the verification URL and user code to `out`,
 /// polls until the user signs in, and stores the refresh token.
 pub async fn device_login(
@@ -71,28 +67,27 @@ pub async fn device_login(
             return Err(e.into());
         }
     };
-    let uri = details.verification_uri().to_string();
     writeln!(
         out,
-        "To sign in, open {uri} and enter the code {}",
-        details.user_code().secret()
+        "To sign in, open {} and enter the code {}",
+        details.verification_uri, details.user_code
     )
     .map_err(LoginError::Output)?;
-    if let Some(complete) = details.verification_uri_complete() {
-        writeln!(out, "(or open {})", complete.secret()).map_err(LoginError::Output)?;
+    if let Some(complete) = &details.verification_uri_complete {
+        writeln!(out, "(or open {complete})").map_err(LoginError::Output)?;
     }
     out.flush().map_err(LoginError::Output)?;
 
-    let deadline = Instant::now() + details.expires_in();
-    let mut interval = details.interval();
+    let deadline = Instant::now() + details.expires_in;
+    let mut interval = details.interval;
     let token_url = cred.provider.token_url();
-    let device_code = Secret::new(details.device_code().secret().clone());
+    let device_code = details.device_code;
     loop {
         tokio::time::sleep(interval).await;
         if Instant::now() >= deadline {
             return Err(LoginError::Expired);
         }
-        let proof = grant::client_proof(cred)?;
+        let proof = grant::client_proof_async(cred).await?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", DEVICE_CODE_GRANT),
             ("client_id", &cred.client_id),
@@ -126,25 +121,25 @@ pub async fn device_login(
             }
         };
         let status = reply.status().as_u16();
-        if status == 200 {
-            let parsed: PollReply =
-                serde_json::from_slice(reply.body()).map_err(|_| TokenError::Http {
-                    status,
-                    excerpt: "token reply is not JSON".into(),
-                    retry_after: None,
-                })?;
-            let Some(rt) = parsed.refresh_token else {
+        // An OAuth error sent with HTTP 200 (GitHub's device flow does) is handled below.
+        if status == 200 && oauth_error_in(reply.body()).is_none() {
+            let parsed = TokenReply::from_slice(reply.body()).map_err(|why| TokenError::Http {
+                status,
+                excerpt: unusable(&why, reply.body()),
+                retry_after: None,
+            })?;
+            let Some(rt) = parsed.refresh_token() else {
                 return Err(LoginError::NoRefreshToken);
             };
             service
                 .store()
-                .save(&cred.name, &Secret::new(rt))
+                .save(&cred.name, &Secret::new(rt.secret().as_str()))
                 .await
                 .map_err(LoginError::Save)?;
             let now = SystemTime::now();
             let info = TokenInfo {
                 obtained_at: now,
-                expires_at: parsed.expires_in.map(|s| now + Duration::from_secs(s)),
+                expires_at: Some(now + parsed.lifetime()),
                 refresh_token_rotated: true,
                 save_error: None,
             };
@@ -192,7 +187,10 @@ pub async fn device_login(
     }
 }
 
-/// `login --refresh-token-file F`: stores a refresh token obtained elsewhere.
+/// `login --refresh-token-file F`: redeems a refresh token obtained elsewhere once (refresh
+/// token grant) and stores the one that comes back (the imported one if the endpoint does
+/// not rotate). A refused token fails at once with the endpoint's error, and nothing is
+/// stored: a token that cannot be redeemed would only fail every probe later.
 pub async fn import_refresh_token(
     service: &TokenService,
     cred: &Credential,
@@ -205,14 +203,56 @@ pub async fn import_refresh_token(
         path: file.display().to_string(),
         detail,
     };
-    let raw = std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
-    service
-        .store()
-        .save(&cred.name, &Secret::new(value))
+    // Capped, never a FIFO or device, off the runtime: see `crate::fsread`.
+    let value = crate::fsread::read_trimmed_async(file, crate::fsread::FileKind::Secret)
         .await
-        .map_err(LoginError::Save)
+        .map_err(|e| err(e.reason()))?;
+    let imported = Secret::new(&value);
+    let started = Instant::now();
+    // As in the service: the rotated token is staged on disk the moment the reply is in,
+    // before anything else is done with it (a crash then loses nothing).
+    let staged = std::sync::Mutex::new(None);
+    let stage = |rt: Secret| {
+        let s = service.store().stage(&cred.name, &rt);
+        *staged.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+    };
+    let result = grant::refresh(service.http(), cred, &imported, &stage).await;
+    let staged = staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let granted = match result {
+        Ok(g) => g,
+        Err(e) => {
+            service.observer().request(
+                &cred.name,
+                GrantKind::RefreshToken,
+                started.elapsed(),
+                Err(&e),
+            );
+            return Err(e.into());
+        }
+    };
+    let rotated = granted.refresh_token.is_some();
+    let store = service.store();
+    let saved = match staged {
+        Some(staged) => store.commit(&cred.name, staged).await,
+        None => {
+            let keep = granted.refresh_token.unwrap_or(imported);
+            store.save(&cred.name, &keep).await
+        }
+    };
+    saved.map_err(LoginError::Save)?;
+    let now = SystemTime::now();
+    let info = TokenInfo {
+        obtained_at: now,
+        expires_at: granted.lifetime.map(|l| now + l),
+        refresh_token_rotated: rotated,
+        save_error: None,
+    };
+    service.observer().request(
+        &cred.name,
+        GrantKind::RefreshToken,
+        started.elapsed(),
+        Ok(&info),
+    );
+    tracing::info!(credential = %cred.name, rotated, "imported refresh token redeemed and stored");
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Token errors: everything a token request can end in, with what the server said kept intact.
 //!
-//! Nothing here holds a secret: the server's error body never echoes the token or client
-//! secret, and our own messages name files and variables, not their contents.
+//! Nothing here holds a secret: an endpoint's error body is redacted (`crate::redact`)
+//! before it is parsed into a `TokenError` (`super::http::HttpClient::send`), an excerpt of
+//! a success body is made only by `super::http::excerpt`, which blanks every `*token*`
+//! field, and our own messages name files and variables, not their contents.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -27,6 +29,9 @@ pub struct OAuthErrorBody {
     pub timestamp: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_uri: Option<String>,
+    /// Google's refinement of `error` (`invalid_rapt`: re-authentication required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_subtype: Option<String>,
 }
 
 impl OAuthErrorBody {
@@ -82,8 +87,10 @@ pub enum TokenError {
         body: Box<OAuthErrorBody>,
         retry_after: Option<Duration>,
     },
-    /// The endpoint answered something that is not OAuth JSON (HTML, empty, garbage).
-    #[error("token endpoint answered HTTP {status} without an OAuth error: {excerpt:?}")]
+    /// The endpoint answered something that is not OAuth JSON (HTML, empty, garbage), or a
+    /// 2xx reply that cannot be used (no access token, not JSON). `excerpt` never holds the
+    /// value of a `*token*` field.
+    #[error("{}", http_message(*status, excerpt))]
     Http {
         status: u16,
         excerpt: String,
@@ -128,6 +135,15 @@ impl TokenError {
             TokenError::Endpoint { body, .. } => Some(body),
             _ => None,
         }
+    }
+}
+
+fn http_message(status: u16, excerpt: &str) -> String {
+    if (200..300).contains(&status) {
+        // The excerpt is already bounded and free of control characters (`bounded`).
+        format!("token endpoint answered HTTP {status} with an unusable token reply: {excerpt}")
+    } else {
+        format!("token endpoint answered HTTP {status} without an OAuth error: {excerpt:?}")
     }
 }
 

@@ -3,6 +3,7 @@
 //! credentials elsewhere), a per-request timeout, and a cap on the reply size.
 
 use super::error::{EXCERPT_MAX, TokenError, bounded};
+use crate::redact::Redactor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +40,9 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpCl
             path: path.display().to_string(),
             detail,
         };
-        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        // Capped, never a FIFO or device: see `crate::fsread`.
+        let pem = crate::fsread::read(path, crate::fsread::FileKind::Pem)
+            .map_err(|e| ca_err(e.reason()))?;
         let mut added = 0;
         for item in x509_parser::pem::Pem::iter_from_buffer(&pem) {
             let item = item.map_err(|e| ca_err(e.to_string()))?;
@@ -90,12 +93,22 @@ impl HttpClient {
 
     /// One request, the reply read up to [`MAX_BODY`]; the status and `Retry-After` are also
     /// written to `meta`, because oauth2 keeps neither in its error.
+    ///
+    /// The reply body is where the endpoint's text enters, so an error reply (any status
+    /// but 2xx) is redacted here, before oauth2 parses it into a `TokenError`: with the
+    /// secrets of this request's form (client secret, refresh token, client assertion, device
+    /// code, in every form) and the sensitive-field rules of [`Redactor`]. A success reply
+    /// is left as sent (it carries the tokens we need, and a provider that does not rotate
+    /// sends the refresh token back as is); one that cannot be used is shown only through
+    /// [`excerpt`], which blanks every `*token*`, `*secret*` and `*assertion*` field.
     pub async fn send(
         &self,
         request: oauth2::HttpRequest,
         meta: &Mutex<ReplyMeta>,
     ) -> Result<oauth2::HttpResponse, TransportError> {
         let (parts, body) = request.into_parts();
+        let mut redactor = Redactor::new();
+        redactor.add_form_secrets(&body);
         let mut req = self
             .inner
             .request(parts.method, parts.uri.to_string())
@@ -127,6 +140,11 @@ impl HttpClient {
             }
             body.extend_from_slice(&chunk);
         }
+        let body = if status.is_success() || body.is_empty() {
+            body
+        } else {
+            redactor.redact_bytes(&body).into_bytes()
+        };
         builder
             .body(body)
             .map_err(|e| TransportError::Request(e.to_string()))
@@ -232,6 +250,21 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         E::Request(e) => TokenError::Network {
             detail: e.to_string(),
         },
+        // A 2xx body that cannot be used says why (the lenient reader's own words, which
+        // never quote a value) beside its redacted excerpt.
+        E::Parse(e, body) if (200..300).contains(&status) => match oauth_error_in(&body) {
+            // Some endpoints (GitHub's among them) send their OAuth errors with HTTP 200.
+            Some(b) => TokenError::Endpoint {
+                status,
+                body: Box::new(b),
+                retry_after: meta.retry_after,
+            },
+            None => TokenError::Http {
+                status,
+                excerpt: unusable(&e.into_inner().to_string(), &body),
+                retry_after: meta.retry_after,
+            },
+        },
         E::Parse(_, body) => TokenError::Http {
             status,
             excerpt: excerpt(&body),
@@ -239,21 +272,54 @@ pub fn from_oauth2<T: std::error::Error + 'static>(
         },
         E::Other(msg) => TokenError::Http {
             status,
-            excerpt: bounded(&msg, EXCERPT_MAX),
+            excerpt: excerpt(msg.as_bytes()),
             retry_after: meta.retry_after,
         },
     }
 }
 
-/// A short printable excerpt of a reply body.
+/// A short printable excerpt of a reply body, with the value of every sensitive field
+/// (`access_token`, `refresh_token`, `id_token`, `client_secret`...) `<redacted>` before
+/// it is cut, even in JSON that is broken or cut short.
 pub fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4 * EXCERPT_MAX)]);
+    let text = Redactor::new().redact_bytes(&body[..body.len().min(64 * EXCERPT_MAX)]);
     bounded(text.trim(), EXCERPT_MAX)
+}
+
+/// The OAuth error body in a reply, if it is one (a JSON object with a non-empty `error`).
+pub fn oauth_error_in(body: &[u8]) -> Option<super::error::OAuthErrorBody> {
+    serde_json::from_slice::<super::error::OAuthErrorBody>(body)
+        .ok()
+        .filter(|b| !b.error.trim().is_empty())
+}
+
+/// The excerpt of a 2xx reply that cannot be used: why (the reader's words, cut before
+/// serde's position suffix), then the redacted body.
+pub fn unusable(why: &str, body: &[u8]) -> String {
+    let why = why.split(" at line ").next().unwrap_or(why);
+    format!("{}; reply: {}", bounded(why, 96), excerpt(body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excerpts_never_carry_token_values() {
+        let body = br#"{"token_type":"Bearer","refresh_token":"rt-SECRET","id_token":"id-SECRET","expires_in":"x"}"#;
+        let e = excerpt(body);
+        assert!(!e.contains("SECRET"), "{e}");
+        assert!(e.contains("\"refresh_token\":\"<redacted>\""), "{e}");
+        let u = unusable("the reply has no access_token at line 1 column 90", body);
+        assert!(
+            u.starts_with("the reply has no access_token; reply: {"),
+            "{u}"
+        );
+        assert!(!u.contains("SECRET"), "{u}");
+        // A long value cut by the excerpt's bound is still blanked.
+        let long = format!(r#"{{"access_token":"{}"}}"#, "A".repeat(5000));
+        assert_eq!(excerpt(long.as_bytes()), r#"{"access_token":"<redacted>"}"#);
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

@@ -11,6 +11,9 @@
 //!   before expiry or at half-life for short-lived tokens; concurrent callers share one
 //!   request; failed requests back off (exponential, jittered, at least `Retry-After`), and
 //!   callers get the last error until the backoff ends (or the old token while it is valid).
+//!   [`TokenService::access_token_within`] takes a [`TokenBudget`]: the probe's deadline
+//!   bounds the wait and the request, and the backoff never exceeds half the mailbox's
+//!   interval (a `Retry-After` still wins).
 //!   [`TokenService::invalidate`] drops a token the mail server called expired.
 //! - Metrics: [`TokenObserver`] is told about every token endpoint request (grant label
 //!   [`GrantKind`]); [`TokenService::token_expiry`], [`TokenService::last_success`],
@@ -27,11 +30,14 @@
 //!   and `state_dir`); the refresh grant borrows the current one for a single request and
 //!   hands the rotated one straight back to the store. No other module reads or holds them,
 //!   and [`AccessToken`] never carries one.
-//! - A rotated refresh token is saved (temp file, fsync, rename, directory fsync, mode 0600)
-//!   before the access token that came with it is handed out; a crash leaves the old or the
-//!   new token whole. If the save fails, the new token is used from memory and the failure is
-//!   shown by [`SaveStatus`] and [`TokenInfo::save_error`]. An older refresh token is never
-//!   sent once a newer one was received: refreshes of one credential are serialised.
+//! - A rotated refresh token is written to a temp file the moment the reply is in, before
+//!   the rest of the reply is parsed, then fsynced and renamed (mode 0600) before the access
+//!   token that came with it is handed out; a crash leaves the old token whole and, from the
+//!   write on, the new one in a temp file or in place, and the next start recovers it
+//!   ([`RefreshTokenStore::candidates`]). If the save fails, the new token is used from
+//!   memory and the failure is shown by [`SaveStatus`], [`TokenInfo::save_error`] and
+//!   [`TokenObserver::save_failed`]. An older refresh token is sent only after the endpoint
+//!   refused every newer one with `invalid_grant`; refreshes of one credential are serialised.
 //! - Secrets (tokens, client secrets, assertions) are [`crate::Secret`]s: never in logs,
 //!   `Debug` or error text.
 //! - Time goes through `tokio::time` (renewal and backoff follow a paused test clock);
@@ -44,6 +50,7 @@ pub mod error;
 pub mod grant;
 pub mod http;
 pub mod observer;
+pub mod reply;
 pub mod service;
 pub mod store;
 pub mod token_file;
@@ -55,6 +62,7 @@ pub use device::{LoginError, device_login, import_refresh_token};
 pub use error::{OAuthErrorBody, TokenError};
 pub use observer::{NoopObserver, Observed, RecordingObserver, TokenInfo, TokenObserver};
 pub use service::{
-    AccessToken, CredentialExpiry, CredentialExpiryKind, TokenService, TokenServiceOptions,
+    AccessToken, CredentialExpiry, CredentialExpiryKind, TokenBudget, TokenService,
+    TokenServiceOptions,
 };
-pub use store::{RefreshTokenStore, SaveStatus, write_atomic};
+pub use store::{Candidate, Origin, RefreshTokenStore, SaveStatus, Staged, write_atomic};

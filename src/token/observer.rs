@@ -30,6 +30,13 @@ pub trait TokenObserver: Send + Sync {
         duration: Duration,
         result: Result<&TokenInfo, &TokenError>,
     );
+
+    /// A refresh token received from the endpoint could not be written under `state_dir`
+    /// (it is kept in memory and used next; a restart would lose it). `error` names the
+    /// file and the OS error, never the token.
+    fn save_failed(&self, credential: &str, error: &str) {
+        let _ = (credential, error);
+    }
 }
 
 /// Does nothing: the default.

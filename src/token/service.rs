@@ -8,7 +8,7 @@ use super::grant::{self, Granted};
 use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
-use super::token_file::read_token_file;
+use super::token_file::read_token_file_async;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,9 +33,11 @@ pub struct TokenServiceOptions {
     pub ca_file: Option<PathBuf>,
     /// Renew this long before expiry; tokens living shorter are renewed at half-life.
     pub renew_margin: Duration,
-    /// Per token request, connect to last byte.
+    /// Per token request, connect to last byte, when the caller's [`TokenBudget`] allows
+    /// longer (a probe's budget is its mailbox's `timeout`).
     pub request_timeout: Duration,
-    /// First backoff after a failed request; doubles per failure, up to `backoff_max`.
+    /// First backoff after a failed request; doubles per failure, up to `backoff_max`, and
+    /// never beyond half the asking mailbox's interval ([`TokenBudget::retry_within`]).
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub observer: Arc<dyn TokenObserver>,
@@ -94,11 +96,52 @@ impl Cached {
     }
 }
 
+/// What one caller grants a token request: the probe's deadline and its mailbox's interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBudget {
+    /// Waiting for the single flight and the token endpoint ends here: the probe's own
+    /// deadline (its mailbox's `timeout` from the start of the run).
+    pub deadline: Instant,
+    /// The asking mailbox's interval. After a failure this caller waits at most half of it
+    /// before the credential is tried again (a `Retry-After` from the server still wins), so
+    /// that a recovered endpoint shows as `ok` within one interval whatever the backoff.
+    pub retry_within: Duration,
+}
+
+impl TokenBudget {
+    /// A budget of `timeout` from now, for a mailbox probed every `interval`.
+    pub fn new(timeout: Duration, interval: Duration) -> TokenBudget {
+        TokenBudget {
+            deadline: Instant::now() + timeout,
+            retry_within: interval,
+        }
+    }
+}
+
+/// The state of the last failed request, kept until one succeeds.
+#[derive(Debug, Clone)]
+struct Failed {
+    /// When the failed request started.
+    attempted_at: Instant,
+    /// The exponential backoff for this number of failures (jittered).
+    backoff: Duration,
+    /// `Retry-After`: no request before this, whatever the interval.
+    server_until: Option<Instant>,
+}
+
+impl Failed {
+    /// When a caller with `budget` may try again.
+    fn retry_at(&self, budget: &TokenBudget) -> Instant {
+        let own = self.attempted_at + self.backoff.min(budget.retry_within / 2);
+        self.server_until.map_or(own, |s| s.max(own))
+    }
+}
+
 #[derive(Debug, Default)]
 struct EntryState {
     token: Option<Cached>,
     last_error: Option<TokenError>,
-    retry_at: Option<Instant>,
+    failed: Option<Failed>,
     failures: u32,
 }
 
@@ -168,10 +211,27 @@ impl TokenService {
         self.inner.opts.observer.as_ref()
     }
 
-    /// An access token for `cred`: the cached one while it is fresh, else a new one.
+    /// An access token for `cred`: the cached one while it is fresh, else a new one, within
+    /// the service's own `request_timeout` and backoff (for `probe` and tests).
     pub async fn access_token(&self, cred: &Credential) -> Result<AccessToken, TokenError> {
+        let budget = TokenBudget::new(
+            self.inner.opts.request_timeout,
+            self.inner.opts.backoff_max.saturating_mul(2),
+        );
+        self.access_token_within(cred, budget).await
+    }
+
+    /// Like [`TokenService::access_token`], bounded by `budget`: waiting behind another
+    /// caller's request and the request itself end at `budget.deadline` (a
+    /// `token_network_error` then), and a backoff never keeps this caller from trying again
+    /// after half its `retry_within`, unless the server sent a longer `Retry-After`.
+    pub async fn access_token_within(
+        &self,
+        cred: &Credential,
+        budget: TokenBudget,
+    ) -> Result<AccessToken, TokenError> {
         if let Grant::TokenFile { path } = &cred.grant {
-            let token = read_token_file(path)?;
+            let token = read_token_file_async(path).await?;
             let mut stats = lock(&self.inner.stats);
             let s = stats.entry(cred.name.clone()).or_default();
             s.expires_at = token.expires_at;
@@ -179,15 +239,21 @@ impl TokenService {
             return Ok(token);
         }
         let entry = self.entry(cred);
-        let mut st = entry.state.lock().await;
+        let waiting_since = Instant::now();
+        let Ok(mut st) = tokio::time::timeout_at(budget.deadline, entry.state.lock()).await else {
+            return Err(no_reply_within(
+                waiting_since,
+                "another request for this token",
+            ));
+        };
         let now = Instant::now();
         if let Some(c) = &st.token
             && now < c.renew_at
         {
             return Ok(c.token.clone());
         }
-        if let Some(retry_at) = st.retry_at
-            && now < retry_at
+        if let Some(f) = &st.failed
+            && now < f.retry_at(&budget)
         {
             // Backing off: a token that still works beats an error.
             if let Some(c) = st.token.as_ref().filter(|c| c.usable(now)) {
@@ -197,7 +263,8 @@ impl TokenService {
                 return Err(e.clone());
             }
         }
-        match self.fetch(cred).await {
+        let attempted_at = Instant::now();
+        match self.fetch(cred, budget.deadline).await {
             Ok((token, lifetime)) => {
                 let now = Instant::now();
                 let renew_in = match lifetime {
@@ -211,27 +278,31 @@ impl TokenService {
                     expires: lifetime.map(|l| now + l),
                 });
                 st.last_error = None;
-                st.retry_at = None;
+                st.failed = None;
                 st.failures = 0;
                 Ok(token)
             }
             Err(e) => {
                 if counts_for_backoff(&e) {
                     st.failures = st.failures.saturating_add(1);
-                    let mut wait = backoff(
-                        self.inner.opts.backoff_base,
-                        self.inner.opts.backoff_max,
-                        st.failures,
-                    );
-                    if let Some(ra) = e.retry_after() {
-                        wait = wait.max(ra);
-                    }
-                    st.retry_at = Some(Instant::now() + wait);
+                    let failed = Failed {
+                        attempted_at,
+                        backoff: backoff(
+                            self.inner.opts.backoff_base,
+                            self.inner.opts.backoff_max,
+                            st.failures,
+                        ),
+                        server_until: e.retry_after().map(|ra| Instant::now() + ra),
+                    };
+                    let retry_in = failed
+                        .retry_at(&budget)
+                        .saturating_duration_since(Instant::now());
+                    st.failed = Some(failed);
                     tracing::warn!(
                         credential = %cred.name,
                         reason = %crate::classify::token::reason(&e),
                         detail = %crate::classify::token::detail(&e),
-                        retry_in = ?wait,
+                        ?retry_in,
                         "token request failed"
                     );
                 } else {
@@ -315,10 +386,12 @@ impl TokenService {
             .clone()
     }
 
-    /// One token request, reported to the observer.
+    /// One token request (more for a refresh that falls back to an older stored token),
+    /// reported to the observer, given up at `deadline`.
     async fn fetch(
         &self,
         cred: &Credential,
+        deadline: Instant,
     ) -> Result<(AccessToken, Option<Duration>), TokenError> {
         let Some(kind) = cred.grant.kind() else {
             return Err(TokenError::Config {
@@ -328,10 +401,14 @@ impl TokenService {
         };
         let started = Instant::now();
         let result = match kind {
-            GrantKind::RefreshToken => self.refresh(cred).await,
-            _ => grant::client_credentials(&self.inner.http, cred)
-                .await
-                .map(|g| (g, false, None)),
+            GrantKind::RefreshToken => self.refresh(cred, deadline).await,
+            _ => {
+                let request = grant::client_credentials(&self.inner.http, cred);
+                match tokio::time::timeout_at(deadline, request).await {
+                    Ok(r) => r.map(|g| (g, false, None)),
+                    Err(_) => Err(no_reply_within(started, "the token endpoint")),
+                }
+            }
         };
         let elapsed = started.elapsed();
         match result {
@@ -370,40 +447,111 @@ impl TokenService {
         }
     }
 
-    /// The refresh token grant with rotation: the new refresh token is in the store (memory
-    /// at least, disk if it can) before the access token is returned.
+    /// The refresh token grant with rotation. A refresh token in the reply is saved (disk,
+    /// or memory at least) before anything else is done with the reply, even one whose
+    /// access token is unusable. At the first refresh after a start the store may hold
+    /// several candidates (a crash between a temp file's write and its rename): the newest
+    /// is sent first, an older one only after the endpoint refused the newer with
+    /// `invalid_grant`; the store then keeps the winner and deletes the losers.
     async fn refresh(
         &self,
         cred: &Credential,
+        deadline: Instant,
     ) -> Result<(Granted, bool, Option<String>), TokenError> {
+        let started = Instant::now();
         let guard = self.refresh_lock(&cred.name);
-        let _held = guard.lock().await;
+        let Ok(_held) = tokio::time::timeout_at(deadline, guard.lock()).await else {
+            return Err(no_reply_within(
+                started,
+                "another refresh of this credential",
+            ));
+        };
         let store = &self.inner.store;
-        let current = store
-            .current(&cred.name)
+        let candidates = store
+            .candidates(&cred.name)
             .map_err(|e| TokenError::Store {
                 detail: format!("{}: {e}", store.path_for(&cred.name).display()),
-            })?
-            .ok_or_else(|| TokenError::Missing {
-                credential: cred.name.clone(),
             })?;
-        let mut granted = grant::refresh(&self.inner.http, cred, &current).await?;
-        drop(current);
-        let mut save_error = None;
-        let rotated = granted.refresh_token.is_some();
-        if let Some(new_rt) = granted.refresh_token.take()
-            && let Err(e) = store.save(&cred.name, &new_rt).await
-        {
-            tracing::error!(
-                credential = %cred.name,
-                file = %store.path_for(&cred.name).display(),
-                error = %e,
-                "cannot save the rotated refresh token; it is kept in memory and used next"
-            );
-            save_error = Some(e.to_string());
+        if candidates.is_empty() {
+            return Err(TokenError::Missing {
+                credential: cred.name.clone(),
+            });
         }
-        Ok((granted, rotated, save_error))
+        for (i, candidate) in candidates.iter().enumerate() {
+            // Outside the request's future: it survives the deadline cutting the request.
+            let staged = std::sync::Mutex::new(None);
+            let stage = |rt: Secret| {
+                let s = store.stage(&cred.name, &rt);
+                *staged.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            };
+            let request = grant::refresh(&self.inner.http, cred, &candidate.token, &stage);
+            let result = match tokio::time::timeout_at(deadline, request).await {
+                Ok(r) => r,
+                Err(_) => Err(no_reply_within(started, "the token endpoint")),
+            };
+            let staged = staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let staged = staged.or_else(|| {
+                // A reply the hook could not read but the grant could.
+                let rt = result.as_ref().ok()?.refresh_token.as_ref()?;
+                Some(store.stage(&cred.name, rt))
+            });
+            let rotated = staged.is_some();
+            let mut save_error = None;
+            if let Some(staged) = staged
+                && let Err(e) = store.commit(&cred.name, staged).await
+            {
+                tracing::error!(
+                    credential = %cred.name,
+                    error = %e,
+                    "cannot save the rotated refresh token; it is kept in memory and used next"
+                );
+                self.observer().save_failed(&cred.name, &e.to_string());
+                save_error = Some(e.to_string());
+            }
+            let refused = matches!(&result, Err(e) if is_invalid_grant(e));
+            if refused && !rotated && i + 1 < candidates.len() {
+                tracing::warn!(
+                    credential = %cred.name,
+                    "the newest stored refresh token was refused (invalid_grant); trying the older one"
+                );
+                continue;
+            }
+            let accepted = result.is_ok() || rotated;
+            if accepted && save_error.is_none() {
+                let settled = store
+                    .settle(&cred.name, candidate, &candidates, rotated)
+                    .await;
+                if let Err(e) = settled {
+                    self.observer().save_failed(&cred.name, &e.to_string());
+                    save_error = Some(e.to_string());
+                }
+            }
+            return result.map(|mut granted| {
+                // Already in the store (from `rotated`, the same value).
+                granted.refresh_token = None;
+                (granted, rotated, save_error)
+            });
+        }
+        // Every candidate was refused; the last refusal was returned above.
+        Err(TokenError::Missing {
+            credential: cred.name.clone(),
+        })
     }
+}
+
+/// What a caller gets when its deadline passed while waiting for `what`.
+fn no_reply_within(since: Instant, what: &str) -> TokenError {
+    TokenError::Network {
+        detail: format!(
+            "no answer from {what} within the probe's timeout ({:.1} s)",
+            since.elapsed().as_secs_f64()
+        ),
+    }
+}
+
+/// The endpoint refused the refresh token itself (RFC 6749 §5.2 `invalid_grant`).
+fn is_invalid_grant(e: &TokenError) -> bool {
+    e.oauth_body().is_some_and(|b| b.error == "invalid_grant")
 }
 
 /// Errors that came from the endpoint (or the way to it) wait out a backoff; local ones

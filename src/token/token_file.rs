@@ -7,20 +7,19 @@
 use super::assertion::unverified_claims;
 use super::error::TokenError;
 use super::service::AccessToken;
+use crate::fsread::{self, FileKind};
 use crate::secret::Secret;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
+/// Reads the token file at `path` (blocking; capped at 64 KiB, never a FIFO or device:
+/// see `crate::fsread`). [`read_token_file_async`] is the same off the runtime.
 pub fn read_token_file(path: &Path) -> Result<AccessToken, TokenError> {
-    let err = |detail: String| TokenError::TokenFile {
+    let value = fsread::read_trimmed(path, FileKind::Token).map_err(|e| TokenError::TokenFile {
         path: path.display().to_string(),
-        detail,
-    };
-    let raw = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
+        detail: e.reason(),
+    })?;
+    let value = value.as_str();
     let expires_at = unverified_claims(value)
         .and_then(|c| c.get("exp").and_then(|e| e.as_u64()))
         .map(|exp| UNIX_EPOCH + Duration::from_secs(exp));
@@ -28,6 +27,19 @@ pub fn read_token_file(path: &Path) -> Result<AccessToken, TokenError> {
         value: Secret::new(value),
         expires_at,
     })
+}
+
+/// [`read_token_file`] on tokio's blocking pool.
+pub async fn read_token_file_async(path: &Path) -> Result<AccessToken, TokenError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || read_token_file(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(TokenError::TokenFile {
+                path: path.display().to_string(),
+                detail: format!("reader task failed: {e}"),
+            })
+        })
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The real binary: `probe` against the emulator prints a readable result and no secret,
-//! with exit codes 0 (logged in), 1 (probe failed), 2 (bad usage or config); `check`.
+//! with exit codes 0 (logged in), 1 (probe failed), 2 (bad usage or config); `check`; the
+//! Prometheus exporter flags (`--config.file`, `--config.check`, `--web.*`, `--log.*`), their
+//! 0.1 aliases, `--version` and the help texts.
 
 use super::probe::{TOKEN, options, start};
 use mail_oauth_exporter::emulator::{Behaviour, Proto, TlsKind};
@@ -173,7 +175,10 @@ async fn check_validates_files_and_reports_locations() {
     std::fs::remove_file(dir.path().join("token")).unwrap();
     let (code, _, err) = run(&["check", "--config", config_s]).await;
     assert_eq!(code, 2);
-    assert!(err.contains("credential external: token_file"), "{err}");
+    assert!(
+        err.contains("credential external: token_file: token file"),
+        "{err}"
+    );
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
@@ -207,7 +212,21 @@ async fn check_passes_on_every_example_in_config() {
             continue;
         }
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        // `check` parses what it reads: PEM files get real certificates and keys.
+        let fixture = |name: &str| {
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures")
+                    .join(name),
+            )
+            .unwrap()
+        };
+        let mut contents: std::collections::HashMap<std::path::PathBuf, String> =
+            Default::default();
         let mut files: Vec<std::path::PathBuf> = config.ca_file.iter().cloned().collect();
+        if let Some(ca) = &config.ca_file {
+            contents.insert(ca.clone(), fixture("client-cert.pem"));
+        }
         let mut env = Vec::new();
         for c in config.credentials.values() {
             match &c.client_auth {
@@ -216,7 +235,11 @@ async fn check_passes_on_every_example_in_config() {
                 ClientAuth::Certificate {
                     certificate_file,
                     private_key_file,
-                } => files.extend([certificate_file.clone(), private_key_file.clone()]),
+                } => {
+                    contents.insert(certificate_file.clone(), fixture("client-cert.pem"));
+                    contents.insert(private_key_file.clone(), fixture("client-key.pem"));
+                    files.extend([certificate_file.clone(), private_key_file.clone()]);
+                }
                 ClientAuth::None => {}
             }
             if let Grant::TokenFile { path } = &c.grant {
@@ -235,9 +258,17 @@ async fn check_passes_on_every_example_in_config() {
         for (i, f) in files.iter().enumerate() {
             let here = dir.path().join(f.strip_prefix("/").unwrap_or(f));
             std::fs::create_dir_all(here.parent().unwrap()).unwrap();
-            std::fs::write(&here, "example-value\n").unwrap();
+            let content = contents.get(f).map_or("example-value\n", String::as_str);
+            std::fs::write(&here, content).unwrap();
             text = text.replace(&format!("@@FILE{i}@@"), here.to_str().unwrap());
         }
+        // Refresh tokens are kept in `state_dir`, which `check` wants writable: here, a
+        // directory of the test's own.
+        let state = dir.path().join("state");
+        text = text.replace(
+            &format!("state_dir: {}", config.state_dir.display()),
+            &format!("state_dir: {}", state.display()),
+        );
         let rewritten = dir.path().join(path.file_name().unwrap());
         std::fs::write(&rewritten, text).unwrap();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -284,4 +315,545 @@ async fn check_passes_on_every_example_in_config() {
             "no example {want}: {checked:?}"
         );
     }
+}
+
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
+/// A client-credentials config on a secret file (and optionally a CA file, a certificate
+/// pair, a token-file credential and a delegated one keeping refresh tokens in `state`);
+/// nothing in it is contacted by `check`.
+fn file_config(dir: &Path, secret: &Path, ca: Option<&Path>, state: &Path) -> std::path::PathBuf {
+    let ca = ca.map_or(String::new(), |c| {
+        format!("tls:\n  ca_file: {}\n", c.display())
+    });
+    let text = format!(
+        "state_dir: {state}\n{ca}\
+         credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: http://127.0.0.1:9\n    client_id: c1\n    grant: client_credentials\n    client_secret_file: {secret}\n\
+         \x20 user:\n    provider: microsoft\n    tenant: contoso\n    authority: http://127.0.0.1:9\n    client_id: c1\n    grant: refresh_token\n\
+         mailboxes:\n  m:\n    address: m@contoso.com\n    credential: app\n    protocols: [imap]\n    interval: 10m\n    imap: {{ host: 127.0.0.1, port: 9 }}\n\
+         \x20 u:\n    address: u@contoso.com\n    credential: user\n    protocols: [imap]\n    imap: {{ host: 127.0.0.1, port: 9 }}\n",
+        state = state.display(),
+        secret = secret.display(),
+    );
+    // One file per call: a test builds several before checking them.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("config-{n}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `check`; a hang is a failure, reported as such rather than waited out.
+async fn check(config: &Path) -> (i32, String) {
+    let (code, out, err) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run(&["check", "--config", config.to_str().unwrap()]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("check hung on {}", config.display()));
+    (code, format!("{out}{err}"))
+}
+
+/// Issue 16: a FIFO as a secret or CA file hung `check`; `/dev/zero` as a CA file aborted
+/// the process and as a secret was read until memory ran out; a 10 MB secret was sent as
+/// is. Each is refused, naming the file and what is wrong with it.
+#[tokio::test]
+async fn check_refuses_fifos_devices_huge_and_unparsable_files_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let good_secret = d.join("secret");
+    std::fs::write(&good_secret, "s3cr3t\n").unwrap();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let huge = d.join("huge");
+    std::fs::write(&huge, vec![b'x'; 10 * 1024 * 1024]).unwrap();
+    let empty = d.join("empty");
+    std::fs::write(&empty, "  \n").unwrap();
+    let not_pem = d.join("not.pem");
+    std::fs::write(
+        &not_pem,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let a_file = d.join("a-file");
+    std::fs::write(&a_file, "x").unwrap();
+    let ca = d.join("ca.pem");
+    std::fs::write(
+        &ca,
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/client-cert.pem"))
+            .unwrap(),
+    )
+    .unwrap();
+
+    // The same config with good files passes: each failure below is the file's fault.
+    let (code, out) = check(&file_config(d, &good_secret, Some(&ca), &state)).await;
+    assert_eq!(code, 0, "{out}");
+
+    let zero = Path::new("/dev/zero");
+    let cases: Vec<(std::path::PathBuf, String)> = vec![
+        (
+            file_config(d, &fifo, None, &state),
+            format!(
+                "client secret file {}: a FIFO (named pipe), not a regular file",
+                fifo.display()
+            ),
+        ),
+        (
+            file_config(d, zero, None, &state),
+            "client secret file /dev/zero: a character device, not a regular file".into(),
+        ),
+        (
+            file_config(d, &huge, None, &state),
+            format!(
+                "client secret file {}: larger than 64 KiB, the limit for a secret file",
+                huge.display()
+            ),
+        ),
+        (
+            file_config(d, &empty, None, &state),
+            format!("client secret file {}: the file is empty", empty.display()),
+        ),
+        (
+            file_config(d, d, None, &state),
+            format!(
+                "client secret file {}: a directory, not a regular file",
+                d.display()
+            ),
+        ),
+        (
+            file_config(d, &good_secret, Some(&fifo), &state),
+            format!(
+                "tls.ca_file: {} is a FIFO (named pipe), not a regular file",
+                fifo.display()
+            ),
+        ),
+        (
+            file_config(d, &good_secret, Some(zero), &state),
+            "tls.ca_file: /dev/zero is a character device, not a regular file".into(),
+        ),
+        (
+            file_config(d, &good_secret, Some(&not_pem), &state),
+            format!("tls.ca_file: {}", not_pem.display()),
+        ),
+        (
+            file_config(d, &good_secret, Some(&huge), &state),
+            format!(
+                "tls.ca_file: {} is larger than 1024 KiB, the limit for a PEM file",
+                huge.display()
+            ),
+        ),
+        (
+            file_config(d, &good_secret, None, &a_file),
+            format!(
+                "state_dir {}: {} is not a directory",
+                a_file.display(),
+                a_file.display()
+            ),
+        ),
+    ];
+    for (config, want) in cases {
+        let (code, out) = check(&config).await;
+        assert_eq!(code, 2, "{want}: {out}");
+        assert!(out.contains(&want), "want {want:?} in:\n{out}");
+        // The error names the file, never its content.
+        assert!(!out.contains("s3cr3t") && !out.contains("xxxx"), "{out}");
+    }
+}
+
+/// Issue 16: a 0-byte config, or one of comments only, was a valid config that
+/// probes nothing.
+#[tokio::test]
+async fn an_empty_config_is_refused_by_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for text in ["", "# only a comment\n\n"] {
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, text).unwrap();
+        let (code, out) = check(&config).await;
+        assert_eq!(code, 2, "{out}");
+        assert!(
+            out.contains(&format!("{}:1:1: the config is empty", config.display())),
+            "{out}"
+        );
+        let (code, _, err) = run(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("the config is empty"), "{err}");
+    }
+}
+
+/// Issue 16: with a FIFO as `client_secret_file`, `run` bound its port and never served,
+/// a reload hung and SIGTERM was then ignored. Now it serves, reloads (a reload to an
+/// empty config is refused, reported, and the old config keeps running) and stops on
+/// SIGTERM.
+#[tokio::test]
+async fn run_with_a_fifo_secret_serves_reloads_and_stops_on_sigterm() {
+    use super::demo::{find, http, parse_metrics, spawn_run};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let config = file_config(d, &fifo, None, &d.join("state"));
+    let (mut child, base, logs) = spawn_run(&config).await;
+
+    let (status, _) = http("GET", &format!("{base}/healthz")).await;
+    assert_eq!(status, 200);
+    let (status, body) = http("POST", &format!("{base}/-/reload")).await;
+    assert_eq!(status, 200, "{body}");
+
+    std::fs::write(&config, "# emptied by mistake\n").unwrap();
+    let (status, body) = http("POST", &format!("{base}/-/reload")).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("the config is empty"), "{body}");
+    let (_, metrics) = http("GET", &format!("{base}/metrics")).await;
+    let m = parse_metrics(&metrics);
+    let ok = find(&m, "mail_oauth_config_last_reload_successful", &[]);
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].value, 0.0, "{metrics}");
+    let (_, status_json) = http("GET", &format!("{base}/api/v1/status")).await;
+    assert!(
+        status_json.contains("\"m\""),
+        "old config dropped: {status_json}"
+    );
+
+    let pid = child.id().expect("still running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .expect("SIGTERM ignored")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let logs = logs.await.unwrap();
+    assert!(logs.contains("stopped"), "{logs}");
+}
+
+/// The config file itself goes through the same reader: a FIFO or a device is refused
+/// at once, by name.
+#[tokio::test]
+async fn the_config_file_itself_cannot_be_a_fifo_or_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.yaml");
+    mkfifo(&fifo);
+    let (code, out) = check(&fifo).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{out}"
+    );
+    let (code, out) = check(Path::new("/dev/zero")).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("/dev/zero: a character device, not a regular file"),
+        "{out}"
+    );
+}
+
+/// A FIFO as the CA file stops `run` at start with the file named (it bound its port
+/// and never served), and a FIFO as a token file fails `probe` at once with the reason
+/// and the file named, instead of waiting for a writer.
+#[tokio::test]
+async fn run_and_probe_refuse_fifos_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let secret = d.join("secret");
+    std::fs::write(&secret, "s3cr3t\n").unwrap();
+    let config = file_config(d, &secret, Some(&fifo), &d.join("state"));
+    let (code, _, err) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ]),
+    )
+    .await
+    .expect("run hung on a FIFO CA file");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}", fifo.display())) && err.contains("a FIFO (named pipe)"),
+        "{err}"
+    );
+
+    let config = d.join("token-file.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "credentials:\n  t:\n    grant: token_file\n    token_file: {}\n\
+             mailboxes:\n  m:\n    address: m@contoso.com\n    credential: t\n    protocols: [imap]\n    imap: {{ host: 127.0.0.1, port: 9 }}\n",
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run(&[
+            "probe",
+            "--config",
+            config.to_str().unwrap(),
+            "--mailbox",
+            "m",
+        ]),
+    )
+    .await
+    .expect("probe hung on a FIFO token file");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "token file {}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{out}"
+    );
+}
+
+/// The service started by the real binary; its stderr lines (JSON logs) and base URL.
+async fn start_service(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, serde_json::Value) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let start = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push(line.clone());
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if v["fields"]["message"] == "mail-oauth-exporter running" {
+                return v["fields"].clone();
+            }
+        }
+        panic!("exited before it started: {seen:#?}");
+    })
+    .await
+    .expect("the start-up line within 30 s");
+    // Keep reading so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, start)
+}
+
+/// As Prometheus exporters are run: no command, dotted flags. The start-up line names
+/// version and revision; the metrics move to --web.telemetry-path; --log.level wins over
+/// RUST_LOG (which alone would hide that info line).
+#[tokio::test]
+async fn exporter_flags_run_the_service_without_a_command() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let (mut child, start) = start_service(
+        &[
+            "--config.file",
+            config.to_str().unwrap(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--web.telemetry-path",
+            "/probe-metrics",
+            "--log.format",
+            "json",
+            "--log.level",
+            "info",
+        ],
+        &[("RUST_LOG", "error")],
+    )
+    .await;
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
+    assert_eq!(start["revision"], mail_oauth_exporter::REVISION, "{start}");
+    assert_eq!(start["metrics"], "/probe-metrics", "{start}");
+    let base = format!("http://{}", start["address"].as_str().unwrap());
+    let (code, body) = crate::demo::get(&format!("{base}/probe-metrics")).await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(&format!(
+            "mail_oauth_build_info{{revision=\"{}\",version=\"{}\"}} 1",
+            mail_oauth_exporter::REVISION,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    let (code, _) = crate::demo::get(&format!("{base}/metrics")).await;
+    assert_eq!(code, 404, "the metrics moved");
+    let (code, _) = crate::demo::get(&format!("{base}/healthz")).await;
+    assert_eq!(code, 200);
+    child.kill().await.unwrap();
+}
+
+/// The 0.1 spellings still work, at the top level and after `run`; `:PORT` listens on
+/// every interface as in Go exporters.
+#[tokio::test]
+async fn the_old_spellings_remain_aliases() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["--log-format", "json", "--config", config, "--listen", ":0"],
+        vec![
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            config,
+            "--listen",
+            ":0",
+        ],
+    ] {
+        let (mut child, start) = start_service(&args, &[]).await;
+        let address = start["address"].as_str().unwrap();
+        let port = address
+            .strip_prefix("0.0.0.0:")
+            .unwrap_or_else(|| panic!("{args:?}: {address} is not every interface"));
+        let (code, body) = crate::demo::get(&format!("http://127.0.0.1:{port}/metrics")).await;
+        assert_eq!(code, 200, "{args:?}");
+        assert!(body.contains("mail_oauth_build_info"), "{args:?}");
+        child.kill().await.unwrap();
+    }
+}
+
+/// `--config.check`: exit 0 for a sound config, 2 with file, line, column and field for a
+/// bad one, 2 naming a missing secret file; after `run` as well. Nothing starts.
+#[tokio::test]
+async fn config_check_validates_and_exits() {
+    let (emu, _) = start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &emu, TOKEN);
+    let config = config.to_str().unwrap();
+    for prefix in [vec![], vec!["run"]] {
+        let with = |rest: &[&'static str]| {
+            let mut a: Vec<String> = prefix.iter().map(|s: &&str| s.to_string()).collect();
+            a.extend(rest.iter().map(|s| s.to_string()));
+            a
+        };
+        let mut args = with(&["--config.check", "--config.file"]);
+        args.push(config.into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = run(&args).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            out.contains(": ok (1 credentials, 2 mailboxes, 4 probes)"),
+            "{out}"
+        );
+    }
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "mailboxes:\n  m:\n    adress: a@b.c\n").unwrap();
+    let (code, _, err) = run(&["--config.file", bad.to_str().unwrap(), "--config.check"]).await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{}:3:5: mailboxes.m: unknown field `adress`",
+            bad.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    let (code, _, err) = run(&["--config.file", config, "--config.check"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("credential external: token_file"), "{err}");
+    // Usage errors are 2 too, and say what is wrong.
+    let (code, _, err) = run(&["--config.file", config, "check", "--config", config]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("not before a command"), "{err}");
+    let (code, _, err) = run(&[]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--config.file <FILE>"), "{err}");
+    for path in ["metrics", "/healthz", "/a?b"] {
+        let (code, _, err) = run(&["--config.file", config, "--web.telemetry-path", path]).await;
+        assert_eq!(code, 2, "{path}");
+        assert!(err.contains("--web.telemetry-path"), "{err}");
+    }
+}
+
+/// `--version` as Prometheus prints it: version and revision, build date, compiler,
+/// platform.
+#[tokio::test]
+async fn version_names_revision_build_date_and_compiler() {
+    let (code, out, _) = run(&["--version"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "mail-oauth-exporter {} (revision: {})",
+            env!("CARGO_PKG_VERSION"),
+            mail_oauth_exporter::REVISION
+        )
+    );
+    let field = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in:\n{out}"))
+    };
+    let date = field("build date:");
+    let shape = date.len() == 17
+        && date.char_indices().all(|(i, c)| match i {
+            8 => c == '-',
+            11 | 14 => c == ':',
+            _ => c.is_ascii_digit(),
+        });
+    assert!(shape, "build date {date:?} is not YYYYMMDD-HH:MM:SS");
+    assert!(field("rustc version:").starts_with("rustc 1."), "{out}");
+    assert!(field("platform:").contains(std::env::consts::ARCH), "{out}");
+}
+
+/// Every flag of every command says what it does in `--help`.
+#[tokio::test]
+async fn every_flag_has_a_help_text() {
+    let commands: [&[&str]; 6] = [&[], &["run"], &["check"], &["login"], &["probe"], &["demo"]];
+    let mut flags = 0;
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("-h");
+        let (code, out, err) = run(&args).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        for line in out.lines().map(str::trim).filter(|l| l.starts_with('-')) {
+            flags += 1;
+            // `--flag <VALUE>   What it does`: the help text follows two or more spaces.
+            let help = line.split_once("  ").map(|(_, h)| h.trim()).unwrap_or("");
+            assert!(help.len() > 3, "{args:?}: no help for `{line}`");
+        }
+    }
+    for flag in [
+        "--config.file",
+        "--config.check",
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--log.level",
+        "--log.format",
+    ] {
+        let (_, out, _) = run(&["-h"]).await;
+        assert!(out.contains(flag), "{flag} missing from --help");
+    }
+    assert!(flags > 20, "{flags} flags seen");
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
-/// Every metric name of the contract (a restatement of CONTRACT.md, not of the code).
+/// Every metric name of the contract (a restatement of docs/metrics.md, not of the code).
 pub const CONTRACT_METRICS: &[&str] = &[
     "mail_oauth_probe_success",
     "mail_oauth_probe_result",

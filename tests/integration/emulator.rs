@@ -623,7 +623,10 @@ async fn pop3_user_behaviours() {
         (
             AuthenticatedNotConnected,
             POP3_OK.into(),
-            Some(("STAT", "-ERR Server Unavailable. 21".into())),
+            Some((
+                "STAT",
+                "-ERR User is authenticated but not connected.".into(),
+            )),
         ),
         (
             TokenExpiring,

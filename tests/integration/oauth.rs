@@ -95,6 +95,21 @@ impl World {
         (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
     }
 
+    /// Like `run`, with stdout alone (the logs go to stderr).
+    async fn run_stdout(&mut self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        self.outputs.push(format!("{stdout}{stderr}"));
+        (out.status.code().unwrap_or(-1), stdout)
+    }
+
     async fn probe(&mut self, mailbox: &str) -> (i32, String) {
         self.run(&["probe", "--mailbox", mailbox]).await
     }
@@ -227,4 +242,215 @@ async fn login_for_an_unknown_or_app_credential_is_a_usage_error() {
     assert!(out.contains("no credential `nope`"), "{out}");
     let (code, out) = w.run(&["login", "--credential", "app"]).await;
     assert_eq!(code, 2, "{out}");
+}
+
+/// `login --refresh-token-file` through the binary: `fake-refresh` fails at once (exit 1,
+/// the endpoint's reason, nothing stored); a real token is redeemed once and the rotated
+/// token is what lands on disk.
+#[tokio::test]
+async fn login_import_redeems_once_and_refuses_a_fake_token() {
+    let mut w = World::new().await;
+    let fake = w.dir.path().join("fake");
+    std::fs::write(&fake, "fake-refresh\n").unwrap();
+    let fake = fake.to_str().unwrap().to_owned();
+    let (code, out) = w
+        .run(&[
+            "login",
+            "--credential",
+            "delegated",
+            "--refresh-token-file",
+            &fake,
+        ])
+        .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("login      FAILED: token_invalid_grant (stage token, permanent)"),
+        "{out}"
+    );
+    assert!(out.contains("reason     token_invalid_grant"), "{out}");
+    assert!(out.contains("nothing stored"), "{out}");
+    assert!(!out.contains("stored in"), "{out}");
+    assert!(read_dir_text(&w.state_file()).trim().is_empty());
+
+    let rt = w.ep.add_user(USER, "helpdesk-app", &[]);
+    let file = w.dir.path().join("imported");
+    std::fs::write(&file, &rt).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let (code, out) = w
+        .run(&[
+            "login",
+            "--credential",
+            "delegated",
+            "--refresh-token-file",
+            &file,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("redeemed"), "{out}");
+    let stored = read_dir_text(&w.state_file());
+    assert!(!stored.contains(&rt), "the imported token was stored as is");
+    assert_eq!(
+        w.ep.valid_refresh_tokens(USER),
+        vec![stored.trim().to_string()]
+    );
+    assert_eq!(
+        w.ep.requests()
+            .iter()
+            .filter(|r| r.grant == "refresh_token")
+            .count(),
+        2
+    );
+    let printed = w.outputs.join("\n");
+    for s in w.ep.all_refresh_tokens() {
+        assert!(!printed.contains(&s), "refresh token printed");
+    }
+}
+
+/// `probe --output json` through the binary: one object per protocol with the documented
+/// fields, for a success, a refused login and a token failure; and the text output names
+/// the reason on success too.
+#[tokio::test]
+async fn probe_json_output_carries_the_documented_fields() {
+    let mut w = World::new().await;
+    let rt = w.ep.add_user(USER, "helpdesk-app", &[]);
+    let file = w.dir.path().join("imported");
+    std::fs::write(&file, &rt).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let (code, out) = w
+        .run(&[
+            "login",
+            "--credential",
+            "delegated",
+            "--refresh-token-file",
+            &file,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out) = w.probe("user").await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("reason     ok").count(), 2, "{out}");
+
+    let (code, out) = w
+        .run_stdout(&["probe", "--mailbox", "user", "--output", "json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).expect(&out);
+    assert_eq!(all.len(), 2, "{out}");
+    let protocols: Vec<&str> = all
+        .iter()
+        .map(|o| o["protocol"].as_str().unwrap())
+        .collect();
+    assert_eq!(protocols, ["imap", "smtp"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for o in &all {
+        assert_eq!(o["mailbox"], "user");
+        assert_eq!(o["credential"], "delegated");
+        assert!(o["target"].as_str().unwrap().contains("127.0.0.1:"), "{o}");
+        assert_eq!(o["reason"], "ok");
+        assert_eq!(o["success"], true);
+        assert!(o["stage"].is_null());
+        assert_eq!(o["transient"], false);
+        assert_eq!(o["detail"], "");
+        assert_eq!(o["user"], USER);
+        assert_eq!(o["mechanism"], "xoauth2");
+        let phases = o["phases"].as_object().unwrap();
+        assert_eq!(phases.len(), 7);
+        for p in [
+            "connect",
+            "tls",
+            "greeting",
+            "capability",
+            "auth",
+            "post_auth",
+        ] {
+            assert!(phases[p].as_f64().unwrap() >= 0.0, "{p}: {o}");
+        }
+        let duration = o["duration_seconds"].as_f64().unwrap();
+        assert!(duration > 0.0 && duration <= o["total_seconds"].as_f64().unwrap());
+        let expiry = o["tls_certificate_expiry_timestamp_seconds"]
+            .as_i64()
+            .unwrap();
+        assert!(expiry > now && expiry <= w.emu.cert_not_after(), "{o}");
+        assert!(o["tls_certificate_expiry"].as_str().unwrap().ends_with('Z'));
+        assert!(o["tls_version"].as_str().unwrap().starts_with("TLS"));
+        let transcript = o["transcript"].as_array().unwrap();
+        assert!(transcript.len() > 3, "{o}");
+        assert!(
+            transcript
+                .iter()
+                .any(|l| l.as_str().unwrap().contains("<redacted>"))
+        );
+    }
+
+    // A refused login: auth stage, the server's words, exit 1.
+    let (code, out) = w
+        .run_stdout(&[
+            "probe",
+            "--mailbox",
+            "app-no-permission",
+            "--output",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 1, "{out}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).expect(&out);
+    assert_eq!(all.len(), 1);
+    let o = &all[0];
+    assert_eq!(o["reason"], "auth_rejected", "{o}");
+    assert_eq!(o["stage"], "auth");
+    assert_eq!(o["success"], false);
+    assert!(
+        o["detail"]
+            .as_str()
+            .unwrap()
+            .contains("AUTHENTICATE failed"),
+        "{o}"
+    );
+    assert!(o["phases"]["post_auth"].is_null());
+
+    // A token failure: no login was tried, so no phases, duration or TLS.
+    w.ep.revoke_user(USER);
+    let (code, out) = w
+        .run_stdout(&[
+            "probe",
+            "--mailbox",
+            "user",
+            "--protocol",
+            "imap",
+            "--output",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 1, "{out}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).expect(&out);
+    let o = &all[0];
+    assert_eq!(o["reason"], "token_invalid_grant", "{o}");
+    assert_eq!(o["stage"], "token");
+    assert!(o["detail"].as_str().unwrap().contains("AADSTS50173"), "{o}");
+    assert!(
+        o["phases"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v.is_null())
+    );
+    assert!(o["duration_seconds"].is_null() && o["tls_certificate_expiry"].is_null());
+
+    // Bad usage is still exit 2.
+    let (code, out) = w
+        .run(&["probe", "--mailbox", "user", "--output", "yaml"])
+        .await;
+    assert_eq!(code, 2, "{out}");
+    let printed = w.outputs.join("\n");
+    for s in
+        w.ep.all_refresh_tokens()
+            .iter()
+            .chain(&w.ep.all_access_tokens())
+    {
+        assert!(!printed.contains(s.as_str()), "a token printed");
+    }
 }

@@ -548,3 +548,72 @@ async fn slow_server_delay_is_measured_in_the_auth_phase() {
     assert!(auth >= Duration::from_millis(300), "auth {auth:?}");
     assert!(r.phases.get(Phase::Greeting).unwrap() < Duration::from_millis(300));
 }
+
+/// Every mail reply recorded from the field (`src/emulator/field_replies.txt`), served by
+/// the emulator at its stage and protocol, ends in the reason the record names; the
+/// server's own words are the detail. Other protocols of the same user still log in.
+#[tokio::test]
+async fn field_replies_over_real_sockets() {
+    use mail_oauth_exporter::emulator::field::{Kind, replies};
+    let (emu, tls) = start(options()).await;
+    let mut served = 0;
+    for (i, f) in replies().iter().enumerate() {
+        let Kind::Mail {
+            protocol,
+            challenge,
+            ..
+        } = f.kind
+        else {
+            continue;
+        };
+        let user = format!("field{i}@contoso.com");
+        emu.set_behaviour(&user, Behaviour::Field(i));
+        for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+            let mode = if protocol == Protocol::Smtp {
+                TlsMode::Starttls
+            } else {
+                TlsMode::Implicit
+            };
+            let r = probe::run(
+                &spec(&emu, protocol, mode, mech, &user),
+                &tls,
+                &Secret::new(TOKEN),
+            )
+            .await;
+            let c = classify::probe_outcome(&r.outcome);
+            assert_eq!(
+                c.reason, f.reason,
+                "line {} ({}) {mech:?}: {}\n{}",
+                f.line, f.source, c.detail, r.transcript
+            );
+            let first_line = f.reply.lines().next().unwrap_or_default();
+            assert!(
+                c.detail.contains(first_line),
+                "line {}: detail {:?}",
+                f.line,
+                c.detail
+            );
+            if challenge {
+                assert!(
+                    c.detail.contains("(challenge: {\"status\":"),
+                    "{}",
+                    c.detail
+                );
+            }
+            served += 1;
+        }
+        // The record is about one protocol: the user's others are healthy.
+        let other = Protocol::ALL
+            .into_iter()
+            .find(|p| *p != protocol)
+            .unwrap_or(Protocol::Imap);
+        let mode = if other == Protocol::Smtp {
+            TlsMode::Starttls
+        } else {
+            TlsMode::Implicit
+        };
+        let r = run(&emu, &tls, other, mode, &user, TOKEN).await;
+        assert_eq!(reason(&r), Reason::Ok, "line {}: {other}", f.line);
+    }
+    assert!(served >= 20, "only {served} field replies served");
+}

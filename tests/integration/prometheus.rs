@@ -21,7 +21,7 @@ const RULES: &str = "deploy/prometheus/rules.yaml";
 const RULES_TEST: &str = "deploy/prometheus/rules_test.yaml";
 const PROMETHEUS_RULE: &str = "deploy/prometheus/prometheusrule.yaml";
 
-/// The contract's transient reasons (CONTRACT.md, "Reasons", transient = yes), restated so
+/// The contract's transient reasons (docs/reasons.md, transient = yes), restated so
 /// that the rules, the code and the contract are checked against each other.
 const TRANSIENT: &[&str] = &[
     "token_throttled",

@@ -5,10 +5,11 @@ use mail_oauth_exporter::classify::token::{detail, reason};
 use mail_oauth_exporter::emulator::token_endpoint::{
     AAD_ERRORS, ClientSpec, DevicePoll, EmuGrant, Scripted, Target, TokenEndpoint,
 };
+use mail_oauth_exporter::secret::Secret;
 use mail_oauth_exporter::token::store::write_atomic;
 use mail_oauth_exporter::token::{
     ClientAuth, Credential, CredentialExpiryKind, Grant, GrantKind, LoginError, Provider,
-    RecordingObserver, RefreshTokenStore, SecretSource, TokenError, TokenService,
+    RecordingObserver, RefreshTokenStore, SecretSource, TokenBudget, TokenError, TokenService,
     TokenServiceOptions, device_login, import_refresh_token,
 };
 use std::path::{Path, PathBuf};
@@ -141,12 +142,13 @@ async fn rotation_survives_restart_and_old_refresh_tokens_are_never_reused() {
     assert!(ep.validate(t3.value.expose()).is_some());
 
     let log = ep.requests();
+    // The import's redemption, then three refreshes.
     let sent: Vec<String> = log.iter().filter_map(|r| r.refresh_token.clone()).collect();
-    assert_eq!(sent.len(), 3);
+    assert_eq!(sent.len(), 4);
     let unique: std::collections::HashSet<_> = sent.iter().collect();
-    assert_eq!(unique.len(), 3, "a refresh token was sent twice");
+    assert_eq!(unique.len(), 4, "a refresh token was sent twice");
     assert!(log.iter().all(|r| r.status == 200));
-    assert_eq!(obs.count("helpdesk", GrantKind::RefreshToken), 3);
+    assert_eq!(obs.count("helpdesk", GrantKind::RefreshToken), 4);
     // The only valid refresh token is the one on disk.
     let on_disk = std::fs::read_to_string(svc.store().path_for("helpdesk")).unwrap();
     assert_eq!(
@@ -208,10 +210,13 @@ async fn missing_refresh_token_and_failed_save() {
         .iter()
         .filter_map(|r| r.refresh_token.clone())
         .collect();
-    assert_eq!(sent.len(), 2);
-    assert_ne!(
-        sent[0], sent[1],
-        "the old refresh token was reused after a failed save"
+    // The import's redemption, then two refreshes, each with the newest token.
+    assert_eq!(sent.len(), 3);
+    let unique: std::collections::HashSet<_> = sent.iter().collect();
+    assert_eq!(
+        unique.len(),
+        3,
+        "an old refresh token was reused after a failed save"
     );
     assert!(ep.requests().iter().all(|r| r.status == 200));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -797,6 +802,10 @@ async fn no_secret_in_logs_debug_or_errors() {
     shown.push(String::from_utf8(out).unwrap());
     ep.revoke_user("dave@contoso.com");
     svc.invalidate(&delegated).await;
+    // tracing caches each call site's interest process-wide; another test thread hitting
+    // the same call site while this thread's subscriber registers can leave it cached as
+    // "never" (a known race with scoped subscribers). Recompute it before the logging calls.
+    tracing::callsite::rebuild_interest_cache();
     let e = svc.access_token(&delegated).await.unwrap_err();
     shown.push(format!("{e:?} {e} {}", detail(&e)));
 
@@ -829,6 +838,7 @@ async fn no_secret_in_logs_debug_or_errors() {
         Grant::ClientCredentials,
         secret_file(&dir, "wrong-secret-value-456"),
     );
+    tracing::callsite::rebuild_interest_cache();
     let e = svc.access_token(&bad).await.unwrap_err();
     shown.push(format!("{e:?} {e} {}", detail(&e)));
     shown.push(format!("{:?}", obs.seen()));
@@ -860,5 +870,743 @@ async fn no_secret_in_logs_debug_or_errors() {
             &s[..12.min(s.len())]
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §5: after a 240 s outage of the token endpoint (it accepts and never answers),
+/// a mailbox probed every 5 s with a 2 s timeout is `ok` again at its first run after the
+/// endpoint returns, whatever the exponential backoff has grown to; meanwhile every run
+/// ends within its timeout (not the HTTP client's 30 s). A mailbox with a 10 min interval
+/// sharing the credential does not slow the short one down. Then a `Retry-After` longer
+/// than the interval is still honoured. Paused time, real sockets.
+#[tokio::test(start_paused = true)]
+async fn outage_then_ok_within_one_interval_and_hangs_bounded_by_the_probe_timeout() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("outage");
+    app_client(&ep, "app", "s", false);
+    // Short-lived tokens: every run needs the endpoint.
+    ep.set_token_lifetime(Duration::from_secs(1));
+    let c = cred(
+        &ep,
+        "shared",
+        "app",
+        Grant::ClientCredentials,
+        secret_file(&dir, "s"),
+    );
+    // The defaults a service runs with: 30 s per request, backoff up to 300 s.
+    let svc = TokenService::new(TokenServiceOptions::new(dir.join("state"))).unwrap();
+    let (interval, timeout) = (Duration::from_secs(5), Duration::from_secs(2));
+
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let start = tokio::time::Instant::now();
+    let back_at = start + Duration::from_millis(241_300);
+    let mut run = 0u32;
+    let mut recovered_at = None;
+    while recovered_at.is_none() {
+        let slot = start + interval * run;
+        tokio::time::sleep_until(slot).await;
+        if slot >= back_at {
+            ep.clear_scripts();
+        }
+        if run % 12 == 3 {
+            // The long-interval mailbox of the same credential runs in between.
+            let r = svc
+                .access_token_within(&c, TokenBudget::new(timeout, Duration::from_secs(600)))
+                .await;
+            assert!(r.is_err() || slot >= back_at);
+        }
+        let began = tokio::time::Instant::now();
+        let result = svc
+            .access_token_within(&c, TokenBudget::new(timeout, interval))
+            .await;
+        assert!(
+            began.elapsed() <= timeout,
+            "run {run} took {:?}, beyond its {timeout:?} timeout",
+            began.elapsed()
+        );
+        match result {
+            Ok(_) => {
+                assert!(slot >= back_at, "run {run}: ok during the outage");
+                recovered_at = Some(slot);
+            }
+            Err(e) => {
+                assert_eq!(reason(&e), Reason::TokenNetworkError, "run {run}: {e}");
+                assert!(
+                    slot < back_at,
+                    "run {run}: still failing {:?} after the endpoint returned",
+                    slot - back_at
+                );
+            }
+        }
+        run += 1;
+    }
+    let recovered_at = recovered_at.unwrap();
+    assert!(recovered_at - back_at <= interval);
+    // Single flight and backoff still hold: never more than one request per run.
+    let hung = ep.request_count("app", "client_credentials");
+    assert!(hung <= run as usize + 5, "{hung} requests in {run} runs");
+
+    // A Retry-After longer than the interval wins over it.
+    tokio::time::sleep(Duration::from_secs(2)).await; // the 1 s token has expired
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Throttle {
+            retry_after: Some(20),
+        },
+    );
+    let before = ep.request_count("app", "client_credentials");
+    let throttled_at = tokio::time::Instant::now();
+    let e = svc
+        .access_token_within(&c, TokenBudget::new(timeout, interval))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenThrottled);
+    for _ in 0..3 {
+        tokio::time::sleep(interval).await;
+        let e = svc
+            .access_token_within(&c, TokenBudget::new(timeout, interval))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&e), Reason::TokenThrottled);
+    }
+    assert_eq!(ep.request_count("app", "client_credentials"), before + 1);
+    tokio::time::sleep_until(throttled_at + Duration::from_secs(21)).await;
+    svc.access_token_within(&c, TokenBudget::new(timeout, interval))
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Asks the endpoint for a rotation directly, as a process that then died would have.
+async fn rotate_behind_our_back(ep: &TokenEndpoint, client_id: &str, rt: &str) -> String {
+    let reply = reqwest::Client::new()
+        .post(ep.token_url(TENANT))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", client_id),
+            ("refresh_token", rt),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
+    body["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// What a crash between a temp file's write and its rename leaves beside the state file.
+fn temp_file_of(store: &RefreshTokenStore, credential: &str, tag: &str) -> PathBuf {
+    let path = store.path_for(credential);
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    store.dir().join(format!(".{name}.1.{tag}.tmp"))
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+/// Issue 16 §6: with single-use rotation, a token that reached a temp file before the
+/// crash is the only valid one. The next start sends it (never the rotated-out committed
+/// one), commits the token it is rotated into, and removes the temp files: the recovered
+/// one and a torn one whose writer is long gone. A young torn one is left alone (it may be
+/// a `login` writing right now).
+#[tokio::test]
+async fn a_rotated_token_left_in_a_temp_file_is_recovered_at_start() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    ep.allow_refresh_token_reuse(false);
+    let dir = tmpdir("recover-temp");
+    public_client(&ep, "pub");
+    let user = "dave@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "dave", "pub", Grant::RefreshToken, ClientAuth::None);
+    let store = RefreshTokenStore::new(dir.join("state"));
+    store.save("dave", &Secret::new(rt0.clone())).await.unwrap();
+
+    let rt1 = rotate_behind_our_back(&ep, "pub", &rt0).await;
+    let survivor = temp_file_of(&store, "dave", "aaaa");
+    std::fs::write(&survivor, format!("{rt1}\n")).unwrap();
+    let torn_old = temp_file_of(&store, "dave", "bbbb");
+    std::fs::write(&torn_old, &rt1[..10]).unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&torn_old)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let torn_young = temp_file_of(&store, "dave", "cccc");
+    std::fs::write(&torn_young, "").unwrap();
+    assert_eq!(ep.valid_refresh_tokens(user), vec![rt1.clone()]);
+
+    let obs = Arc::new(RecordingObserver::default());
+    let svc = service(&dir, obs.clone());
+    let t = svc.access_token(&c).await.unwrap();
+    assert!(ep.validate(t.value.expose()).is_some());
+    let sent: Vec<String> = ep
+        .requests()
+        .iter()
+        .filter_map(|r| r.refresh_token.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![rt0.clone(), rt1.clone()],
+        "sent the rotated-out token"
+    );
+    let committed = std::fs::read_to_string(store.path_for("dave")).unwrap();
+    assert_eq!(
+        ep.valid_refresh_tokens(user),
+        vec![committed.trim().to_string()]
+    );
+    let left = temp_files(store.dir());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(torn_young.exists() && !survivor.exists() && !torn_old.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The newest candidate is tried first; when the endpoint refuses it with `invalid_grant`
+/// the older one is tried, wins, and the loser is deleted. When all are refused, the
+/// reason is `token_invalid_grant` and nothing is deleted.
+#[tokio::test]
+async fn a_refused_newer_candidate_falls_back_to_the_older_one() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("fallback");
+    public_client(&ep, "pub");
+    let user = "erin@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "erin", "pub", Grant::RefreshToken, ClientAuth::None);
+    let store = RefreshTokenStore::new(dir.join("state"));
+    store.save("erin", &Secret::new(rt0.clone())).await.unwrap();
+    // Newer by mtime, but never issued by this endpoint.
+    let bogus = temp_file_of(&store, "erin", "dddd");
+    std::fs::write(&bogus, "emu-rt-never-issued\n").unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&bogus)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    svc.access_token(&c).await.unwrap();
+    let sent: Vec<String> = ep
+        .requests()
+        .iter()
+        .filter_map(|r| r.refresh_token.clone())
+        .collect();
+    assert_eq!(sent, vec!["emu-rt-never-issued".to_string(), rt0]);
+    assert!(!bogus.exists(), "the loser was kept");
+    assert!(temp_files(store.dir()).is_empty());
+    let committed = std::fs::read_to_string(store.path_for("erin")).unwrap();
+    assert_eq!(
+        ep.valid_refresh_tokens(user),
+        vec![committed.trim().to_string()]
+    );
+
+    // Everything refused: the reason says so, the files stay for the operator.
+    ep.revoke_user(user);
+    let again = temp_file_of(&store, "erin", "eeee");
+    std::fs::write(&again, "emu-rt-also-never-issued\n").unwrap();
+    drop(svc);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let e = svc.access_token(&c).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenInvalidGrant);
+    assert!(again.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A 2xx reply whose access token cannot be used still carries the rotated refresh token:
+/// it is saved, so the next request sends it instead of the rotated-out one.
+#[tokio::test]
+async fn the_refresh_token_of_an_unusable_reply_is_saved_first() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("unusable");
+    public_client(&ep, "pub");
+    let user = "fay@contoso.com";
+    let rt0 = ep.add_user(user, "pub", DELEGATED);
+    let c = cred(&ep, "fay", "pub", Grant::RefreshToken, ClientAuth::None);
+    let obs = Arc::new(RecordingObserver::default());
+    let svc = service(&dir, obs);
+    login_with(&svc, &c, &dir, &rt0).await;
+    // A rotation without an access token: unusable by any reading of the reply.
+    let rt1 = "emu-rt-in-an-unusable-reply";
+    ep.script_once(
+        Target::User(user.into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "application/json".into(),
+            body: format!(r#"{{"token_type":"Bearer","refresh_token":"{rt1}"}}"#),
+        },
+    );
+    let e = svc.access_token(&c).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenError, "{e}");
+    let committed = std::fs::read_to_string(svc.store().path_for("fay")).unwrap();
+    assert_eq!(committed.trim(), rt1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §6: a `state_dir` that stops being writable while `run` goes on is a metric
+/// (`mail_oauth_token_save_failures_total{credential}`) and an error on the status page's
+/// credential row, and rotation goes on from memory.
+#[tokio::test]
+async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
+    use mail_oauth_exporter::config::Config;
+    use mail_oauth_exporter::emulator::{Emulator, EmulatorOptions, Proto, TlsKind};
+    use mail_oauth_exporter::service::Service;
+
+    let ep = Arc::new(TokenEndpoint::start().await.unwrap());
+    public_client(&ep, "pub");
+    // Renewed at half-life: every second.
+    ep.set_token_lifetime(Duration::from_secs(2));
+    let user = "gus@contoso.com";
+    let rt0 = ep.add_user(user, "pub", &[]);
+    let emu = Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tmpdir("unwritable");
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    let state = dir.join("state");
+    RefreshTokenStore::new(&state)
+        .save("delegated", &Secret::new(rt0))
+        .await
+        .unwrap();
+    let port = emu.addr(Proto::Imap, TlsKind::Implicit).port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {state}\ntls:\n  ca_file: {d}/ca.pem\n\
+             credentials:\n  delegated:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: pub\n    grant: refresh_token\n\
+             mailboxes:\n  m:\n    address: {user}\n    credential: delegated\n    protocols: [imap]\n    interval: 5s\n    timeout: 2s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+            state = state.display(),
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    let service = Service::start(Config::load(&config).unwrap()).unwrap();
+    let rotations = || ep.request_count("pub", "refresh_token");
+    let waited = tokio::time::Instant::now();
+    while rotations() == 0 {
+        assert!(waited.elapsed() < Duration::from_secs(20), "no refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The directory goes away and a file takes its place: every write fails.
+    std::fs::rename(&state, dir.join("state.gone")).unwrap();
+    std::fs::write(&state, "not a directory").unwrap();
+    let metric = "mail_oauth_token_save_failures_total{credential=\"delegated\"}";
+    let waited = tokio::time::Instant::now();
+    loop {
+        let text = String::from_utf8(service.metrics().encode()).unwrap();
+        let row = service
+            .board()
+            .snapshot()
+            .credentials
+            .into_iter()
+            .find(|c| c.name == "delegated")
+            .unwrap();
+        if text.lines().any(|l| l.starts_with(metric))
+            && let Some(error) = row.save_error
+        {
+            assert!(error.contains("state"), "{error}");
+            for t in ep.all_refresh_tokens() {
+                assert!(!error.contains(&t) && !text.contains(&t));
+            }
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "no save failure reported:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Rotation went on from memory: the endpoint saw no rotated-out token.
+    assert!(ep.requests().iter().all(|r| r.status == 200));
+    service.shutdown().await;
+    drop(emu);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §5 through the binary: a token endpoint that accepts and never answers makes
+/// `probe` report `token_network_error` at the mailbox's `timeout` (1 s here), where it
+/// used to wait for the HTTP client's 30 s. Real sockets, real time.
+#[tokio::test]
+async fn a_hanging_token_endpoint_costs_the_probe_its_timeout_not_30_s() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    app_client(&ep, "app", "s", false);
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let dir = tmpdir("hang-probe");
+    std::fs::write(dir.join("secret"), "s\n").unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\n\
+             credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  m:\n    address: a@contoso.com\n    credential: app\n    protocols: [imap]\n    interval: 1m\n    timeout: 1s\n    imap: {{ host: 127.0.0.1, port: 1 }}\n",
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_mail-oauth-exporter"))
+        .args(["probe", "--mailbox", "m", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .output();
+    // A guard, not a measurement: the old behaviour would block here for 30 s.
+    let out = tokio::time::timeout(Duration::from_secs(25), run)
+        .await
+        .expect("probe waited for the HTTP client's timeout, not the probe's")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("token_network_error"), "{text}");
+    assert!(text.contains("probe's timeout (1.0 s)"), "{text}");
+    assert_eq!(ep.request_count("app", "client_credentials"), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 16 §5 through the service (scheduler, prober, board) in paused time: a 240 s
+/// outage of the token endpoint at a 5 s interval, then `ok` at the first run after it
+/// ends; the detail no longer says "unreachable" from then on.
+#[tokio::test(start_paused = true)]
+async fn the_service_shows_ok_within_one_interval_after_a_token_endpoint_outage() {
+    use mail_oauth_exporter::config::Config;
+    use mail_oauth_exporter::emulator::{Emulator, EmulatorOptions, Proto, TlsKind};
+    use mail_oauth_exporter::service::Service;
+
+    let ep = Arc::new(TokenEndpoint::start().await.unwrap());
+    let user = "hal@contoso.com";
+    ep.add_client(ClientSpec {
+        id: "app".into(),
+        secret: Some("s".into()),
+        grants: vec![EmuGrant::ClientCredentials],
+        mailboxes: vec![user.into()],
+        ..Default::default()
+    });
+    // Short-lived tokens: every run needs the endpoint.
+    ep.set_token_lifetime(Duration::from_secs(1));
+    let emu = Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tmpdir("service-outage");
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    std::fs::write(dir.join("secret"), "s\n").unwrap();
+    let port = emu.addr(Proto::Imap, TlsKind::Implicit).port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
+             scheduler:\n  startup_spread: 1ms\n  jitter: 0s\n\
+             credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  m:\n    address: {user}\n    credential: app\n    protocols: [imap]\n    interval: 5s\n    timeout: 2s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+            d = dir.display(),
+            auth = ep.authority(),
+        ),
+    )
+    .unwrap();
+    ep.script_always(Target::Client("app".into()), Scripted::Hang);
+    let service = Service::start(Config::load(&config).unwrap()).unwrap();
+    let row = || {
+        service
+            .board()
+            .snapshot()
+            .probes
+            .into_iter()
+            .find(|p| p.mailbox == "m")
+            .unwrap()
+    };
+    let start = tokio::time::Instant::now();
+    let outage = Duration::from_secs(240);
+    // Every second of the outage the row shows the token failure (after the first run).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while start.elapsed() < outage {
+        let r = row();
+        assert_eq!(r.reason, Some(Reason::TokenNetworkError), "{:?}", r.detail);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    ep.clear_scripts();
+    let back = tokio::time::Instant::now();
+    while row().reason != Some(Reason::Ok) {
+        assert!(
+            back.elapsed() <= Duration::from_secs(5 + 2),
+            "not ok {:?} after the endpoint returned: {:?}",
+            back.elapsed(),
+            row().detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    service.shutdown().await;
+    drop(emu);
+}
+
+/// Success replies in other providers' dialects are read, over HTTP, as the contract says:
+/// `expires_in` a number or a numeric string, else the JWT's `exp`, else one hour;
+/// `token_type` in any case; `scope` a list or missing; unknown fields ignored. The token
+/// obtained works (the endpoint knows it) and its expiry follows the rule.
+#[tokio::test]
+async fn token_replies_in_every_dialect_are_read() {
+    use mail_oauth_exporter::emulator::token_endpoint::TokenDialect as D;
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("dialects");
+    public_client(&ep, "pub");
+    // A lifetime unlike the one-hour default, so the rules can be told apart.
+    ep.set_token_lifetime(Duration::from_secs(600));
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let cases = [
+        (D::Microsoft, 600),
+        (D::NumbersAsStrings, 600),
+        (D::JwtWithoutExpiresIn, 600),
+        (D::NoExpiresIn, 3600),
+        (D::LowercaseTokenType, 600),
+        (D::ScopeList, 600),
+        (D::NoScope, 600),
+        (D::UnknownFields, 600),
+    ];
+    for (i, (dialect, lifetime)) in cases.iter().enumerate() {
+        ep.set_token_dialect(*dialect);
+        let user = format!("dialect{i}@contoso.com");
+        let rt = ep.add_user(&user, "pub", DELEGATED);
+        let c = cred(
+            &ep,
+            &format!("dialect{i}"),
+            "pub",
+            Grant::RefreshToken,
+            ClientAuth::None,
+        );
+        // The import redeems the token in the dialect too.
+        login_with(&svc, &c, &dir, &rt).await;
+        let before = std::time::SystemTime::now();
+        let t = svc
+            .access_token(&c)
+            .await
+            .unwrap_or_else(|e| panic!("{dialect:?}: {e}"));
+        let issued = ep
+            .validate(t.value.expose())
+            .expect("a token the endpoint issued");
+        assert_eq!(issued.user.as_deref(), Some(user.as_str()), "{dialect:?}");
+        let left = t
+            .expires_at
+            .expect("an expiry")
+            .duration_since(before)
+            .unwrap_or_default()
+            .as_secs();
+        assert!(
+            left + 60 >= *lifetime && left <= *lifetime + 60,
+            "{dialect:?}: {left}s left, want about {lifetime}s"
+        );
+        if *dialect == D::JwtWithoutExpiresIn {
+            assert_eq!(t.value.expose().split('.').count(), 3, "not a JWT");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A 200 without an access token is `token_error`; the detail says why and shows the body
+/// with every `*token*` value `<redacted>` (the refresh and id tokens it did carry).
+#[tokio::test]
+async fn unusable_token_reply_is_token_error_without_token_values() {
+    use mail_oauth_exporter::emulator::token_endpoint::TokenDialect;
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("unusable");
+    public_client(&ep, "pub");
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let rt = ep.add_user("erin@contoso.com", "pub", DELEGATED);
+    let c = cred(&ep, "erin", "pub", Grant::RefreshToken, ClientAuth::None);
+    login_with(&svc, &c, &dir, &rt).await;
+    ep.set_token_dialect(TokenDialect::NoAccessToken);
+    let e = svc.access_token(&c).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenError, "{e}");
+    let d = detail(&e);
+    assert!(d.contains("the reply has no access_token"), "{d}");
+    assert!(d.contains("\"refresh_token\":\"<redacted>\""), "{d}");
+    assert!(d.contains("\"id_token\":\"<redacted>\""), "{d}");
+    assert!(!d.contains("emu-id-"), "{d}");
+    for s in ep.all_refresh_tokens() {
+        assert!(!d.contains(&s), "a refresh token in {d}");
+        assert!(!e.to_string().contains(&s));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The device authorization reply in its three shapes: `verification_uri`,
+/// `verification_url` (Google), both. `login` shows the page and completes.
+#[tokio::test]
+async fn device_authorization_in_three_shapes() {
+    use mail_oauth_exporter::emulator::token_endpoint::DeviceDialect;
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("device-shapes");
+    public_client(&ep, "pub");
+    ep.set_device_interval(0);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    for (i, dialect) in [
+        DeviceDialect::VerificationUri,
+        DeviceDialect::VerificationUrl,
+        DeviceDialect::Both,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ep.set_device_dialect(dialect);
+        let user = format!("shape{i}@contoso.com");
+        // Pending once as RFC 8628 says (400), once as GitHub does (200).
+        ep.script_device(vec![
+            DevicePoll::Pending,
+            DevicePoll::PendingWith200,
+            DevicePoll::Approve(user.clone()),
+        ]);
+        let c = cred(
+            &ep,
+            &format!("shape{i}"),
+            "pub",
+            Grant::RefreshToken,
+            ClientAuth::None,
+        );
+        let mut out = Vec::new();
+        device_login(&svc, &c, &mut out)
+            .await
+            .unwrap_or_else(|e| panic!("{dialect:?}: {e}"));
+        let shown = String::from_utf8(out).unwrap();
+        assert!(
+            shown.contains(&format!("open {}/devicelogin", ep.authority())),
+            "{dialect:?}: {shown}"
+        );
+        let t = svc.access_token(&c).await.unwrap();
+        assert_eq!(
+            ep.validate(t.value.expose()).and_then(|t| t.user),
+            Some(user)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every token body recorded from the field (`src/emulator/field_replies.txt`), sent by the
+/// endpoint with its status, ends in the reason the record names.
+#[tokio::test]
+async fn field_token_bodies_over_http() {
+    use mail_oauth_exporter::emulator::field::{Kind, replies};
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("field-token");
+    app_client(&ep, "app", "app-secret", false);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let mut n = 0;
+    for (i, f) in replies().iter().enumerate() {
+        let Kind::Token { status } = f.kind else {
+            continue;
+        };
+        ep.script_once(Target::Client("app".into()), Scripted::Field(i));
+        // One credential per record: a failure puts its credential in backoff.
+        let c = cred(
+            &ep,
+            &format!("field{i}"),
+            "app",
+            Grant::ClientCredentials,
+            secret_file(&dir, "app-secret"),
+        );
+        let e = svc.access_token(&c).await.unwrap_err();
+        assert_eq!(e.http_status(), Some(status), "line {}", f.line);
+        assert_eq!(reason(&e), f.reason, "line {} ({}): {e}", f.line, f.source);
+        n += 1;
+    }
+    assert!(n >= 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `login --refresh-token-file`: the imported token is redeemed once and the rotated one
+/// stored; a refused one (`fake-refresh`) fails at once with the endpoint's reason and
+/// nothing is stored.
+#[tokio::test]
+async fn import_redeems_once_and_refuses_a_fake_token() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("import");
+    public_client(&ep, "pub");
+    let obs = Arc::new(RecordingObserver::default());
+    let svc = service(&dir, obs.clone());
+    let c = cred(&ep, "frank", "pub", Grant::RefreshToken, ClientAuth::None);
+    let f = dir.join("fake");
+    std::fs::write(&f, "fake-refresh\n").unwrap();
+    let e = match import_refresh_token(&svc, &c, &f).await {
+        Err(LoginError::Token(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reason(&e), Reason::TokenInvalidGrant);
+    assert!(svc.store().current("frank").unwrap().is_none());
+    assert!(!svc.store().path_for("frank").exists());
+    assert_eq!(obs.count("frank", GrantKind::RefreshToken), 1);
+
+    let rt = ep.add_user("frank@contoso.com", "pub", DELEGATED);
+    login_with(&svc, &c, &dir, &rt).await;
+    let stored = std::fs::read_to_string(svc.store().path_for("frank")).unwrap();
+    assert_ne!(
+        stored.trim(),
+        rt,
+        "the imported token was stored, not the rotated one"
+    );
+    assert_eq!(
+        ep.valid_refresh_tokens("frank@contoso.com"),
+        vec![stored.trim().to_string()]
+    );
+    assert_eq!(obs.count("frank", GrantKind::RefreshToken), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Other providers' oddities around the status and the media type: an OAuth error sent
+/// with HTTP 200 is classified by its `error`; a token reply labelled `text/plain` is read.
+#[tokio::test]
+async fn oauth_errors_with_200_and_json_as_text_plain() {
+    let ep = TokenEndpoint::start().await.unwrap();
+    let dir = tmpdir("raw");
+    app_client(&ep, "app", "app-secret", false);
+    let svc = service(&dir, Arc::new(RecordingObserver::default()));
+    let app = |name: &str| {
+        cred(
+            &ep,
+            name,
+            "app",
+            Grant::ClientCredentials,
+            secret_file(&dir, "app-secret"),
+        )
+    };
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "application/json".into(),
+            body: r#"{"error":"invalid_client","error_description":"The client secret is wrong."}"#
+                .into(),
+        },
+    );
+    let e = svc.access_token(&app("err200")).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenInvalidClient, "{e}");
+    assert_eq!(e.http_status(), Some(200));
+
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "text/plain; charset=utf-8".into(),
+            body: r#"{"access_token":"at-raw-1","token_type":"Bearer","expires_in":"3599"}"#.into(),
+        },
+    );
+    let t = svc.access_token(&app("textplain")).await.unwrap();
+    assert_eq!(t.value.expose(), "at-raw-1");
+
+    // HTML with 200 is still unusable, and says so.
+    ep.script_once(
+        Target::Client("app".into()),
+        Scripted::Raw {
+            status: 200,
+            content_type: "text/html".into(),
+            body: "<html><body>Sign in</body></html>".into(),
+        },
+    );
+    let e = svc.access_token(&app("html")).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenError, "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
