@@ -1,7 +1,9 @@
 //! Benchmarks, printed as a table (run by `benches/run`): CPU per TLS XOAUTH2 login and
 //! logins per second, blackbox_exporter probing the same server, the service's memory,
-//! CPU and scrape at 10 / 1,000 / 10,000 mailboxes × 3 protocols, and the accuracy of the
-//! measured auth phase against a server that delays its reply by a known amount.
+//! CPU and scrape at 10 / 1,000 / 10,000 mailboxes × 3 protocols, `/healthz` and
+//! `/metrics` latency while the listener is attacked (pipelining non-readers, slowloris),
+//! and the accuracy of the measured auth phase against a server that delays its reply by
+//! a known amount.
 //!
 //! Everything runs on loopback against the emulated provider. CPU times come from
 //! `/proc` (per thread for our client, per process for the others), so they do not count
@@ -388,6 +390,221 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
     let _ = child.wait();
 }
 
+/// Pipelined `GET /api/v1/status`, written over and over, never a byte read.
+async fn pipeline_never_read(mut s: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let burst = "GET /api/v1/status HTTP/1.1\r\nHost: exporter\r\n\r\n".repeat(20);
+    while s.write_all(burst.as_bytes()).await.is_ok() {}
+}
+
+/// Slowloris: request headers at one byte per second, never finished.
+async fn slowloris(mut s: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let headers = b"GET /api/v1/status HTTP/1.1\r\nHost: exporter\r\nX-Padding: ";
+    for b in headers.iter().chain(std::iter::repeat(&b'a')) {
+        if s.write_all(&[*b]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `run` (300 mailboxes × 3, so `/api/v1/status` is ~0.5 MiB) under each attack of issue
+/// 16: 260 connections pipelining `GET /api/v1/status` that never read, and 1,000
+/// slowloris connections (1 byte/s); every client reconnects at once when closed. While
+/// the attack holds every connection slot, `/healthz` and `/metrics` are fetched on fresh
+/// connections for 15 s; a request that fails counts as 10 s.
+fn listener_attacks(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) {
+    let d = dir.join("listener");
+    std::fs::create_dir_all(&d).unwrap();
+    emu.write_ca_pem(&d.join("ca.pem")).unwrap();
+    std::fs::write(d.join("token"), TOKEN).unwrap();
+    let (imap, _) = endpoint(emu, Protocol::Imap);
+    let (pop3, _) = endpoint(emu, Protocol::Pop3);
+    let (smtp, _) = endpoint(emu, Protocol::Smtp);
+    let mut config = format!(
+        "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\ndefaults:\n  interval: 1m\n  timeout: 10s\n\
+         scheduler:\n  startup_spread: 10s\n\
+         credentials:\n  file:\n    grant: token_file\n    token_file: {d}/token\nmailboxes:\n",
+        d = d.display()
+    );
+    for i in 0..300 {
+        let _ = write!(
+            config,
+            "  mb{i}:\n    address: {USER}\n    credential: file\n    protocols: [imap, pop3, smtp]\n\
+             \x20   imap: {{ host: 127.0.0.1, port: {}, tls: implicit }}\n\
+             \x20   pop3: {{ host: 127.0.0.1, port: {}, tls: implicit }}\n\
+             \x20   smtp: {{ host: 127.0.0.1, port: {}, tls: starttls }}\n",
+            imap.port(),
+            pop3.port(),
+            smtp.port()
+        );
+    }
+    let path = d.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    type Attacker = fn(tokio::net::TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+    let attacks: [(&str, usize, Attacker); 2] = [
+        ("260 pipelining connections that never read", 260, |s| {
+            Box::pin(pipeline_never_read(s))
+        }),
+        ("1,000 slowloris connections (1 byte/s)", 1000, |s| {
+            Box::pin(slowloris(s))
+        }),
+    ];
+    for (name, n, one) in attacks {
+        let mut child = Command::new(bin)
+            .args(["run", "--listen", &addr.to_string(), "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let get = |path: &'static str| {
+            let (client, url) = (client.clone(), format!("http://{addr}{path}"));
+            async move {
+                let started = Instant::now();
+                let ok = match client.get(&url).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    started.elapsed()
+                } else {
+                    Duration::from_secs(10)
+                }
+            }
+        };
+        let (health, metrics, failed, cpu, before) = rt.block_on(async {
+            let up = async {
+                while client
+                    .get(format!("http://{addr}/readyz"))
+                    .send()
+                    .await
+                    .map_or(true, |r| r.status() != 200)
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            assert!(
+                tokio::time::timeout(Duration::from_secs(60), up)
+                    .await
+                    .is_ok(),
+                "run is not ready"
+            );
+            let before = status_kib(pid, "VmRSS:");
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut attackers = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let mut stopped = stopped.clone();
+                attackers.spawn(async move {
+                    let attack = async {
+                        loop {
+                            match tokio::net::TcpStream::connect(addr).await {
+                                Ok(s) => one(s).await,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        () = attack => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
+                });
+            }
+            let full = Instant::now();
+            while sockets(pid) < mail_oauth_exporter::http::MAX_CONNECTIONS
+                && full.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (mut health, mut metrics, mut failed) = (Vec::new(), Vec::new(), 0);
+            let cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
+            let window = Instant::now();
+            while window.elapsed() < Duration::from_secs(15) {
+                for (path, into) in [("/healthz", &mut health), ("/metrics", &mut metrics)] {
+                    let t = get(path).await;
+                    failed += usize::from(t >= Duration::from_secs(10));
+                    into.push(t);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let cpu =
+                (cpu_seconds(&format!("/proc/{pid}/stat")) - cpu0) / window.elapsed().as_secs_f64();
+            let _ = stop.send(true);
+            while attackers.join_next().await.is_some() {}
+            (health, metrics, failed, cpu, before)
+        });
+        let rss = status_kib(pid, "VmRSS:");
+        let hwm = status_kib(pid, "VmHWM:");
+        for (what, mut t) in [("/healthz", health), ("/metrics", metrics)] {
+            t.sort();
+            table.row(
+                format!(
+                    "listener under {name}: {what} p50 / p99 ({} requests)",
+                    t.len()
+                ),
+                format!(
+                    "{:.1} / {:.1} ms",
+                    percentile(&t, 0.5).as_secs_f64() * 1000.0,
+                    percentile(&t, 0.99).as_secs_f64() * 1000.0
+                ),
+                "≤ 1 s",
+            );
+        }
+        table.row(
+            format!(
+                "listener under {name}: RSS before → during (peak), CPU of run, failed requests"
+            ),
+            format!(
+                "{} → {} ({}), {:.0} % of a core, {failed}",
+                mib(before),
+                mib(rss),
+                mib(hwm),
+                cpu * 100.0
+            ),
+            "bounded",
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// The auth phase against a server that delays its replies after auth by `delay`.
 fn accuracy(tls: &TlsClient, table: &mut Table) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -453,7 +670,12 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![10, 1000, 10_000]);
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/mail-oauth-exporter");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let bin = target.join("release/mail-oauth-exporter");
+    // `BENCH_ONLY=listener benches/run`: only the listener under attack.
+    let all = std::env::var("BENCH_ONLY").map_or(true, |v| v != "listener");
     assert!(
         bin.exists(),
         "build the release binary first (benches/run does)"
@@ -475,22 +697,28 @@ fn main() {
     });
     let tls = TlsClient::with_ca_pem(emu.ca_pem().as_bytes()).unwrap();
 
-    eprintln!("client CPU per login");
-    cpu_per_login(&emu, &tls, &mut table);
-    let ours_imap = table
-        .rows
-        .first()
-        .and_then(|r| r.1.strip_suffix(" ms")?.parse::<f64>().ok());
-    eprintln!("saturation");
-    saturation(&emu, &tls, &mut table);
-    eprintln!("blackbox_exporter");
-    blackbox(&emu, dir.path(), ours_imap, &mut table);
-    for n in sizes {
-        eprintln!("service at {n} mailboxes");
-        service_at(n, &emu, &bin, dir.path(), &mut table);
+    if all {
+        eprintln!("client CPU per login");
+        cpu_per_login(&emu, &tls, &mut table);
+        let ours_imap = table
+            .rows
+            .first()
+            .and_then(|r| r.1.strip_suffix(" ms")?.parse::<f64>().ok());
+        eprintln!("saturation");
+        saturation(&emu, &tls, &mut table);
+        eprintln!("blackbox_exporter");
+        blackbox(&emu, dir.path(), ours_imap, &mut table);
+        for n in sizes {
+            eprintln!("service at {n} mailboxes");
+            service_at(n, &emu, &bin, dir.path(), &mut table);
+        }
     }
-    eprintln!("phase accuracy");
-    accuracy(&tls, &mut table);
+    eprintln!("listener under attack");
+    listener_attacks(&emu, &bin, dir.path(), &mut table);
+    if all {
+        eprintln!("phase accuracy");
+        accuracy(&tls, &mut table);
+    }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()

@@ -2,6 +2,7 @@
 //! JSON, the last transcripts, and `POST /-/reload`.
 
 mod auth;
+mod listener;
 pub mod page;
 mod tls;
 pub mod web_config;
@@ -11,95 +12,18 @@ pub use web_config::WebConfig;
 use crate::Protocol;
 use crate::service::Service;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
-/// More connections than this wait: a scraper storm or a slowloris cannot exhaust memory.
-const MAX_CONNECTIONS: usize = 256;
-/// A client must send its request headers within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// At shutdown, open connections get this long to finish their request.
-const DRAIN: Duration = Duration::from_secs(5);
+pub use listener::{
+    HEADER_TIMEOUT, MAX_BUF, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION, WRITE_TIMEOUT,
+    serve_with,
+};
 
 type Body = Full<Bytes>;
-
-/// Serves until `shutdown` completes, then lets open requests finish briefly. With TLS in
-/// `web`, every connection must complete a TLS handshake first (a plain HTTP request is
-/// dropped at the handshake); with basic auth, requests are checked before routing.
-pub async fn serve_with(
-    listener: TcpListener,
-    service: Arc<Service>,
-    web: Arc<WebConfig>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let service = service.clone();
-        let web = web.clone();
-        let stop = stop_rx.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let Some(acceptor) = web.tls.clone() else {
-                let conn = Conn {
-                    peer,
-                    client_cert: false,
-                };
-                return serve_connection(stream, conn, service, web, stop).await;
-            };
-            // The handshake gets the same time as a request's headers: a client that
-            // connects and says nothing cannot hold a connection slot.
-            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let conn = Conn {
-                        peer,
-                        client_cert: tls.get_ref().1.peer_certificates().is_some(),
-                    };
-                    serve_connection(tls, conn, service, web, stop).await
-                }
-                // A plain HTTP request to the TLS port ends here, without a byte of content.
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-        while conns.try_join_next().is_some() {}
-    }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(DRAIN + Duration::from_secs(1), async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-}
 
 /// What the server knows about a connection beyond its requests.
 #[derive(Debug, Clone, Copy)]
@@ -107,34 +31,6 @@ struct Conn {
     peer: SocketAddr,
     /// The client presented a certificate the configured client CA verified.
     client_cert: bool,
-}
-
-async fn serve_connection<S>(
-    stream: S,
-    conn: Conn,
-    service: Arc<Service>,
-    web: Arc<WebConfig>,
-    mut stop: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| {
-        let service = service.clone();
-        let web = web.clone();
-        async move { Ok::<_, Infallible>(handle(&service, &web, req, conn).await) }
-    });
-    let http = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(http);
-    tokio::select! {
-        _ = http.as_mut() => {}
-        _ = async { drop(stop.wait_for(|s| *s).await) } => {
-            http.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, http).await;
-        }
-    }
 }
 
 /// Paths served without basic auth even when it is on: kubelet probes cannot easily send
@@ -186,6 +82,20 @@ async fn gate(web: &WebConfig, req: &Request<Incoming>, conn: Conn) -> Result<()
     };
     if path == "/-/reload"
         && req.method() == Method::POST
+        && cross_site(req.headers(), web.is_tls())
+    {
+        // A browser page elsewhere posting to the exporter (CSRF): the browser sends the
+        // page's Origin, and a loopback peer or remembered basic auth must not vouch for it.
+        tracing::warn!(peer = %conn.peer, "reload over HTTP refused: cross-site request");
+        return Err(text(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            "reload over HTTP refused: the request comes from a page of another site (Origin); \
+             use curl, kubectl or SIGHUP\n",
+        ));
+    }
+    if path == "/-/reload"
+        && req.method() == Method::POST
         && !may_reload(web.auth.is_some(), authenticated, conn)
     {
         tracing::warn!(peer = %conn.peer, "reload over HTTP refused: client not authenticated and not on loopback");
@@ -208,6 +118,54 @@ fn may_reload(basic_auth: bool, authenticated: bool, conn: Conn) -> bool {
         return authenticated;
     }
     conn.client_cert || is_loopback(conn.peer.ip())
+}
+
+/// A request a browser sent on behalf of a page of another site: its `Origin` is not this
+/// exporter's own (`http(s)://` + the `Host` it was sent to; `null` is never ours), or,
+/// without `Origin`, `Sec-Fetch-Site` says it is not same-origin. Clients that are not
+/// browsers (curl, kubectl, Prometheus) send neither header. RFC 6454 section 7,
+/// Fetch Metadata (W3C).
+fn cross_site(headers: &HeaderMap, tls: bool) -> bool {
+    let value = |name| {
+        headers
+            .get(name)
+            .map(|v: &header::HeaderValue| v.to_str().ok())
+    };
+    match value(header::ORIGIN) {
+        Some(origin) => {
+            let host = value(header::HOST).flatten();
+            match (origin, host) {
+                (Some(origin), Some(host)) => {
+                    origin_of(origin)
+                        != origin_of(&format!("{}://{host}", if tls { "https" } else { "http" }))
+                }
+                _ => true,
+            }
+        }
+        None => match value(header::HeaderName::from_static("sec-fetch-site")) {
+            None => false,
+            Some(site) => !matches!(site, Some("same-origin" | "none")),
+        },
+    }
+}
+
+/// An origin in a comparable form: lower case, the scheme's default port dropped.
+/// `None` for what is not `http(s)://host[:port]` (`null`, a path, userinfo).
+fn origin_of(s: &str) -> Option<String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (scheme, rest) = s.split_once("://")?;
+    let default = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    if rest.is_empty() || rest.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    Some(format!(
+        "{scheme}://{}",
+        rest.strip_suffix(default).unwrap_or(rest)
+    ))
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -285,15 +243,20 @@ async fn route(
                 )
             }
         }
-        "/" if get => text(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            page::render(&board.snapshot()),
-        ),
-        "/api/v1/status" if get => match serde_json::to_vec_pretty(&board.snapshot()) {
-            Ok(body) => text(StatusCode::OK, "application/json", body),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
-        },
+        "/" if get => {
+            let board = board.clone();
+            off_the_runtime("text/html; charset=utf-8", move || {
+                Ok(page::render(&board.snapshot()).into_bytes())
+            })
+            .await
+        }
+        "/api/v1/status" if get => {
+            let board = board.clone();
+            off_the_runtime("application/json", move || {
+                serde_json::to_vec_pretty(&board.snapshot()).map_err(|e| e.to_string())
+            })
+            .await
+        }
         "/transcript" if get => transcript(service, &req),
         "/-/reload" if method == Method::POST => {
             tracing::info!(%peer, "reload requested over HTTP");
@@ -323,6 +286,60 @@ async fn route(
             r
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}
+
+/// Renders a status page (HTML or JSON, one row per mailbox × protocol: large for a large
+/// fleet) on a blocking thread, one at a time and then a pause as long as the render, so
+/// that a client asking for it over and over on hundreds of connections costs at most half
+/// a core and never takes the runtime's
+/// worker threads from the probes, `/healthz`, `/readyz` and `/metrics`. At most
+/// [`PAGES_IN_FLIGHT`] rendered pages exist at once: each holds its turn until the client
+/// has received it (or the connection is gone), so clients that never read cannot make
+/// the process hold a page per connection.
+async fn off_the_runtime(
+    content_type: &'static str,
+    render: impl FnOnce() -> Result<Vec<u8>, String> + Send + 'static,
+) -> Response<Body> {
+    static IN_FLIGHT: Semaphore = Semaphore::const_new(PAGES_IN_FLIGHT);
+    static RENDERING: Semaphore = Semaphore::const_new(1);
+    let (Ok(in_flight), Ok(rendering)) = (IN_FLIGHT.acquire().await, RENDERING.acquire().await)
+    else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "shutting down\n");
+    };
+    let started = tokio::time::Instant::now();
+    let rendered = tokio::task::spawn_blocking(render).await;
+    // The next render waits as long again: pages asked for without pause cost at most
+    // half a core.
+    let spent = started.elapsed();
+    tokio::spawn(async move {
+        tokio::time::sleep(spent).await;
+        drop(rendering);
+    });
+    match rendered {
+        Ok(Ok(page)) => text(
+            StatusCode::OK,
+            content_type,
+            Bytes::from_owner(Sending(page, in_flight)),
+        ),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+    }
+}
+
+/// Rendered status pages that may exist at once (being sent, or waiting for a client that
+/// reads slowly); more requests wait their turn.
+const PAGES_IN_FLIGHT: usize = 4;
+
+/// A rendered page and its turn, released when hyper drops the body.
+struct Sending(
+    Vec<u8>,
+    #[allow(dead_code)] tokio::sync::SemaphorePermit<'static>,
+);
+
+impl AsRef<[u8]> for Sending {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -413,6 +430,115 @@ mod tests {
         assert!(!may_reload(true, false, conn("127.0.0.1:5000", false)));
         assert!(!may_reload(true, false, conn("10.1.2.3:5000", true)));
         assert!(may_reload(true, true, conn("10.1.2.3:5000", false)));
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_reload_from_another_sites_page_is_cross_site() {
+        for (pairs, tls) in [
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "http://evil.example"),
+                ],
+                false,
+            ),
+            (vec![("host", "127.0.0.1:9925"), ("origin", "null")], false),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "http://127.0.0.1:9926"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "https://127.0.0.1:9925"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "http://127.0.0.1:9925"),
+                ],
+                true,
+            ),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "http://127.0.0.1:9925.evil.example"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "exporter"),
+                    ("origin", "http://exporter@evil.example"),
+                ],
+                false,
+            ),
+            (vec![("origin", "http://127.0.0.1:9925")], false),
+            (
+                vec![("host", "127.0.0.1:9925"), ("sec-fetch-site", "cross-site")],
+                false,
+            ),
+            (
+                vec![("host", "127.0.0.1:9925"), ("sec-fetch-site", "same-site")],
+                false,
+            ),
+        ] {
+            assert!(cross_site(&headers(&pairs), tls), "{pairs:?} tls={tls}");
+        }
+        for (pairs, tls) in [
+            (vec![("host", "127.0.0.1:9925")], false),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("origin", "http://127.0.0.1:9925"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "Exporter.Example:80"),
+                    ("origin", "http://exporter.example"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "exporter.example"),
+                    ("origin", "https://exporter.example:443"),
+                ],
+                true,
+            ),
+            (
+                vec![("host", "[::1]:9925"), ("origin", "http://[::1]:9925")],
+                false,
+            ),
+            (
+                vec![
+                    ("host", "127.0.0.1:9925"),
+                    ("sec-fetch-site", "same-origin"),
+                ],
+                false,
+            ),
+            (
+                vec![("host", "127.0.0.1:9925"), ("sec-fetch-site", "none")],
+                false,
+            ),
+        ] {
+            assert!(!cross_site(&headers(&pairs), tls), "{pairs:?} tls={tls}");
+        }
     }
 
     #[test]

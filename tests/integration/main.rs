@@ -13,6 +13,7 @@ mod dovecot;
 mod emulator;
 mod hostile;
 mod image;
+mod listener;
 mod oauth;
 mod probe;
 mod prometheus;
