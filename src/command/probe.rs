@@ -48,7 +48,8 @@ pub async fn run(
         )?;
         // The token request counts against the mailbox's `timeout`, as in `run`.
         let budget = crate::token::TokenBudget::new(mb.timeout, mb.interval);
-        match tokens.access_token_within(credential, budget).await {
+        let subject = Some(mb.address.as_str());
+        match tokens.access_token_as(credential, subject, budget).await {
             Err(e) => {
                 // No token, no login: the probe reports the token's reason.
                 all_ok = false;

@@ -51,6 +51,7 @@ pub mod grant;
 pub mod http;
 pub mod observer;
 pub mod service;
+pub mod service_account;
 pub mod store;
 pub mod token_file;
 

@@ -209,6 +209,8 @@ async fn check_passes_on_every_example_in_config() {
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let mut files: Vec<std::path::PathBuf> = config.ca_file.iter().cloned().collect();
         let mut env = Vec::new();
+        // Files whose content `check` parses, beside those it only reads.
+        let mut contents: Vec<(std::path::PathBuf, String)> = Vec::new();
         for c in config.credentials.values() {
             match &c.client_auth {
                 ClientAuth::Secret(SecretSource::File(p)) => files.push(p.clone()),
@@ -217,10 +219,33 @@ async fn check_passes_on_every_example_in_config() {
                     certificate_file,
                     private_key_file,
                 } => files.extend([certificate_file.clone(), private_key_file.clone()]),
+                ClientAuth::AssertionFile(p) => {
+                    files.push(p.clone());
+                    contents.push((
+                        p.clone(),
+                        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n".into(),
+                    ));
+                }
                 ClientAuth::None => {}
             }
             if let Grant::TokenFile { path } = &c.grant {
                 files.push(path.clone());
+            }
+            // `check` parses a service account key: give it one in Google's shape.
+            if let Grant::ServiceAccount { key_file } = &c.grant {
+                files.push(key_file.clone());
+                let key = std::fs::read_to_string(
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/client-key.pem"),
+                )
+                .unwrap();
+                let json = serde_json::json!({
+                    "type": "service_account",
+                    "client_email": "monitor@example.iam.gserviceaccount.com",
+                    "private_key_id": "example",
+                    "private_key": key,
+                    "token_uri": "https://oauth2.googleapis.com/token",
+                });
+                contents.push((key_file.clone(), json.to_string()));
             }
         }
         let dir = tempfile::tempdir().unwrap();
@@ -235,7 +260,11 @@ async fn check_passes_on_every_example_in_config() {
         for (i, f) in files.iter().enumerate() {
             let here = dir.path().join(f.strip_prefix("/").unwrap_or(f));
             std::fs::create_dir_all(here.parent().unwrap()).unwrap();
-            std::fs::write(&here, "example-value\n").unwrap();
+            let content = contents
+                .iter()
+                .find(|(p, _)| p == f)
+                .map_or("example-value\n", |(_, c)| c.as_str());
+            std::fs::write(&here, content).unwrap();
             text = text.replace(&format!("@@FILE{i}@@"), here.to_str().unwrap());
         }
         let rewritten = dir.path().join(path.file_name().unwrap());
