@@ -173,6 +173,12 @@ impl ServiceAccountKey {
         &self.private_key_id
     }
 
+    /// The key's public half, PKCS#1 `RSAPublicKey` DER: what Google keeps of a key (the
+    /// demo registers it with the emulated endpoint).
+    pub fn public_key(&self) -> &[u8] {
+        self.key.public().as_ref()
+    }
+
     /// The token endpoint the grant goes to (and the assertion's audience).
     pub fn token_uri(&self) -> &str {
         &self.token_uri

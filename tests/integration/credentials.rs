@@ -199,6 +199,26 @@ async fn service_account_one_token_per_mailbox_bound_to_it() {
         r.transcript
     );
 
+    // The metrics label the requests `grant="jwt_bearer"`, per credential.
+    let metrics = Arc::new(mail_oauth_exporter::metrics::Metrics::new());
+    let mut o = TokenServiceOptions::new(dir.path().join("state2"));
+    o.observer = metrics.clone();
+    let counted = TokenService::new(o).unwrap();
+    counted
+        .access_token_as(&c, Some(ALICE), budget())
+        .await
+        .unwrap();
+    let text = String::from_utf8(metrics.encode()).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("mail_oauth_token_requests_total")
+                && l.contains(r#"credential="workspace""#)
+                && l.contains(r#"grant="jwt_bearer""#)
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(!text.contains(alice.value.expose()));
+
     // Nothing secret in Debug output.
     let shown = format!("{alice:?} {c:?} {:?}", obs.seen());
     assert!(!shown.contains(alice.value.expose()), "{shown}");
@@ -452,4 +472,44 @@ async fn check_and_probe_through_the_binary() {
     {
         assert!(!all.contains(&secret), "a secret in the output: {all}");
     }
+}
+
+/// The Azure Workload Identity sidecar: the webhook's label and annotation, the config's
+/// assertion file at the path the webhook projects, and no secret anywhere.
+#[test]
+fn workload_identity_sidecar_has_no_secret() {
+    use serde::Deserialize;
+    use serde_yaml::Value;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/kubernetes/sidecar-workload-identity.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap();
+    let sa = of("ServiceAccount");
+    let client_id = &sa["metadata"]["annotations"]["azure.workload.identity/client-id"];
+    assert!(client_id.is_string(), "{sa:?}");
+    let pod = &of("Deployment")["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"]["azure.workload.identity/use"],
+        Value::from("true")
+    );
+    assert_eq!(pod["spec"]["serviceAccountName"], sa["metadata"]["name"]);
+    assert!(!text.contains("kind: Secret") && !text.contains("secretName"));
+    assert!(
+        pod["spec"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|v| v.get("secret").is_none())
+    );
+    let config_text = of("ConfigMap")["data"]["config.yaml"].as_str().unwrap();
+    let config = mail_oauth_exporter::config::Config::parse(&path, config_text).unwrap();
+    let cred = config.credentials.values().next().unwrap();
+    assert_eq!(
+        cred.client_auth,
+        ClientAuth::AssertionFile("/var/run/secrets/azure/tokens/azure-identity-token".into())
+    );
+    assert_eq!(&cred.client_id, client_id.as_str().unwrap());
 }
