@@ -360,6 +360,19 @@ async fn client_assertion_file_is_reread_for_every_request() {
         Some(second.as_str())
     );
 
+    // The same file on a `generic` credential: RFC 7523 client authentication anywhere.
+    let generic = Credential {
+        provider: Provider::Generic {
+            token_url: ep.token_url(TENANT),
+            device_authorization_url: None,
+        },
+        ..cred("wi-generic")
+    };
+    svc.access_token(&generic).await.unwrap();
+    let sent = ep.requests().last().unwrap().clone();
+    assert_eq!(sent.client_assertion.as_deref(), Some(second.as_str()));
+    assert_eq!(sent.status, 200);
+
     // No federated credential for this subject: AADSTS70021.
     std::fs::write(
         &file,
