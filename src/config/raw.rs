@@ -55,8 +55,8 @@ pub enum ProviderKind {
 pub(super) enum RawGrant {
     ClientCredentials,
     RefreshToken,
-    TokenFile,
     ServiceAccount,
+    TokenFile,
 }
 
 impl RawGrant {
