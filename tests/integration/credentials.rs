@@ -259,6 +259,17 @@ async fn service_account_failures_map_to_googles_reasons() {
     let e = ask(ALICE).await.unwrap_err();
     assert_eq!(reason(&e), Reason::TokenInvalidClient, "{e}");
 
+    // Throttled by Google: 429 is token_throttled whatever the body.
+    ep.script_once(
+        mail_oauth_exporter::emulator::token_endpoint::Target::Client(SA.into()),
+        mail_oauth_exporter::emulator::token_endpoint::Scripted::Throttle {
+            retry_after: Some(1),
+        },
+    );
+    let e = ask(ALICE).await.unwrap_err();
+    assert_eq!(reason(&e), Reason::TokenThrottled, "{e}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
+
     // Back to a good setup: a token again.
     ep.add_service_account(account(&[MAIL_SCOPE], "client-key.pem"));
     ask(ALICE).await.unwrap();
