@@ -32,6 +32,11 @@ pub enum FileKind {
     /// A PEM file: certificate, chain, private key or CA bundle: 1 MiB (a system's whole CA
     /// bundle is about 200 KiB).
     Pem,
+    /// A Google service account key (JSON): 64 KiB (Google's are about 2.3 KiB).
+    ServiceAccountKey,
+    /// A client assertion file (workload identity federation): 64 KiB (a Kubernetes
+    /// projected service account token is 1–2 KiB).
+    ClientAssertion,
 }
 
 const KIB: u64 = 1024;
@@ -43,7 +48,10 @@ impl FileKind {
         match self {
             FileKind::Config => 16 * MIB,
             FileKind::WebConfig => MIB,
-            FileKind::Secret | FileKind::Token => 64 * KIB,
+            FileKind::Secret
+            | FileKind::Token
+            | FileKind::ServiceAccountKey
+            | FileKind::ClientAssertion => 64 * KIB,
             FileKind::Pem => MIB,
         }
     }
@@ -56,6 +64,8 @@ impl FileKind {
             FileKind::Secret => "secret file",
             FileKind::Token => "token file",
             FileKind::Pem => "PEM file",
+            FileKind::ServiceAccountKey => "service account key file",
+            FileKind::ClientAssertion => "client assertion file",
         }
     }
 }

@@ -22,10 +22,11 @@ const FROM_PROBES: &str = "Results come from scheduled probes, not from the scra
 const PROBE_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 const TOKEN_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
-const GRANTS: [GrantKind; 3] = [
+const GRANTS: [GrantKind; 4] = [
     GrantKind::RefreshToken,
     GrantKind::ClientCredentials,
     GrantKind::DeviceCode,
+    GrantKind::JwtBearer,
 ];
 const EXPIRY_KINDS: [CredentialExpiryKind; 2] = [
     CredentialExpiryKind::ClientSecret,

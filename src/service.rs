@@ -78,7 +78,9 @@ impl Execute<Payload> for Prober {
             // One deadline for the run, token request included: a token endpoint that
             // never answers costs this probe its `timeout`, not the HTTP client's.
             let budget = TokenBudget::new(p.mailbox.timeout, p.mailbox.interval);
-            let result = match engine.tokens.access_token_within(cred, budget).await {
+            // The mailbox is the subject of per-mailbox grants (service accounts).
+            let subject = Some(p.mailbox.address.as_str());
+            let result = match engine.tokens.access_token_as(cred, subject, budget).await {
                 Err(e) => {
                     let c = classify::token_failure(&e);
                     ProbeResult {
@@ -101,7 +103,7 @@ impl Execute<Payload> for Prober {
                     let c = classify::probe_outcome(&report.outcome);
                     if c.reason == Reason::AuthTokenExpired {
                         // The server knows better than our clock: fetch a new one next time.
-                        engine.tokens.invalidate(cred).await;
+                        engine.tokens.invalidate_as(cred, subject).await;
                     }
                     ProbeResult {
                         reason: c.reason,

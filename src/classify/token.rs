@@ -3,7 +3,9 @@
 //! Rules (docs/reasons.md): HTTP 429 is `token_throttled` whatever the body; a known AADSTS code
 //! (from `error_codes`, else the description's `AADSTSnnnn:` prefix) decides before `error`;
 //! an unknown code falls back on `error`; a reply that is not OAuth JSON is classified by its
-//! HTTP status. Description text is never matched.
+//! HTTP status. Description text is never matched, with one exception: Google's JWT bearer
+//! grant says a service account key was deleted or is wrong only as `invalid_grant` with
+//! the fixed description `Invalid JWT Signature.`, which is `token_invalid_client`.
 
 use crate::reason::Reason;
 use crate::token::error::{EXCERPT_MAX, TokenError, bounded};
@@ -14,7 +16,9 @@ pub fn aadsts_reason(code: u64) -> Option<Reason> {
         70008 | 700082 | 50173 | 700084 => Reason::TokenInvalidGrant,
         65001 | 65004 => Reason::TokenConsentRequired,
         50076 | 50079 | 50158 | 53003 | 70043 => Reason::TokenInteractionRequired,
-        7000215 | 700027 => Reason::TokenInvalidClient,
+        // 70021: no federated identity credential matches the assertion (workload identity);
+        // 700024: the assertion is outside its validity (a stale projected token file).
+        7000215 | 700027 | 70021 | 700024 => Reason::TokenInvalidClient,
         7000222 => Reason::TokenClientSecretExpired,
         // 900023: the tenant in the URL is neither a GUID nor a domain; 90002: no such tenant.
         700016 | 90002 | 900023 => Reason::TokenUnauthorizedClient,
@@ -57,6 +61,17 @@ fn google_subtype_reason(body: &crate::token::OAuthErrorBody) -> Option<Reason> 
     (body.error == "invalid_grant" && rapt).then_some(Reason::TokenInteractionRequired)
 }
 
+/// Google's service account grant: `invalid_grant` with `Invalid JWT Signature.` means the
+/// key that signed the assertion is not (or no longer) the service account's: a deleted or
+/// wrong key, the client's own credential, not a user's grant.
+fn google_jwt_signature_reason(body: &crate::token::OAuthErrorBody) -> Option<Reason> {
+    let signature = body
+        .error_description
+        .as_deref()
+        .is_some_and(|d| d.trim_start().starts_with("Invalid JWT Signature"));
+    (body.error == "invalid_grant" && signature).then_some(Reason::TokenInvalidClient)
+}
+
 fn status_reason(status: u16) -> Reason {
     match status {
         429 => Reason::TokenThrottled,
@@ -75,6 +90,7 @@ pub fn reason(e: &TokenError) -> Reason {
             .aadsts_code()
             .and_then(aadsts_reason)
             .or_else(|| google_subtype_reason(body))
+            .or_else(|| google_jwt_signature_reason(body))
             .unwrap_or_else(|| error_reason(&body.error)),
         TokenError::Config { .. } | TokenError::TokenFile { .. } | TokenError::Store { .. } => {
             Reason::TokenError
@@ -387,6 +403,40 @@ mod tests {
         assert_eq!(
             d,
             "HTTP 400; AADSTS70008; invalid_grant; AADSTS70008: something.; trace_id=trace-1; correlation_id=corr-1"
+        );
+    }
+
+    /// Service accounts (Google's JWT bearer grant) and workload identity federation.
+    #[test]
+    fn credentials_without_a_human() {
+        assert_eq!(
+            reason(&google(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested."
+            )),
+            Reason::TokenUnauthorizedClient
+        );
+        assert_eq!(
+            reason(&google(400, "invalid_grant", "Invalid email or User ID")),
+            Reason::TokenInvalidGrant
+        );
+        assert_eq!(
+            reason(&google(400, "invalid_grant", "Invalid JWT Signature.")),
+            Reason::TokenInvalidClient
+        );
+        // Only with invalid_grant: the same words under another error do not move it.
+        assert_eq!(
+            reason(&google(400, "invalid_request", "Invalid JWT Signature.")),
+            Reason::TokenError
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_client", 70021)),
+            Reason::TokenInvalidClient
+        );
+        assert_eq!(
+            reason(&ms(400, "invalid_client", 700024)),
+            Reason::TokenInvalidClient
         );
     }
 }

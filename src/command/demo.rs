@@ -1,12 +1,15 @@
 //! `demo`: the embedded default. Starts an emulated Exchange Online (token endpoint and
 //! IMAP, POP3, SMTP servers on loopback), writes a real config for it with healthy and
 //! broken mailboxes, and runs the service against it: the status page and metrics show
-//! every kind of failure within seconds.
+//! every kind of failure within seconds. A Google Workspace service account (its token
+//! endpoint emulated beside Microsoft's) probes two Workspace mailboxes.
 
 use super::CommandError;
 use crate::Protocol;
 use crate::config::Config;
-use crate::emulator::token_endpoint::{ClientSpec, EmuGrant, Scripted, Target, TokenEndpoint};
+use crate::emulator::token_endpoint::{
+    ClientSpec, EmuGrant, Scripted, ServiceAccountSpec, Target, TokenEndpoint,
+};
 use crate::emulator::{Behaviour, Emulator, EmulatorOptions, Proto, TlsKind};
 use crate::reason::Reason;
 use crate::secret::Secret;
@@ -31,6 +34,14 @@ const NO_CONSENT_APP: &str = "new-vendor-app";
 const APP_SECRET: &str = "demo-secret-Qm4~contoso-monitor";
 const EXPIRED_SECRET: &str = "demo-secret-Lx2~legacy-scanner";
 const NO_CONSENT_SECRET: &str = "demo-secret-Vn7~new-vendor";
+
+/// The demo's Google Workspace service account and its key: a demo key made for this
+/// purpose, in the binary so that `demo` needs no file; never used anywhere else.
+const WORKSPACE_SA: &str = "mail-monitor@fabrikam-demo.iam.gserviceaccount.com";
+const WORKSPACE_KEY_ID: &str = "d3m0k3y0000000000000000000000000000000001";
+const WORKSPACE_KEY_PEM: &str = include_str!("../emulator/demo-service-account-key.pem");
+/// Users of the Workspace domain (`departed@` was deleted: Google knows no such user).
+const WORKSPACE_USERS: &[&str] = &["sales@fabrikam.example"];
 
 /// Days until the demo's working client secret expires: inside the 14-day alert window.
 const SECRET_EXPIRES_IN_DAYS: u64 = 10;
@@ -128,6 +139,23 @@ const FLEET: &[DemoMailbox] = &[
         behaviour: Behaviour::Slow,
         reason: Reason::Ok,
     },
+    DemoMailbox {
+        name: "workspace-sales",
+        user: "sales@fabrikam.example",
+        credential: "workspace",
+        protocols: &[Protocol::Imap, Protocol::Smtp],
+        behaviour: Behaviour::Success,
+        reason: Reason::Ok,
+    },
+    DemoMailbox {
+        name: "workspace-departed",
+        user: "departed@fabrikam.example",
+        credential: "workspace",
+        protocols: &[Protocol::Imap],
+        behaviour: Behaviour::Success,
+        // The account was deleted from the Workspace domain: "Invalid email or User ID".
+        reason: Reason::TokenInvalidGrant,
+    },
 ];
 
 /// Mailboxes the monitoring app may open (`Add-MailboxPermission`); `ceo@` is left out.
@@ -193,6 +221,19 @@ impl Demo {
             grants: vec![EmuGrant::ClientCredentials],
             ..Default::default()
         });
+        // Google's copy of the service account's public key, with domain-wide delegation
+        // of the mail scope.
+        let demo_key = crate::token::service_account::ServiceAccountKey::parse(
+            workspace_key_json("http://127.0.0.1").as_bytes(),
+        )
+        .map_err(|e| CommandError::Usage(format!("the demo's service account key: {e}")))?;
+        endpoint.add_service_account(ServiceAccountSpec {
+            client_email: WORKSPACE_SA.into(),
+            private_key_id: WORKSPACE_KEY_ID.into(),
+            public_key: demo_key.public_key().to_vec(),
+            scopes: vec![crate::token::credential::GOOGLE_MAIL_SCOPE.into()],
+            users: WORKSPACE_USERS.iter().map(|u| u.to_string()).collect(),
+        });
         // The tenant's admin never consented to the vendor's app.
         endpoint.script_always(
             Target::Client(NO_CONSENT_APP.into()),
@@ -220,6 +261,10 @@ impl Demo {
         ] {
             crate::token::write_atomic(&d.join(file), secret)?;
         }
+        crate::token::write_atomic(
+            &d.join("workspace-sa.json"),
+            &workspace_key_json(&endpoint.google_token_url()),
+        )?;
         // Delegated users as if `login` had run: one current, one since revoked.
         let store = RefreshTokenStore::new(d.join("state"));
         let rt = endpoint.add_user("helpdesk@contoso.com", DELEGATED_APP, &[]);
@@ -302,6 +347,20 @@ pub async fn run(
     Ok(())
 }
 
+/// The demo service account's JSON key, in Google's shape, for the token endpoint `token_uri`.
+fn workspace_key_json(token_uri: &str) -> String {
+    serde_json::json!({
+        "type": "service_account",
+        "project_id": "fabrikam-demo",
+        "private_key_id": WORKSPACE_KEY_ID,
+        "private_key": WORKSPACE_KEY_PEM,
+        "client_email": WORKSPACE_SA,
+        "client_id": "100000000000000000001",
+        "token_uri": token_uri,
+    })
+    .to_string()
+}
+
 /// Where the demo's emulated provider listens and keeps its files.
 struct Places {
     imap: u16,
@@ -355,6 +414,9 @@ fn config_text(p: &Places) -> String {
     s.push_str(&format!(
         "  new-vendor:                      # no admin consent in the tenant\n{}    client_secret_file: {d}/new-vendor.secret\n",
         microsoft(NO_CONSENT_APP, "client_credentials")
+    ));
+    s.push_str(&format!(
+        "  workspace:                       # Google Workspace service account (domain-wide delegation)\n    provider: google\n    grant: service_account\n    service_account_key_file: {d}/workspace-sa.json\n"
     ));
     s.push_str("mailboxes:\n");
     for m in FLEET {

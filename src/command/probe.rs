@@ -116,7 +116,10 @@ pub async fn run_with(
         // The token request counts against the mailbox's `timeout`, as in `run`.
         let budget = crate::token::TokenBudget::new(mb.timeout, mb.interval);
         // No token, no login: the probe reports the token's reason.
-        let (c, report) = match tokens.access_token_within(credential, budget).await {
+        let (c, report) = match tokens
+            .access_token_as(credential, Some(mb.address.as_str()), budget)
+            .await
+        {
             Err(e) => (classify::token_failure(&e), None),
             Ok(token) => {
                 let mut spec = spec.clone();

@@ -213,7 +213,19 @@ impl Config {
                         ));
                     }
                 }
-                ClientAuth::None => {}
+                ClientAuth::None | ClientAuth::AssertionFile(_) => {}
+            }
+            // Read and parsed as a token request would: a key file that is not Google's JSON
+            // key, or an assertion file that is not a JWT, fails here, not at 3 a.m.
+            if let Grant::ServiceAccount { key_file } = &c.grant
+                && let Err(e) = crate::token::service_account::ServiceAccountKey::load(key_file)
+            {
+                problems.push(format!("credential {name}: service_account_key_file {e}"));
+            }
+            if let ClientAuth::AssertionFile(p) = &c.client_auth
+                && let Err(e) = crate::token::service_account::read_assertion_file(p)
+            {
+                problems.push(format!("credential {name}: client_assertion_file {e}"));
             }
             if let Grant::TokenFile { path } = &c.grant
                 && let Err(e) = token_file::read_token_file(path)
@@ -682,10 +694,76 @@ impl Validator<'_> {
                 )),
             }
         };
+        if c.grant != RawGrant::ServiceAccount && c.service_account_key_file.is_some() {
+            return Err(self.err(
+                &at("service_account_key_file"),
+                "service_account_key_file is only for grant service_account",
+            ));
+        }
+        if c.client_assertion_file.is_some() {
+            if c.grant != RawGrant::ClientCredentials {
+                return Err(self.err(
+                    &at("client_assertion_file"),
+                    "client_assertion_file is only for grant client_credentials",
+                ));
+            }
+            if provider == ProviderKind::Google {
+                return Err(self.err(
+                    &at("client_assertion_file"),
+                    "Google takes no client assertion: use grant service_account",
+                ));
+            }
+            let other = [
+                ("client_secret_file", c.client_secret_file.is_some()),
+                ("client_secret_env", c.client_secret_env.is_some()),
+                ("certificate_file", c.certificate_file.is_some()),
+            ];
+            if let Some((k, _)) = other.iter().find(|(_, given)| *given) {
+                return Err(self.err(
+                    &at("client_assertion_file"),
+                    format!("give client_assertion_file or {k}, not both"),
+                ));
+            }
+        }
         match c.grant {
             RawGrant::TokenFile => {
                 if c.token_file.is_none() {
                     return Err(self.err(&at("grant"), "grant token_file needs `token_file`"));
+                }
+            }
+            RawGrant::ServiceAccount => {
+                if c.provider != Some(ProviderKind::Google) {
+                    return Err(self.err(
+                        &at("provider"),
+                        "grant service_account is Google's: set `provider: google`",
+                    ));
+                }
+                if c.service_account_key_file.is_none() {
+                    return Err(self.err(
+                        &at("grant"),
+                        "grant service_account needs `service_account_key_file` (the JSON key Google issues)",
+                    ));
+                }
+                // The key file names the client, its key and its token endpoint.
+                for (k, given) in [
+                    ("client_id", c.client_id.is_some()),
+                    ("client_secret_file", c.client_secret_file.is_some()),
+                    ("client_secret_env", c.client_secret_env.is_some()),
+                    ("certificate_file", c.certificate_file.is_some()),
+                    ("private_key_file", c.private_key_file.is_some()),
+                    ("token_url", c.token_url.is_some()),
+                    (
+                        "device_authorization_url",
+                        c.device_authorization_url.is_some(),
+                    ),
+                    ("token_file", c.token_file.is_some()),
+                ] {
+                    if given {
+                        return Err(self.err(
+                            &at(k),
+                            format!("{k} does not apply to grant service_account: the key file names the client, its key and its token endpoint"),
+                        ));
+                    }
                 }
             }
             RawGrant::ClientCredentials | RawGrant::RefreshToken => {
@@ -704,10 +782,11 @@ impl Validator<'_> {
                 if c.grant == RawGrant::ClientCredentials
                     && client_secret.is_none()
                     && c.certificate_file.is_none()
+                    && c.client_assertion_file.is_none()
                 {
                     return Err(self.err(
                         &at("grant"),
-                        "client_credentials needs client_secret_file, client_secret_env, or certificate_file + private_key_file",
+                        "client_credentials needs client_secret_file, client_secret_env, certificate_file + private_key_file, or client_assertion_file",
                     ));
                 }
                 if c.certificate_file.is_some() != c.private_key_file.is_some() {
@@ -752,6 +831,9 @@ impl Validator<'_> {
             RawGrant::TokenFile => Grant::TokenFile {
                 path: c.token_file.clone().expect("checked above"),
             },
+            RawGrant::ServiceAccount => Grant::ServiceAccount {
+                key_file: c.service_account_key_file.clone().expect("checked above"),
+            },
         };
         let client_auth = match (client_secret, c.certificate_file, c.private_key_file) {
             (Some(s), _, _) => ClientAuth::Secret(s),
@@ -759,7 +841,10 @@ impl Validator<'_> {
                 certificate_file,
                 private_key_file,
             },
-            _ => ClientAuth::None,
+            _ => match c.client_assertion_file {
+                Some(file) => ClientAuth::AssertionFile(file),
+                None => ClientAuth::None,
+            },
         };
         // The URL actually requested (authority + tenant for Microsoft) obeys the same rule.
         if c.grant != RawGrant::TokenFile {

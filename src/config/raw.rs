@@ -55,6 +55,7 @@ pub enum ProviderKind {
 pub(super) enum RawGrant {
     ClientCredentials,
     RefreshToken,
+    ServiceAccount,
     TokenFile,
 }
 
@@ -64,6 +65,7 @@ impl RawGrant {
             RawGrant::ClientCredentials => "client_credentials",
             RawGrant::RefreshToken => "refresh_token",
             RawGrant::TokenFile => "token_file",
+            RawGrant::ServiceAccount => "service_account",
         }
     }
 }
@@ -85,6 +87,11 @@ pub(super) struct RawCredential {
     pub device_authorization_url: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub token_file: Option<PathBuf>,
+    /// Google's JSON key of a service account (grant `service_account`).
+    pub service_account_key_file: Option<PathBuf>,
+    /// A JWT another issuer keeps fresh (workload identity federation), sent as the
+    /// client assertion of a `client_credentials` credential.
+    pub client_assertion_file: Option<PathBuf>,
     /// Accepted only to refuse it with a helpful message: secrets are never inline.
     pub client_secret: Option<serde::de::IgnoredAny>,
 }

@@ -286,3 +286,100 @@ fn limits_are_inclusive() {
     ))
     .unwrap();
 }
+
+/// Service accounts and client assertion files: what they need, what they refuse, each
+/// error at its key.
+#[test]
+fn credentials_without_a_human() {
+    let sa = "\
+credentials:
+  workspace:
+    provider: google
+    grant: service_account
+    service_account_key_file: /secrets/sa.json
+mailboxes:
+  sales:
+    address: sales@fabrikam.example
+    credential: workspace
+    protocols: [imap]
+";
+    let c = parse(sa).unwrap();
+    let cred = &c.credentials["workspace"];
+    assert_eq!(
+        cred.grant,
+        Grant::ServiceAccount {
+            key_file: "/secrets/sa.json".into()
+        }
+    );
+    assert_eq!(cred.scopes, vec!["https://mail.google.com/"]);
+    assert_eq!(c.mailboxes["sales"].endpoints[0].host, "imap.gmail.com");
+
+    let wi = "\
+credentials:
+  aks:
+    provider: microsoft
+    tenant: contoso.onmicrosoft.com
+    client_id: app
+    grant: client_credentials
+    client_assertion_file: /var/run/secrets/azure/tokens/azure-identity-token
+";
+    let c = parse(wi).unwrap();
+    assert_eq!(
+        c.credentials["aks"].client_auth,
+        ClientAuth::AssertionFile("/var/run/secrets/azure/tokens/azure-identity-token".into())
+    );
+
+    for (text, want) in [
+        (
+            sa.replace("    service_account_key_file: /secrets/sa.json\n", ""),
+            "mail.yaml:4:5: credentials.workspace.grant: grant service_account needs `service_account_key_file`",
+        ),
+        (
+            sa.replace("provider: google", "provider: microsoft"),
+            "mail.yaml:3:5: credentials.workspace.provider: grant service_account is Google's",
+        ),
+        (
+            sa.replace("    provider: google\n", ""),
+            "mail.yaml:2:3: credentials.workspace.provider: grant service_account is Google's",
+        ),
+        (
+            sa.replace(
+                "grant: service_account",
+                "grant: service_account\n    client_id: x",
+            ),
+            "mail.yaml:5:5: credentials.workspace.client_id: client_id does not apply to grant service_account",
+        ),
+        (
+            sa.replace(
+                "grant: service_account",
+                "grant: service_account\n    client_secret_file: /s",
+            ),
+            "mail.yaml:5:5: credentials.workspace.client_secret_file: client_secret_file does not apply",
+        ),
+        (
+            sa.replace(
+                "grant: service_account",
+                "grant: refresh_token\n    client_id: x",
+            ),
+            "credentials.workspace.service_account_key_file: service_account_key_file is only for grant service_account",
+        ),
+        (
+            wi.replace(
+                "    client_id: app\n",
+                "    client_id: app\n    client_secret_env: S\n",
+            ),
+            "mail.yaml:8:5: credentials.aks.client_assertion_file: give client_assertion_file or client_secret_env, not both",
+        ),
+        (
+            wi.replace("grant: client_credentials", "grant: refresh_token"),
+            "mail.yaml:7:5: credentials.aks.client_assertion_file: client_assertion_file is only for grant client_credentials",
+        ),
+        (
+            wi.replace("provider: microsoft", "provider: google"),
+            "credentials.aks.client_assertion_file: Google takes no client assertion",
+        ),
+    ] {
+        let got = err(&text);
+        assert!(got.contains(want), "want {want}\n got {got}");
+    }
+}

@@ -9,6 +9,16 @@
 //! flow states. It counts requests, and [`TokenEndpoint::validate`] tells the emulated mail
 //! servers whether an access token is one it issued and still valid.
 //!
+//! It also plays Google's token endpoint for service accounts (`POST /token`, the JWT bearer
+//! grant of RFC 7523 §2.1, see [`ServiceAccountSpec`]): the assertion's RS256 signature is
+//! checked against the account's public key and its claims (`iss`, `aud`, `iat`/`exp` at
+//! most one hour apart, `sub` a user of the domain, `scope` within the delegated scopes), and
+//! the issued token is bound to `sub`: the mail servers accept it for that user only. And
+//! Entra's workload identity federation: a client with [`FederatedCredential`]s accepts a
+//! `client_assertion` whose `iss`, `sub` and `aud` match one (AADSTS70021 otherwise) and
+//! whose `nbf`/`exp` hold now (AADSTS700024 otherwise). The emulator does not fetch the
+//! issuer's signing keys (Entra does, by OIDC discovery): the pair is what it checks.
+//!
 //! Choices where Microsoft's behaviour is not pinned down:
 //! - Refresh tokens rotate: each refresh returns a new one and invalidates the old. Reusing
 //!   an old one, or using one of a user whose grant was revoked, gets `invalid_grant`
@@ -134,6 +144,18 @@ pub const AAD_ERRORS: &[AadError] = &[
         error: "invalid_client",
         status: 401,
         text: "Client assertion failed signature validation.",
+    },
+    AadError {
+        code: 70021,
+        error: "invalid_request",
+        status: 400,
+        text: "No matching federated identity record found for presented assertion. Assertion Issuer: 'https://oidc.prod-aks.azure.com/00000000-0000-0000-0000-000000000000/'. Assertion Subject: 'system:serviceaccount:mail:mail-oauth-exporter'. Assertion Audience: 'api://AzureADTokenExchange'.",
+    },
+    AadError {
+        code: 700024,
+        error: "invalid_client",
+        status: 400,
+        text: "Client assertion is not within its valid time range. Current time: 2026-01-01T10:00:00.0000000Z, assertion valid from 2026-01-01T08:00:00.0000000Z, expiry time of assertion 2026-01-01T09:00:00.0000000Z.",
     },
     AadError {
         code: 700016,
@@ -303,6 +325,39 @@ pub struct ClientSpec {
     /// Mailboxes the app's Exchange service principal may open (`Add-MailboxPermission`):
     /// the emulated mail servers refuse this app's tokens for any other mailbox.
     pub mailboxes: Vec<String>,
+    /// Federated identity credentials (workload identity federation): a `client_assertion`
+    /// from one of these issuers and subjects authenticates the app, no secret needed.
+    pub federated: Vec<FederatedCredential>,
+}
+
+/// An Entra federated identity credential: which external tokens the app trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedCredential {
+    /// The external issuer (an AKS cluster's OIDC issuer URL).
+    pub issuer: String,
+    /// `system:serviceaccount:<namespace>:<name>` for Kubernetes.
+    pub subject: String,
+}
+
+/// The audience Entra expects in a federated token.
+pub const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// A Google service account with domain-wide delegation, as the emulated Google token
+/// endpoint knows it.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceAccountSpec {
+    pub client_email: String,
+    /// The key's id (the JWT header's `kid`).
+    pub private_key_id: String,
+    /// The key's public half, PKCS#1 `RSAPublicKey` DER (Google keeps only this). A
+    /// deleted key is an account registered without it.
+    pub public_key: Vec<u8>,
+    /// Scopes the Workspace admin delegated to the account's client id; a request for any
+    /// other scope is `unauthorized_client`.
+    pub scopes: Vec<String>,
+    /// Users of the Workspace domain: `sub` must be one (`invalid_grant` "Invalid email or
+    /// User ID" otherwise).
+    pub users: Vec<String>,
 }
 
 /// What one device poll answers.
@@ -383,6 +438,10 @@ struct State {
     device_dialect: DeviceDialect,
     devices: HashMap<String, Device>,
     requests: Vec<RequestRecord>,
+    /// Service accounts by `client_email`.
+    service_accounts: HashMap<String, ServiceAccountSpec>,
+    /// Tokens issued to a service account acting as a user: valid for that user only.
+    subject_bound: std::collections::HashSet<String>,
 }
 
 /// The running endpoint. Dropping it stops the server.
@@ -419,6 +478,13 @@ fn guid() -> String {
 /// Where the RFC 7662 introspection endpoint listens.
 const INTROSPECT_PATH: &str = "/introspect";
 
+/// Where the emulated Google token endpoint listens (Google's is
+/// `https://oauth2.googleapis.com/token`).
+const GOOGLE_TOKEN_PATH: &str = "/token";
+
+/// The JWT bearer grant type (RFC 7523 §2.1).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
 enum Reply {
     Now(Response<Full<Bytes>>),
     Hang,
@@ -447,6 +513,8 @@ impl TokenEndpoint {
             device_dialect: DeviceDialect::default(),
             devices: HashMap::new(),
             requests: Vec::new(),
+            service_accounts: HashMap::new(),
+            subject_bound: Default::default(),
         }));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -488,6 +556,19 @@ impl TokenEndpoint {
 
     pub fn add_client(&self, spec: ClientSpec) {
         self.state().clients.insert(spec.id.clone(), spec);
+    }
+
+    /// `http://127.0.0.1:port/token`: the emulated Google token endpoint, a service
+    /// account key file's `token_uri`.
+    pub fn google_token_url(&self) -> String {
+        format!("{}{GOOGLE_TOKEN_PATH}", self.authority())
+    }
+
+    /// Registers (or replaces) a Google service account.
+    pub fn add_service_account(&self, spec: ServiceAccountSpec) {
+        self.state()
+            .service_accounts
+            .insert(spec.client_email.clone(), spec);
     }
 
     /// Gives `user` a refresh token for `client_id` (as if they had signed in) and returns it.
@@ -703,10 +784,17 @@ async fn handle(
         };
         st.requests.push(RequestRecord {
             path: path.clone(),
-            client_id: form.get("client_id").cloned(),
+            // A JWT bearer grant names its client only as the assertion's issuer.
+            client_id: form.get("client_id").cloned().or_else(|| {
+                let claims = jwt_parts(form.get("assertion")?)?.1;
+                claims["iss"].as_str().map(str::to_string)
+            }),
             grant,
             refresh_token: form.get("refresh_token").cloned(),
-            client_assertion: form.get("client_assertion").cloned(),
+            client_assertion: form
+                .get("client_assertion")
+                .or_else(|| form.get("assertion"))
+                .cloned(),
             client_secret: form.get("client_secret").cloned(),
             status,
             at: tokio::time::Instant::now(),
@@ -883,6 +971,9 @@ fn respond(
     if path == INTROSPECT_PATH {
         return introspect(st, method, form);
     }
+    if path == GOOGLE_TOKEN_PATH {
+        return google_token(st, method, form);
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (tenant, endpoint) = match segments.as_slice() {
         [tenant, "oauth2", "v2.0", endpoint] => (*tenant, *endpoint),
@@ -982,6 +1073,9 @@ fn authenticate(
                 Some(50027),
                 "Invalid client_assertion_type.",
             ));
+        }
+        if !client.federated.is_empty() {
+            return federated(client, assertion);
         }
         let aud = format!("{}/{tenant}/oauth2/v2.0/token", st.base_url);
         return match &client.certificate_pem {
@@ -1403,6 +1497,14 @@ impl super::TokenCheck for TokenEndpoint {
             return TokenVerdict::Expired;
         }
         match &issued.user {
+            // A service account's token acts as its `sub` only.
+            Some(sub) if state.subject_bound.contains(token) => {
+                if sub.eq_ignore_ascii_case(user) {
+                    TokenVerdict::Valid
+                } else {
+                    TokenVerdict::Invalid
+                }
+            }
             // Delegated: `user=` may be a shared mailbox's address (Microsoft's article).
             Some(_) => TokenVerdict::Valid,
             None => {
@@ -1418,4 +1520,140 @@ impl super::TokenCheck for TokenEndpoint {
             }
         }
     }
+}
+
+/// A JWT's decoded header and claims and its signing input and signature, unverified.
+fn jwt_parts(jwt: &str) -> Option<(serde_json::Value, serde_json::Value, String, Vec<u8>)> {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [h, c, s] = parts.as_slice() else {
+        return None;
+    };
+    let header = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
+    let claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+    let sig = URL_SAFE_NO_PAD.decode(s).ok()?;
+    Some((header, claims, format!("{h}.{c}"), sig))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Workload identity federation: the assertion's issuer, subject and audience must match a
+/// federated credential of the app (AADSTS70021), and it must be valid now (AADSTS700024).
+#[allow(clippy::result_large_err)]
+fn federated(client: &ClientSpec, assertion: &str) -> Result<(), Reply> {
+    let Some((_, claims, _, _)) = jwt_parts(assertion) else {
+        return Err(aad(70021));
+    };
+    let aud_ok = match &claims["aud"] {
+        serde_json::Value::String(a) => a == FEDERATED_AUDIENCE,
+        serde_json::Value::Array(a) => a.iter().any(|v| v == FEDERATED_AUDIENCE),
+        _ => false,
+    };
+    let matches = client
+        .federated
+        .iter()
+        .any(|f| claims["iss"] == f.issuer.as_str() && claims["sub"] == f.subject.as_str());
+    if !(aud_ok && matches) {
+        return Err(aad(70021));
+    }
+    let now = unix_now();
+    let in_time = claims["exp"].as_u64().is_some_and(|e| e > now)
+        && claims["nbf"].as_u64().is_none_or(|n| n <= now + 60);
+    if !in_time {
+        return Err(aad(700024));
+    }
+    Ok(())
+}
+
+/// A Google-shaped error body (`error`, `error_description`, nothing else).
+fn google_error(status: u16, error: &str, description: &str) -> Reply {
+    json(
+        status,
+        serde_json::json!({"error": error, "error_description": description}),
+    )
+}
+
+/// Google's token endpoint for service accounts: the JWT bearer grant.
+fn google_token(st: &mut State, method: &http::Method, form: &HashMap<String, String>) -> Reply {
+    if method != http::Method::POST {
+        return Reply::Now(plain(405, "method not allowed"));
+    }
+    if form.get("grant_type").map(String::as_str) != Some(JWT_BEARER) {
+        return google_error(400, "unsupported_grant_type", "Invalid grant_type");
+    }
+    let Some(assertion) = form.get("assertion") else {
+        return google_error(
+            400,
+            "invalid_request",
+            "Missing required parameter: assertion",
+        );
+    };
+    let Some((header, claims, signed, sig)) = jwt_parts(assertion) else {
+        return google_error(400, "invalid_grant", "Invalid JWT Signature.");
+    };
+    let iss = claims["iss"].as_str().unwrap_or_default().to_string();
+    let sub = claims["sub"].as_str().unwrap_or_default().to_string();
+    if let Some(s) = take_script(st, &Target::Client(iss.clone()))
+        .or_else(|| take_script(st, &Target::User(sub.clone())))
+    {
+        return scripted(s, form);
+    }
+    let Some(account) = st.service_accounts.get(&iss).cloned() else {
+        return google_error(400, "invalid_grant", "Invalid JWT Signature.");
+    };
+    // A deleted key: no public key under this id any more, so no signature verifies.
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        &account.public_key,
+    );
+    if header["alg"] != "RS256"
+        || header["kid"] != account.private_key_id.as_str()
+        || key.verify(signed.as_bytes(), &sig).is_err()
+    {
+        return google_error(400, "invalid_grant", "Invalid JWT Signature.");
+    }
+    if claims["aud"] != format!("{}{GOOGLE_TOKEN_PATH}", st.base_url).as_str() {
+        return google_error(400, "invalid_grant", "Invalid JWT: Failed audience check.");
+    }
+    let now = unix_now();
+    let (iat, exp) = (claims["iat"].as_u64(), claims["exp"].as_u64());
+    let timely = matches!((iat, exp), (Some(i), Some(e))
+        if i <= now + 60 && e > now && e > i && e - i <= 3600);
+    if !timely {
+        return google_error(
+            400,
+            "invalid_grant",
+            "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.",
+        );
+    }
+    if !account.users.iter().any(|u| u.eq_ignore_ascii_case(&sub)) {
+        return google_error(400, "invalid_grant", "Invalid email or User ID");
+    }
+    let scopes: Vec<String> = claims["scope"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if scopes.is_empty() || !scopes.iter().all(|s| account.scopes.contains(s)) {
+        return google_error(
+            401,
+            "unauthorized_client",
+            "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
+        );
+    }
+    let access = new_access_token(st, &iss, Some(&sub), scopes);
+    st.subject_bound.insert(access.clone());
+    json(
+        200,
+        serde_json::json!({
+            "access_token": access,
+            "expires_in": st.lifetime.as_secs(),
+            "token_type": "Bearer",
+        }),
+    )
 }

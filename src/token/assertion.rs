@@ -120,34 +120,66 @@ impl ClientCertificate {
         token_url: &str,
         now: SystemTime,
     ) -> Result<crate::secret::Secret, AssertionError> {
-        let rng = ring::rand::SystemRandom::new();
-        let mut jti = [0u8; 16];
-        ring::rand::SecureRandom::fill(&rng, &mut jti).map_err(|_| AssertionError::Sign)?;
         let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5t#S256": self.x5t_s256});
         let claims = serde_json::json!({
             "aud": token_url,
             "iss": client_id,
             "sub": client_id,
-            "jti": URL_SAFE_NO_PAD.encode(jti),
+            "jti": jti()?,
             "nbf": iat,
             "iat": iat,
             "exp": iat + ASSERTION_LIFETIME.as_secs(),
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let mut sig = vec![0u8; self.key.public().modulus_len()];
-        self.key
-            .sign(&RSA_PKCS1_SHA256, &rng, signing_input.as_bytes(), &mut sig)
-            .map_err(|_| AssertionError::Sign)?;
-        Ok(crate::secret::Secret::new(format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(sig)
-        )))
+        sign_rs256(&self.key, &header, &claims)
     }
+}
+
+/// A random JWT id (`jti`, RFC 7519 §4.1.7): 128 bits, base64url.
+pub(crate) fn jti() -> Result<String, AssertionError> {
+    let mut jti = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
+        .map_err(|_| AssertionError::Sign)?;
+    Ok(URL_SAFE_NO_PAD.encode(jti))
+}
+
+/// A compact JWS (RFC 7515 §7.1) of `claims` under `header`, signed RS256
+/// (RSASSA-PKCS1-v1_5 with SHA-256) with `key`: client assertions and Google service
+/// account grants alike.
+pub(crate) fn sign_rs256(
+    key: &RsaKeyPair,
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+) -> Result<crate::secret::Secret, AssertionError> {
+    let rng = ring::rand::SystemRandom::new();
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut sig = vec![0u8; key.public().modulus_len()];
+    key.sign(&RSA_PKCS1_SHA256, &rng, signing_input.as_bytes(), &mut sig)
+        .map_err(|_| AssertionError::Sign)?;
+    Ok(crate::secret::Secret::new(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(sig)
+    )))
+}
+
+/// An RSA private key from PEM text: PKCS#8 (`PRIVATE KEY`, what Google's JSON keys hold)
+/// or PKCS#1 (`RSA PRIVATE KEY`). The error names the defect, never the key material.
+pub(crate) fn rsa_key_from_pem(pem: &[u8]) -> Result<RsaKeyPair, String> {
+    for item in x509_parser::pem::Pem::iter_from_buffer(pem) {
+        // The PEM parser's messages name the structure, not the content.
+        let item = item.map_err(|e| format!("not PEM: {e}"))?;
+        let key = match item.label.as_str() {
+            "PRIVATE KEY" => RsaKeyPair::from_pkcs8(&item.contents),
+            "RSA PRIVATE KEY" => RsaKeyPair::from_der(&item.contents),
+            _ => continue,
+        };
+        return key.map_err(|e| format!("not a usable RSA key: {e}"));
+    }
+    Err("no PRIVATE KEY or RSA PRIVATE KEY PEM block".into())
 }
 
 /// The claims of a JWT, read without verifying it (used for a token file's `exp`).

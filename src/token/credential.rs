@@ -76,6 +76,11 @@ pub enum Grant {
     ClientCredentials,
     /// Another tool keeps an access token fresh in this file.
     TokenFile { path: PathBuf },
+    /// A Google Workspace service account with domain-wide delegation: per mailbox, a JWT
+    /// signed with the key of `key_file` (the JSON key Google issues) names the mailbox as
+    /// `sub` and is exchanged with the JWT bearer grant (RFC 7523 §2.1) at the key's
+    /// `token_uri`. One access token per mailbox.
+    ServiceAccount { key_file: PathBuf },
 }
 
 impl Grant {
@@ -85,7 +90,13 @@ impl Grant {
             Grant::RefreshToken => Some(GrantKind::RefreshToken),
             Grant::ClientCredentials => Some(GrantKind::ClientCredentials),
             Grant::TokenFile { .. } => None,
+            Grant::ServiceAccount { .. } => Some(GrantKind::JwtBearer),
         }
+    }
+
+    /// Whether each mailbox (the token's subject) gets its own access token.
+    pub fn per_subject(&self) -> bool {
+        matches!(self, Grant::ServiceAccount { .. })
     }
 }
 
@@ -95,6 +106,8 @@ pub enum GrantKind {
     RefreshToken,
     ClientCredentials,
     DeviceCode,
+    /// RFC 7523 §2.1 (`urn:ietf:params:oauth:grant-type:jwt-bearer`): service accounts.
+    JwtBearer,
 }
 
 impl GrantKind {
@@ -103,6 +116,7 @@ impl GrantKind {
             GrantKind::RefreshToken => "refresh_token",
             GrantKind::ClientCredentials => "client_credentials",
             GrantKind::DeviceCode => "device_code",
+            GrantKind::JwtBearer => "jwt_bearer",
         }
     }
 }
@@ -131,6 +145,11 @@ pub enum ClientAuth {
         certificate_file: PathBuf,
         private_key_file: PathBuf,
     },
+    /// Workload identity federation: a JWT another issuer keeps fresh in this file (the
+    /// Kubernetes service account token Azure Workload Identity projects,
+    /// `AZURE_FEDERATED_TOKEN_FILE`), re-read for every request because it rotates, and
+    /// sent as the client assertion (RFC 7523 §2.2). No secret at all.
+    AssertionFile(PathBuf),
 }
 
 /// One configured OAuth client + grant; several mailboxes may share it.
@@ -176,7 +195,10 @@ pub fn default_scopes(provider: &Provider, grant: &Grant, protocols: &[Protocol]
             scopes.push("offline_access".to_string());
             scopes
         }
-        (Provider::Google, _) => vec![GOOGLE_MAIL_SCOPE.to_string()],
+        // Service accounts are Google's (the config refuses them elsewhere).
+        (Provider::Google, _) | (_, Grant::ServiceAccount { .. }) => {
+            vec![GOOGLE_MAIL_SCOPE.to_string()]
+        }
         (Provider::Generic { .. }, _) => Vec::new(),
     }
 }

@@ -195,6 +195,10 @@ pub fn client_proof(cred: &Credential) -> Result<ClientProof, TokenError> {
             .map(ClientProof::Assertion)
             .map_err(|e| config_err(cred, e))
         }
+        // Re-read for every request: the issuer rotates the file.
+        ClientAuth::AssertionFile(path) => super::service_account::read_assertion_file(path)
+            .map(ClientProof::Assertion)
+            .map_err(|e| config_err(cred, e)),
     }
 }
 

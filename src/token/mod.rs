@@ -52,6 +52,7 @@ pub mod http;
 pub mod observer;
 pub mod reply;
 pub mod service;
+pub mod service_account;
 pub mod store;
 pub mod token_file;
 

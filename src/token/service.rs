@@ -158,8 +158,9 @@ struct Stats {
     last_success: Option<SystemTime>,
 }
 
-/// Credential name and scope set.
-type CacheKey = (String, Vec<String>);
+/// Credential name, scope set, and the subject for grants that get one token per mailbox
+/// (service accounts; `None` for every other grant).
+type CacheKey = (String, Vec<String>, Option<String>);
 
 struct Inner {
     http: HttpClient,
@@ -230,6 +231,19 @@ impl TokenService {
         cred: &Credential,
         budget: TokenBudget,
     ) -> Result<AccessToken, TokenError> {
+        self.access_token_as(cred, None, budget).await
+    }
+
+    /// Like [`TokenService::access_token_within`], for the mailbox `subject` (its address):
+    /// a grant with one token per mailbox ([`Grant::per_subject`], service accounts) caches,
+    /// renews and single-flights a token per credential *and* subject; other grants ignore
+    /// the subject and share one token among the credential's mailboxes.
+    pub async fn access_token_as(
+        &self,
+        cred: &Credential,
+        subject: Option<&str>,
+        budget: TokenBudget,
+    ) -> Result<AccessToken, TokenError> {
         if let Grant::TokenFile { path } = &cred.grant {
             let token = read_token_file_async(path).await?;
             let mut stats = lock(&self.inner.stats);
@@ -238,7 +252,8 @@ impl TokenService {
             s.last_success = Some(SystemTime::now());
             return Ok(token);
         }
-        let entry = self.entry(cred);
+        let subject = subject.filter(|_| cred.grant.per_subject());
+        let entry = self.entry(cred, subject);
         let waiting_since = Instant::now();
         let Ok(mut st) = tokio::time::timeout_at(budget.deadline, entry.state.lock()).await else {
             return Err(no_reply_within(
@@ -264,7 +279,7 @@ impl TokenService {
             }
         }
         let attempted_at = Instant::now();
-        match self.fetch(cred, budget.deadline).await {
+        match self.fetch(cred, subject, budget.deadline).await {
             Ok((token, lifetime)) => {
                 let now = Instant::now();
                 let renew_in = match lifetime {
@@ -325,7 +340,13 @@ impl TokenService {
     /// Forgets the cached token of `cred` (the mail server said it expired): the next call
     /// fetches a new one unless a backoff is running.
     pub async fn invalidate(&self, cred: &Credential) {
-        let entry = self.entry(cred);
+        self.invalidate_as(cred, None).await
+    }
+
+    /// Forgets the cached token `subject`'s probes use (see [`TokenService::access_token_as`]).
+    pub async fn invalidate_as(&self, cred: &Credential, subject: Option<&str>) {
+        let subject = subject.filter(|_| cred.grant.per_subject());
+        let entry = self.entry(cred, subject);
         entry.state.lock().await.token = None;
     }
 
@@ -372,11 +393,13 @@ impl TokenService {
         out
     }
 
-    fn entry(&self, cred: &Credential) -> Arc<Entry> {
-        lock(&self.inner.entries)
-            .entry((cred.name.clone(), cred.scopes.clone()))
-            .or_default()
-            .clone()
+    fn entry(&self, cred: &Credential, subject: Option<&str>) -> Arc<Entry> {
+        let key = (
+            cred.name.clone(),
+            cred.scopes.clone(),
+            subject.map(str::to_owned),
+        );
+        lock(&self.inner.entries).entry(key).or_default().clone()
     }
 
     fn refresh_lock(&self, credential: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -391,6 +414,7 @@ impl TokenService {
     async fn fetch(
         &self,
         cred: &Credential,
+        subject: Option<&str>,
         deadline: Instant,
     ) -> Result<(AccessToken, Option<Duration>), TokenError> {
         let Some(kind) = cred.grant.kind() else {
@@ -402,6 +426,21 @@ impl TokenService {
         let started = Instant::now();
         let result = match kind {
             GrantKind::RefreshToken => self.refresh(cred, deadline).await,
+            GrantKind::JwtBearer => {
+                let (Grant::ServiceAccount { key_file }, Some(subject)) = (&cred.grant, subject)
+                else {
+                    return Err(TokenError::Config {
+                        credential: cred.name.clone(),
+                        detail: "a service account token is asked for a mailbox: no mailbox address given".into(),
+                    });
+                };
+                let request =
+                    super::service_account::jwt_bearer(&self.inner.http, cred, key_file, subject);
+                match tokio::time::timeout_at(deadline, request).await {
+                    Ok(r) => r.map(|g| (g, false, None)),
+                    Err(_) => Err(no_reply_within(started, "the token endpoint")),
+                }
+            }
             _ => {
                 let request = grant::client_credentials(&self.inner.http, cred);
                 match tokio::time::timeout_at(deadline, request).await {

@@ -240,10 +240,33 @@ async fn check_passes_on_every_example_in_config() {
                     contents.insert(private_key_file.clone(), fixture("client-key.pem"));
                     files.extend([certificate_file.clone(), private_key_file.clone()]);
                 }
+                ClientAuth::AssertionFile(p) => {
+                    files.push(p.clone());
+                    contents.insert(
+                        p.clone(),
+                        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n".into(),
+                    );
+                }
                 ClientAuth::None => {}
             }
             if let Grant::TokenFile { path } = &c.grant {
                 files.push(path.clone());
+            }
+            // `check` parses a service account key: give it one in Google's shape.
+            if let Grant::ServiceAccount { key_file } = &c.grant {
+                files.push(key_file.clone());
+                let key = std::fs::read_to_string(
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/client-key.pem"),
+                )
+                .unwrap();
+                let json = serde_json::json!({
+                    "type": "service_account",
+                    "client_email": "monitor@example.iam.gserviceaccount.com",
+                    "private_key_id": "example",
+                    "private_key": key,
+                    "token_uri": "https://oauth2.googleapis.com/token",
+                });
+                contents.insert(key_file.clone(), json.to_string());
             }
         }
         let dir = tempfile::tempdir().unwrap();

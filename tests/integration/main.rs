@@ -5,6 +5,7 @@ mod bad_config;
 mod browser;
 mod cli;
 mod crash;
+mod credentials;
 mod curl;
 mod demo;
 mod deploy;

@@ -312,6 +312,8 @@ fn expected(code: u64) -> Reason {
         65001 | 65004 => Reason::TokenConsentRequired,
         50076 | 50079 | 50158 | 53003 | 70043 => Reason::TokenInteractionRequired,
         7000215 | 700027 => Reason::TokenInvalidClient,
+        // Workload identity federation: no matching federated credential, stale assertion.
+        70021 | 700024 => Reason::TokenInvalidClient,
         7000222 => Reason::TokenClientSecretExpired,
         700016 | 90002 => Reason::TokenUnauthorizedClient,
         70011 | 500011 => Reason::TokenInvalidScope,
