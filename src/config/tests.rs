@@ -322,6 +322,11 @@ credentials:
     client_id: app
     grant: client_credentials
     client_assertion_file: /var/run/secrets/azure/tokens/azure-identity-token
+mailboxes:
+  helpdesk:
+    address: helpdesk@contoso.com
+    credential: aks
+    protocols: [imap]
 ";
     let c = parse(wi).unwrap();
     assert_eq!(
