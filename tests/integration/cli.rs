@@ -199,7 +199,7 @@ async fn check_validates_files_and_reports_locations() {
 
 /// `check` on every example under `config/`: with the files each names present (written
 /// into a temp dir, the paths rewritten to point there) it passes; without them it fails
-/// naming a missing file.
+/// naming a missing file, and `check --syntax-only` passes on the example as shipped.
 #[tokio::test]
 async fn check_passes_on_every_example_in_config() {
     use mail_oauth_exporter::config::Config;
@@ -289,6 +289,16 @@ async fn check_passes_on_every_example_in_config() {
         );
         assert!(stdout.contains(": ok ("), "{name}: {stdout}");
 
+        // Issue 14: the shipped example as it is (placeholder paths, no variables set)
+        // passes `check --syntax-only`.
+        let (code, out, err) =
+            run(&["check", "--syntax-only", "--config", path.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{name} --syntax-only: {out}{err}");
+        assert!(
+            out.contains(": syntax ok, named files not checked ("),
+            "{name}: {out}"
+        );
+
         if let Some(first) = files.first() {
             let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]).await;
             assert_eq!(code, 2, "{name} passed without its files");
@@ -314,6 +324,70 @@ async fn check_passes_on_every_example_in_config() {
             checked.iter().any(|c| c == want),
             "no example {want}: {checked:?}"
         );
+    }
+}
+
+/// Issue 14: `check --syntax-only` opens no file the config names and does not try
+/// `state_dir` (a FIFO secret, `/dev/zero` as the CA file and a regular file as `state_dir`
+/// all pass, where the full check refuses them), yet refuses what is wrong in the config
+/// itself, naming file, line and field.
+#[tokio::test]
+async fn check_syntax_only_reads_no_named_file_but_validates_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let not_a_dir = d.join("state-is-a-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let config = file_config(d, &fifo, Some(Path::new("/dev/zero")), &not_a_dir);
+    let syntax = |config: std::path::PathBuf| async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            run(&[
+                "check",
+                "--syntax-only",
+                "--config",
+                config.to_str().unwrap(),
+            ]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("check --syntax-only hung on {}", config.display()))
+    };
+    let (code, out, err) = syntax(config.clone()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("syntax ok, named files not checked (2 credentials, 2 mailboxes, 2 probes)"),
+        "{out}"
+    );
+    // The default is the full check, which refuses the same config for its files.
+    let (code, out) = check(&config).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(fifo.to_str().unwrap()), "{out}");
+    assert!(out.contains("/dev/zero"), "{out}");
+    assert!(out.contains(not_a_dir.to_str().unwrap()), "{out}");
+
+    // Config errors are still found: a bad URL, an interval out of range, an unknown key.
+    let text = std::fs::read_to_string(&config).unwrap();
+    for (from, to, field) in [
+        (
+            "authority: http://127.0.0.1:9\n    client_id: c1\n    grant: client_credentials",
+            "authority: http://example.com\n    client_id: c1\n    grant: client_credentials",
+            "authority",
+        ),
+        ("interval: 10m", "interval: 1s", "interval"),
+        (
+            "protocols: [imap]\n    interval",
+            "protocols: [imap]\n    colour: blue\n    interval",
+            "colour",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let bad = d.join(format!("bad-{field}.yaml"));
+        std::fs::write(&bad, text.replacen(from, to, 1)).unwrap();
+        let (code, out, err) = syntax(bad.clone()).await;
+        assert_eq!(code, 2, "{field}: {out}{err}");
+        assert!(err.contains(bad.to_str().unwrap()), "{field}: {err}");
+        assert!(err.contains(field), "{field}: {err}");
     }
 }
 
