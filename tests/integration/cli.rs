@@ -931,3 +931,128 @@ async fn every_flag_has_a_help_text() {
     }
     assert!(flags > 20, "{flags} flags seen");
 }
+
+/// Issue 14: a failed token request logged two WARN lines of ~400 characters (the token
+/// service's and the probe's), and the one-shot `probe` printed a backoff ("retry_in") it
+/// never waits out. Now: the real binary, `run` with JSON logs against the emulator and a
+/// credential whose secret the token endpoint refuses, logs one WARN line per failed
+/// token request, its detail trimmed, the full detail at DEBUG; `probe` on the same
+/// mailbox prints the failure and no backoff or retry line.
+#[tokio::test]
+async fn a_failed_token_request_logs_one_short_warn_line_and_probe_no_backoff() {
+    use mail_oauth_exporter::emulator::EmulatorOptions;
+    use mail_oauth_exporter::emulator::token_endpoint::{ClientSpec, EmuGrant, TokenEndpoint};
+    use mail_oauth_exporter::token::error::{LOG_DETAIL_MAX, bounded};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    const USER: &str = "helpdesk@contoso.com";
+    let ep = std::sync::Arc::new(TokenEndpoint::start().await.unwrap());
+    ep.add_client(ClientSpec {
+        id: "monitor-app".into(),
+        secret: Some("the-right-secret".into()),
+        grants: vec![EmuGrant::ClientCredentials],
+        mailboxes: vec![USER.into()],
+        ..Default::default()
+    });
+    let emu = mail_oauth_exporter::emulator::Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    emu.write_ca_pem(&d.join("ca.pem")).unwrap();
+    std::fs::write(d.join("secret"), "a-wrong-secret\n").unwrap();
+    // One probe (the next is 10 minutes away): every line it causes is seen below.
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
+             defaults:\n  interval: 10m\n  timeout: 5s\n\
+             scheduler:\n  startup_spread: 1s\n\
+             credentials:\n  monitor:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: monitor-app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  helpdesk:\n    address: {USER}\n    credential: monitor\n    protocols: [imap]\n\
+             \x20   imap: {{ host: 127.0.0.1, port: {port}, tls: starttls }}\n",
+            d = d.display(),
+            auth = ep.authority(),
+            port = emu.addr(Proto::Imap, TlsKind::Starttls).port(),
+        ),
+    )
+    .unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["--log.format", "json", "run", "--web.listen-address"])
+        .args(["127.0.0.1:0", "--config.file"])
+        .arg(&config)
+        .env("RUST_LOG", "info,mail_oauth_exporter=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut raw: Vec<String> = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let done = v["fields"]["message"] == "probe failed";
+            seen.push(v);
+            raw.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("exited before the probe: {raw:#?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no probe within 60 s: {raw:#?}"));
+    child.kill().await.unwrap();
+
+    let requests = ep.request_count("monitor-app", "client_credentials");
+    assert_eq!(requests, 1, "{raw:#?}");
+    let warns: Vec<(&serde_json::Value, &String)> = seen
+        .iter()
+        .zip(&raw)
+        .filter(|(v, _)| v["level"] == "WARN")
+        .collect();
+    assert_eq!(
+        warns.len(),
+        requests,
+        "one WARN line per failed token request: {warns:#?}"
+    );
+    let (warn, line) = warns[0];
+    assert_eq!(warn["fields"]["mailbox"], "helpdesk", "{line}");
+    let reason = warn["fields"]["reason"].as_str().unwrap();
+    assert_eq!(reason, "token_invalid_client", "{line}");
+    let short = warn["fields"]["detail"].as_str().unwrap();
+    assert!(short.len() <= LOG_DETAIL_MAX + '…'.len_utf8(), "{line}");
+    assert!(line.len() < 400, "{} characters: {line}", line.len());
+    // The full detail, at DEBUG, is what the WARN line trims.
+    let full = seen
+        .iter()
+        .find(|v| v["level"] == "DEBUG" && v["fields"]["message"] == "token request failed")
+        .unwrap_or_else(|| panic!("no DEBUG line with the full detail: {raw:#?}"));
+    let full = full["fields"]["detail"].as_str().unwrap();
+    assert!(full.contains("AADSTS7000215"), "{full}");
+    assert_eq!(short, bounded(full, LOG_DETAIL_MAX), "{line}");
+
+    // The one-shot `probe`: the failure on stdout, no backoff or retry on stderr.
+    let (code, out, err) = run(&[
+        "probe",
+        "--config",
+        config.to_str().unwrap(),
+        "--mailbox",
+        "helpdesk",
+    ])
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("token_invalid_client"), "{out}");
+    assert_eq!(ep.request_count("monitor-app", "client_credentials"), 2);
+    for line in err.lines() {
+        let l = line.to_lowercase();
+        assert!(
+            !l.contains("retry") && !l.contains("backoff"),
+            "a backoff line from a one-shot probe: {line}"
+        );
+    }
+}
