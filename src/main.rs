@@ -142,6 +142,10 @@ enum Command {
         /// The config file (YAML).
         #[arg(long = "config.file", visible_alias = "config", value_name = "FILE")]
         config: PathBuf,
+        /// Check the config alone (parsing, fields, ranges, URLs, schedule), not that the
+        /// files it names exist and load, nor `state_dir`: for examples and CI.
+        #[arg(long)]
+        syntax_only: bool,
     },
     /// Bootstrap a delegated credential (device code), or import a refresh token.
     Login {
@@ -271,8 +275,16 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
                 ExitCode::from(1)
             })
         }
-        Command::Check { config } => {
-            command::check::run(&config, &mut out).await?;
+        Command::Check {
+            config,
+            syntax_only,
+        } => {
+            let scope = if syntax_only {
+                command::check::Scope::SyntaxOnly
+            } else {
+                command::check::Scope::Full
+            };
+            command::check::run(&config, scope, &mut out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -280,7 +292,8 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
                 return Err(CommandError::Usage("--config.file is required".into()));
             };
             if args.config_check {
-                command::check::run(&config_file, &mut out).await?;
+                // The full check: the flag vets a deployment, where the files exist.
+                command::check::run(&config_file, command::check::Scope::Full, &mut out).await?;
                 return Ok(ExitCode::SUCCESS);
             }
             let options = command::run::RunOptions {

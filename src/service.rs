@@ -144,15 +144,25 @@ fn log_result(job: &Job<Payload>, r: &ProbeResult) {
             "probe succeeded"
         );
     } else {
+        // The one WARN line of a failed probe, a token failure included (the token service
+        // logs those at DEBUG): the detail trimmed, in full at DEBUG.
         tracing::warn!(
             mailbox = %job.mailbox,
             protocol = %job.protocol,
             credential = %job.payload.credential.name,
             reason = %r.reason,
-            detail = %r.detail,
+            detail = %crate::token::error::bounded(&r.detail, crate::token::error::LOG_DETAIL_MAX),
             duration_ms = ms,
             "probe failed"
         );
+        if r.detail.len() > crate::token::error::LOG_DETAIL_MAX {
+            tracing::debug!(
+                mailbox = %job.mailbox,
+                protocol = %job.protocol,
+                detail = %r.detail,
+                "probe failed (full detail)"
+            );
+        }
     }
 }
 

@@ -147,6 +147,10 @@ fn http_message(status: u16, excerpt: &str) -> String {
     }
 }
 
+/// Bytes of a failure's detail in a WARN log line: one short line per failure; the full
+/// detail goes to DEBUG.
+pub const LOG_DETAIL_MAX: usize = 120;
+
 /// Cuts `s` to at most `max` bytes on a char boundary, control characters made visible.
 pub fn bounded(s: &str, max: usize) -> String {
     let mut out = String::new();

@@ -298,7 +298,7 @@ impl TokenService {
                 Ok(token)
             }
             Err(e) => {
-                if counts_for_backoff(&e) {
+                let retry_in = counts_for_backoff(&e).then(|| {
                     st.failures = st.failures.saturating_add(1);
                     let failed = Failed {
                         attempted_at,
@@ -313,25 +313,31 @@ impl TokenService {
                         .retry_at(&budget)
                         .saturating_duration_since(Instant::now());
                     st.failed = Some(failed);
-                    tracing::warn!(
-                        credential = %cred.name,
-                        reason = %crate::classify::token::reason(&e),
-                        detail = %crate::classify::token::detail(&e),
-                        ?retry_in,
-                        "token request failed"
-                    );
-                } else {
-                    tracing::warn!(
-                        credential = %cred.name,
-                        reason = %crate::classify::token::reason(&e),
-                        detail = %crate::classify::token::detail(&e),
-                        "no token"
-                    );
-                }
+                    retry_in
+                });
                 st.last_error = Some(e.clone());
+                let reason = crate::classify::token::reason(&e);
+                let detail = crate::classify::token::detail(&e);
                 match st.token.as_ref().filter(|c| c.usable(Instant::now())) {
-                    Some(c) => Ok(c.token.clone()),
-                    None => Err(e),
+                    Some(c) => {
+                        // No probe fails for it, so this is the failure's one WARN line.
+                        tracing::warn!(
+                            credential = %cred.name,
+                            %reason,
+                            detail = %crate::token::error::bounded(&detail, crate::token::error::LOG_DETAIL_MAX),
+                            ?retry_in,
+                            "token renewal failed; the access token in hand is used meanwhile"
+                        );
+                        tracing::debug!(credential = %cred.name, %reason, %detail, "token renewal failed (full detail)");
+                        Ok(c.token.clone())
+                    }
+                    None => {
+                        // The caller reports it (the service's "probe failed" line, or
+                        // `probe`'s result): one WARN line per failure, not two; and a
+                        // backoff means nothing to a one-shot `probe`.
+                        tracing::debug!(credential = %cred.name, %reason, %detail, ?retry_in, "token request failed");
+                        Err(e)
+                    }
                 }
             }
         }

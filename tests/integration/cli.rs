@@ -199,7 +199,7 @@ async fn check_validates_files_and_reports_locations() {
 
 /// `check` on every example under `config/`: with the files each names present (written
 /// into a temp dir, the paths rewritten to point there) it passes; without them it fails
-/// naming a missing file.
+/// naming a missing file, and `check --syntax-only` passes on the example as shipped.
 #[tokio::test]
 async fn check_passes_on_every_example_in_config() {
     use mail_oauth_exporter::config::Config;
@@ -312,6 +312,16 @@ async fn check_passes_on_every_example_in_config() {
         );
         assert!(stdout.contains(": ok ("), "{name}: {stdout}");
 
+        // Issue 14: the shipped example as it is (placeholder paths, no variables set)
+        // passes `check --syntax-only`.
+        let (code, out, err) =
+            run(&["check", "--syntax-only", "--config", path.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{name} --syntax-only: {out}{err}");
+        assert!(
+            out.contains(": syntax ok, named files not checked ("),
+            "{name}: {out}"
+        );
+
         if let Some(first) = files.first() {
             let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]).await;
             assert_eq!(code, 2, "{name} passed without its files");
@@ -337,6 +347,70 @@ async fn check_passes_on_every_example_in_config() {
             checked.iter().any(|c| c == want),
             "no example {want}: {checked:?}"
         );
+    }
+}
+
+/// Issue 14: `check --syntax-only` opens no file the config names and does not try
+/// `state_dir` (a FIFO secret, `/dev/zero` as the CA file and a regular file as `state_dir`
+/// all pass, where the full check refuses them), yet refuses what is wrong in the config
+/// itself, naming file, line and field.
+#[tokio::test]
+async fn check_syntax_only_reads_no_named_file_but_validates_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let not_a_dir = d.join("state-is-a-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let config = file_config(d, &fifo, Some(Path::new("/dev/zero")), &not_a_dir);
+    let syntax = |config: std::path::PathBuf| async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            run(&[
+                "check",
+                "--syntax-only",
+                "--config",
+                config.to_str().unwrap(),
+            ]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("check --syntax-only hung on {}", config.display()))
+    };
+    let (code, out, err) = syntax(config.clone()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("syntax ok, named files not checked (2 credentials, 2 mailboxes, 2 probes)"),
+        "{out}"
+    );
+    // The default is the full check, which refuses the same config for its files.
+    let (code, out) = check(&config).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(fifo.to_str().unwrap()), "{out}");
+    assert!(out.contains("/dev/zero"), "{out}");
+    assert!(out.contains(not_a_dir.to_str().unwrap()), "{out}");
+
+    // Config errors are still found: a bad URL, an interval out of range, an unknown key.
+    let text = std::fs::read_to_string(&config).unwrap();
+    for (from, to, field) in [
+        (
+            "authority: http://127.0.0.1:9\n    client_id: c1\n    grant: client_credentials",
+            "authority: http://example.com\n    client_id: c1\n    grant: client_credentials",
+            "authority",
+        ),
+        ("interval: 10m", "interval: 1s", "interval"),
+        (
+            "protocols: [imap]\n    interval",
+            "protocols: [imap]\n    colour: blue\n    interval",
+            "colour",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let bad = d.join(format!("bad-{field}.yaml"));
+        std::fs::write(&bad, text.replacen(from, to, 1)).unwrap();
+        let (code, out, err) = syntax(bad.clone()).await;
+        assert_eq!(code, 2, "{field}: {out}{err}");
+        assert!(err.contains(bad.to_str().unwrap()), "{field}: {err}");
+        assert!(err.contains(field), "{field}: {err}");
     }
 }
 
@@ -879,4 +953,129 @@ async fn every_flag_has_a_help_text() {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
     assert!(flags > 20, "{flags} flags seen");
+}
+
+/// Issue 14: a failed token request logged two WARN lines of ~400 characters (the token
+/// service's and the probe's), and the one-shot `probe` printed a backoff ("retry_in") it
+/// never waits out. Now: the real binary, `run` with JSON logs against the emulator and a
+/// credential whose secret the token endpoint refuses, logs one WARN line per failed
+/// token request, its detail trimmed, the full detail at DEBUG; `probe` on the same
+/// mailbox prints the failure and no backoff or retry line.
+#[tokio::test]
+async fn a_failed_token_request_logs_one_short_warn_line_and_probe_no_backoff() {
+    use mail_oauth_exporter::emulator::EmulatorOptions;
+    use mail_oauth_exporter::emulator::token_endpoint::{ClientSpec, EmuGrant, TokenEndpoint};
+    use mail_oauth_exporter::token::error::{LOG_DETAIL_MAX, bounded};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    const USER: &str = "helpdesk@contoso.com";
+    let ep = std::sync::Arc::new(TokenEndpoint::start().await.unwrap());
+    ep.add_client(ClientSpec {
+        id: "monitor-app".into(),
+        secret: Some("the-right-secret".into()),
+        grants: vec![EmuGrant::ClientCredentials],
+        mailboxes: vec![USER.into()],
+        ..Default::default()
+    });
+    let emu = mail_oauth_exporter::emulator::Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    emu.write_ca_pem(&d.join("ca.pem")).unwrap();
+    std::fs::write(d.join("secret"), "a-wrong-secret\n").unwrap();
+    // One probe (the next is 10 minutes away): every line it causes is seen below.
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
+             defaults:\n  interval: 10m\n  timeout: 5s\n\
+             scheduler:\n  startup_spread: 1s\n\
+             credentials:\n  monitor:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: monitor-app\n    grant: client_credentials\n    client_secret_file: {d}/secret\n\
+             mailboxes:\n  helpdesk:\n    address: {USER}\n    credential: monitor\n    protocols: [imap]\n\
+             \x20   imap: {{ host: 127.0.0.1, port: {port}, tls: starttls }}\n",
+            d = d.display(),
+            auth = ep.authority(),
+            port = emu.addr(Proto::Imap, TlsKind::Starttls).port(),
+        ),
+    )
+    .unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["--log.format", "json", "run", "--web.listen-address"])
+        .args(["127.0.0.1:0", "--config.file"])
+        .arg(&config)
+        .env("RUST_LOG", "info,mail_oauth_exporter=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut raw: Vec<String> = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let done = v["fields"]["message"] == "probe failed";
+            seen.push(v);
+            raw.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("exited before the probe: {raw:#?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no probe within 60 s: {raw:#?}"));
+    child.kill().await.unwrap();
+
+    let requests = ep.request_count("monitor-app", "client_credentials");
+    assert_eq!(requests, 1, "{raw:#?}");
+    let warns: Vec<(&serde_json::Value, &String)> = seen
+        .iter()
+        .zip(&raw)
+        .filter(|(v, _)| v["level"] == "WARN")
+        .collect();
+    assert_eq!(
+        warns.len(),
+        requests,
+        "one WARN line per failed token request: {warns:#?}"
+    );
+    let (warn, line) = warns[0];
+    assert_eq!(warn["fields"]["mailbox"], "helpdesk", "{line}");
+    let reason = warn["fields"]["reason"].as_str().unwrap();
+    assert_eq!(reason, "token_invalid_client", "{line}");
+    let short = warn["fields"]["detail"].as_str().unwrap();
+    assert!(short.len() <= LOG_DETAIL_MAX + '…'.len_utf8(), "{line}");
+    assert!(line.len() < 400, "{} characters: {line}", line.len());
+    // The full detail, at DEBUG, is what the WARN line trims.
+    let full = seen
+        .iter()
+        .find(|v| v["level"] == "DEBUG" && v["fields"]["message"] == "token request failed")
+        .unwrap_or_else(|| panic!("no DEBUG line with the full detail: {raw:#?}"));
+    let full = full["fields"]["detail"].as_str().unwrap();
+    assert!(full.contains("AADSTS7000215"), "{full}");
+    assert_eq!(short, bounded(full, LOG_DETAIL_MAX), "{line}");
+
+    // The one-shot `probe`: the failure on stdout, no backoff or retry on stderr.
+    let (code, out, err) = run(&[
+        "probe",
+        "--config",
+        config.to_str().unwrap(),
+        "--mailbox",
+        "helpdesk",
+    ])
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("token_invalid_client"), "{out}");
+    assert_eq!(ep.request_count("monitor-app", "client_credentials"), 2);
+    for line in err.lines() {
+        let l = line.to_lowercase();
+        assert!(
+            !l.contains("retry") && !l.contains("backoff"),
+            "a backoff line from a one-shot probe: {line}"
+        );
+    }
 }

@@ -694,3 +694,25 @@ fn no_file_points_outside_the_repository() {
     assert!(links >= 40, "only {links} relative Markdown links checked");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The README's first real mailbox: its config loads with the real loader, as the
+/// client-credentials credential the steps before it set up.
+#[test]
+fn readme_first_mailbox_config_loads() {
+    use mail_oauth_exporter::token::Grant;
+    let md = read("README.md");
+    let block = yaml_block_after(
+        &md,
+        "### Microsoft, application permissions (client credentials)",
+    );
+    // The block sits in a numbered list item, indented by three spaces.
+    let text: Vec<&str> = block
+        .lines()
+        .map(|l| l.strip_prefix("   ").unwrap_or(l))
+        .collect();
+    let config = Config::parse(Path::new("README.md"), &text.join("\n"))
+        .unwrap_or_else(|e| panic!("the README's first config does not load: {e}"));
+    assert_eq!(config.mailboxes.len(), 1);
+    let cred = &config.credentials["contoso-app"];
+    assert_eq!(cred.grant, Grant::ClientCredentials);
+}
