@@ -731,9 +731,22 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
     let state_dir = host_dir("/var/lib/mail-oauth-exporter");
     std::os::unix::fs::chown(&state_dir, Some(65532), Some(65532)).unwrap();
     std::fs::write(secrets.join("token"), format!("{TOKEN}\n")).unwrap();
-    std::fs::write(secrets.join("refresh"), "an-imported-refresh-token\n").unwrap();
+    // `login --refresh-token-file` redeems what it imports: two users' refresh tokens from
+    // an emulated token endpoint on loopback (the container shares the host's network).
+    let ep = mail_oauth_exporter::emulator::token_endpoint::TokenEndpoint::start()
+        .await
+        .unwrap();
+    ep.add_client(mail_oauth_exporter::emulator::token_endpoint::ClientSpec {
+        id: "c".into(),
+        grants: vec![mail_oauth_exporter::emulator::token_endpoint::EmuGrant::RefreshToken],
+        ..Default::default()
+    });
+    for (file, user) in [("refresh", "a@contoso.com"), ("refresh2", "b@contoso.com")] {
+        let rt = ep.add_user(user, "c", &[]);
+        std::fs::write(secrets.join(file), format!("{rt}\n")).unwrap();
+    }
     emu.write_ca_pem(&secrets.join("ca.pem")).unwrap();
-    for f in ["token", "refresh", "ca.pem"] {
+    for f in ["token", "refresh", "refresh2", "ca.pem"] {
         std::os::unix::fs::chown(secrets.join(f), Some(65532), Some(65532)).unwrap();
     }
     let config = |state_dir: &str| {
@@ -743,11 +756,12 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
              defaults:\n  interval: 10s\n  timeout: 5s\n\
              credentials:\n\
              \x20 external:\n    grant: token_file\n    token_file: /secrets/token\n\
-             \x20 delegated:\n    provider: generic\n    token_url: https://127.0.0.1:1/token\n    client_id: c\n    grant: refresh_token\n\
+             \x20 delegated:\n    provider: generic\n    token_url: {token_url}\n    client_id: c\n    grant: refresh_token\n\
              mailboxes:\n\
              \x20 helpdesk:\n    address: helpdesk@contoso.com\n    credential: external\n    protocols: [imap]\n\
              \x20   imap: {{ host: 127.0.0.1, port: {imap}, tls: implicit }}\n",
             imap = emu.addr(Proto::Imap, TlsKind::Implicit).port(),
+            token_url = ep.token_url("contoso"),
         )
     };
     std::fs::write(
@@ -853,7 +867,7 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
 
     // The state volume is the one writable place: storing a refresh token works there and
     // fails on the read-only root (EROFS), with the same image and mounts.
-    let login = |config: &str| {
+    let login = |config: &str, refresh: &str| {
         let extra: Vec<String> = [
             "login",
             "--config.file",
@@ -861,14 +875,14 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
             "--credential",
             "delegated",
             "--refresh-token-file",
-            "/secrets/refresh",
+            refresh,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         b.command().args(run_args(&extra)).output().unwrap()
     };
-    let ok = login("/etc/mail-oauth-exporter/config.yaml");
+    let ok = login("/etc/mail-oauth-exporter/config.yaml", "/secrets/refresh");
     assert!(
         ok.status.success(),
         "{}",
@@ -881,7 +895,10 @@ async fn the_image_builds_and_serves_read_only_as_non_root() {
         String::from_utf8_lossy(&ok.stdout),
         String::from_utf8_lossy(&ok.stderr)
     );
-    let refused = login("/etc/mail-oauth-exporter/elsewhere.yaml");
+    let refused = login(
+        "/etc/mail-oauth-exporter/elsewhere.yaml",
+        "/secrets/refresh2",
+    );
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "wrote outside the volume");
     assert!(err.contains("Read-only file system"), "{err}");
