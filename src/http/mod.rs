@@ -252,11 +252,7 @@ async fn route(
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     match path.as_str() {
-        "/metrics" if get => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            service.metrics().encode(),
-        ),
+        "/metrics" if get => metrics(service, &req).await,
         "/healthz" if get => {
             if service.healthy() {
                 text(StatusCode::OK, PLAIN, "ok\n")
@@ -318,6 +314,42 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
+}
+
+/// `/metrics`: the board's rows are copied (pointers, under its lock for a moment) and
+/// the body is rendered from them on a blocking thread, so neither the board nor a
+/// runtime worker waits on it; in the format and encoding the scraper accepts.
+async fn metrics(service: &Service, req: &Request<Incoming>) -> Response<Body> {
+    use crate::metrics::{Format, accepts_gzip};
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(header(header::ACCEPT));
+    let gzip = accepts_gzip(header(header::ACCEPT_ENCODING));
+    let rows = service.board().rows();
+    let m = service.metrics().clone();
+    let body = match tokio::task::spawn_blocking(move || m.render(&rows, format, gzip)).await {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "rendering /metrics failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN,
+                "metrics unavailable\n",
+            );
+        }
+    };
+    let mut r = text(StatusCode::OK, format.content_type(), body);
+    let h = r.headers_mut();
+    if gzip {
+        h.insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static("gzip"),
+        );
+    }
+    h.insert(
+        header::VARY,
+        header::HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
+    r
 }
 
 fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
