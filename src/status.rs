@@ -707,3 +707,128 @@ fn ser_unix<S: serde::Serializer>(t: &Option<i64>, s: S) -> Result<S::Ok, S::Err
         _ => s.serialize_none(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(mailbox: &str) -> TargetInfo {
+        TargetInfo {
+            mailbox: mailbox.into(),
+            protocol: Protocol::Imap,
+            credential: "c".into(),
+            address: "a@example.com".into(),
+            target: "imap://h:993".into(),
+            interval: Duration::from_secs(60),
+        }
+    }
+
+    fn result(reason: Reason, transcript: &str) -> ProbeResult {
+        ProbeResult {
+            reason,
+            detail: String::new(),
+            finished_at: SystemTime::now(),
+            duration: None,
+            phases: Phases::default(),
+            tls_not_after: None,
+            tls_version: None,
+            transcript: Some(transcript.to_string()),
+        }
+    }
+
+    fn key(m: &str) -> Key {
+        (m.to_string(), Protocol::Imap)
+    }
+
+    fn kept(board: &Board, m: &str) -> Option<String> {
+        board.transcript(&key(m))?.1?.transcript
+    }
+
+    #[test]
+    fn failures_keep_their_transcripts_successes_only_the_latest() {
+        let board = Board::new();
+        let n = SUCCESS_TRANSCRIPTS + 10;
+        board.set_targets((0..n).map(|i| target(&format!("m{i}"))).collect());
+        assert!(!board.ready());
+        board.record(&key("m0"), result(Reason::AuthRejected, "S: NO failed\n"));
+        for i in 1..n {
+            board.record(
+                &key(&format!("m{i}")),
+                result(Reason::Ok, &format!("S: OK {i}\n")),
+            );
+        }
+        assert!(board.ready());
+        assert_eq!(kept(&board, "m0").unwrap(), "S: NO failed\n");
+        assert_eq!(
+            kept(&board, &format!("m{}", n - 1)).unwrap(),
+            format!("S: OK {}\n", n - 1)
+        );
+        // The oldest successes' transcripts were let go, with a note instead.
+        let old = kept(&board, "m1").unwrap();
+        assert!(old.starts_with("# transcript not kept"), "{old}");
+        let snapshot = board.snapshot();
+        let with_link = snapshot
+            .probes
+            .iter()
+            .filter(|p| p.transcript_url.is_some())
+            .count();
+        assert_eq!(with_link, SUCCESS_TRANSCRIPTS + 1);
+    }
+
+    #[test]
+    fn failed_transcripts_are_capped_each_and_in_all() {
+        let board = Board::new();
+        let rows = 2 * FAILURE_TRANSCRIPT_BYTES / MAX_TRANSCRIPT_BYTES;
+        board.set_targets((0..rows).map(|i| target(&format!("m{i}"))).collect());
+        let line = format!("S: {}\n", "x".repeat(500));
+        let long = format!("S: first\n{}S: the failure\n", line.repeat(40));
+        for round in 0..3 {
+            for i in 0..rows {
+                board.record(&key(&format!("m{i}")), result(Reason::ProtocolError, &long));
+            }
+            let inner = board.lock();
+            let t = &inner.transcripts;
+            assert!(t.failure_bytes <= FAILURE_TRANSCRIPT_BYTES, "round {round}");
+            assert!(t.failure_bytes >= FAILURE_TRANSCRIPT_BYTES - MAX_TRANSCRIPT_BYTES);
+            assert!(
+                t.failures.len() <= 2 * t.kept_failures + 64 + 1,
+                "{}",
+                t.failures.len()
+            );
+        }
+        let last = kept(&board, &format!("m{}", rows - 1)).unwrap();
+        assert!(last.len() <= MAX_TRANSCRIPT_BYTES, "{}", last.len());
+        assert!(last.starts_with("S: first\n") && last.ends_with("S: the failure\n"));
+        assert!(
+            last.contains("lines (") && last.contains("bytes) not kept ..."),
+            "{last}"
+        );
+        assert!(
+            kept(&board, "m0")
+                .unwrap()
+                .starts_with("# transcript not kept")
+        );
+        // Removing rows gives their bytes back.
+        board.set_targets(vec![]);
+        assert_eq!(board.lock().transcripts.failure_bytes, 0);
+        assert!(board.lock().transcripts.kept.is_empty());
+    }
+
+    #[test]
+    fn a_token_failure_has_no_transcript_and_a_reload_keeps_history() {
+        let board = Board::new();
+        board.set_targets(vec![target("a")]);
+        let mut r = result(Reason::TokenInvalidGrant, "");
+        r.transcript = None;
+        board.record(&key("a"), r);
+        let (_, last) = board.transcript(&key("a")).unwrap();
+        assert!(last.unwrap().transcript.is_none());
+        let mut changed = target("a");
+        changed.address = "b@example.com".into();
+        board.set_targets(vec![changed]);
+        let rows = board.rows();
+        assert_eq!(rows[0].probes, 1);
+        assert_eq!(rows[0].info.target.address, "b@example.com");
+        assert_eq!(rows[0].failures(), &[(Reason::TokenInvalidGrant, 1)]);
+    }
+}
