@@ -21,7 +21,6 @@ use crate::token::{CredentialExpiryKind, GrantKind, TokenError, TokenInfo, Token
 use prometheus::proto::MetricType;
 use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use text::{Family, Kind, Out, Value};
 
@@ -53,8 +52,6 @@ pub struct Metrics {
     credential_expiry: GaugeVec,
     reload_ok: Gauge,
     reload_ts: Gauge,
-    /// The previous body's uncompressed size: the next one is allocated at once.
-    last_size: AtomicUsize,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -173,7 +170,6 @@ impl Metrics {
                 ))
                 .expect("valid gauge"),
             ),
-            last_size: AtomicUsize::new(0),
             registry,
         };
         let build = reg(
@@ -281,23 +277,105 @@ impl Metrics {
         }
     }
 
-    /// The whole body of a scrape: the registry's families, then the per-row families
-    /// of `rows` (a board snapshot, [`crate::status::Board::rows`]), in `format`,
-    /// gzip-compressed when `gzip`.
-    pub fn render(&self, rows: &[Arc<Row>], format: Format, gzip: bool) -> Vec<u8> {
-        let mut out = Out::new(format, gzip, self.last_size.load(Ordering::Relaxed));
-        let before = std::time::Instant::now();
+    /// A scrape's body, rendered as it is sent ([`Exposition`]): the registry's
+    /// families, then the per-row families of `rows` (a board snapshot,
+    /// [`crate::status::Board::rows`]), in `format`, gzip-compressed when `gzip`.
+    pub fn exposition(&self, rows: Vec<Arc<Row>>, format: Format, gzip: bool) -> Exposition {
+        let mut out = Out::new(format, gzip);
         write_registry(&mut out, &self.registry.gather());
-        render_rows(&mut out, rows);
-        let (body, plain_len) = out.finish_counted();
-        self.last_size.store(plain_len, Ordering::Relaxed);
+        Exposition {
+            out,
+            rows,
+            families: row_families(),
+            family: 0,
+            row: 0,
+            done: false,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The whole body at once (tests, benchmarks).
+    pub fn render(&self, rows: &[Arc<Row>], format: Format, gzip: bool) -> Vec<u8> {
+        let mut e = self.exposition(rows.to_vec(), format, gzip);
+        let mut body = Vec::new();
+        while let Some(chunk) = e.next_chunk() {
+            body.extend_from_slice(&chunk);
+        }
+        body
+    }
+}
+
+/// A scrape's body, rendered a chunk (about 64 KiB) at a time as the connection takes
+/// it, from a snapshot of the board's rows: however large the fleet, the body is never
+/// whole in memory, and a slow scraper holds a list of pointers, not a lock. It is the
+/// response body itself (`hyper::body::Body`).
+pub struct Exposition {
+    out: Out,
+    rows: Vec<Arc<Row>>,
+    families: [Family; ROW_FAMILIES],
+    family: usize,
+    row: usize,
+    done: bool,
+    started: std::time::Instant,
+}
+
+impl Exposition {
+    /// The next piece of the body; `None` once it was all sent.
+    pub fn next_chunk(&mut self) -> Option<bytes::Bytes> {
+        if self.done {
+            return None;
+        }
+        while self.family < ROW_FAMILIES {
+            while self.row < self.rows.len() {
+                render_row(
+                    &mut self.out,
+                    &mut self.families[self.family],
+                    self.family,
+                    &self.rows[self.row],
+                );
+                self.row += 1;
+                if self.out.buffered() >= text::CHUNK {
+                    let chunk = self.out.take_chunk();
+                    // With gzip the encoder may not have produced anything yet.
+                    if !chunk.is_empty() {
+                        return Some(chunk.into());
+                    }
+                }
+            }
+            self.family += 1;
+            self.row = 0;
+        }
+        self.done = true;
+        let written = self.out.written();
+        let last = self.out.finish_chunk();
         tracing::debug!(
-            rows = rows.len(),
-            bytes = body.len(),
-            elapsed_ms = before.elapsed().as_secs_f64() * 1000.0,
+            rows = self.rows.len(),
+            bytes = written,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "metrics rendered"
         );
-        body
+        Some(last.into())
+    }
+}
+
+impl hyper::body::Body for Exposition {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        // Rendering a chunk takes a fraction of a millisecond: done right here.
+        std::task::Poll::Ready(
+            self.get_mut()
+                .next_chunk()
+                .map(|c| Ok(hyper::body::Frame::data(c))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
@@ -372,117 +450,99 @@ const LAST_SUCCESS_HELP: &str =
     "When a probe last succeeded. Results come from scheduled probes, not from the scrape.";
 const TLS_HELP: &str = "Earliest notAfter in the certificate chain the mail server presented. Results come from scheduled probes, not from the scrape.";
 
-/// The per-row families of `rows`, one group each, in the contract's order. Pending rows
+const ROW_FAMILIES: usize = 9;
+
+/// The per-row families, in the contract's order.
+fn row_families() -> [Family; ROW_FAMILIES] {
+    [
+        Family::new("mail_oauth_probe_success", SUCCESS_HELP, Kind::Gauge),
+        Family::new("mail_oauth_probe_result", RESULT_HELP, Kind::Gauge),
+        Family::new("mail_oauth_probes_total", PROBES_HELP, Kind::Counter),
+        Family::new(
+            "mail_oauth_probe_failures_total",
+            FAILURES_HELP,
+            Kind::Counter,
+        ),
+        Family::new(
+            "mail_oauth_probe_duration_seconds",
+            DURATION_HELP,
+            Kind::Gauge,
+        ),
+        Family::new("mail_oauth_probe_phase_seconds", PHASE_HELP, Kind::Gauge),
+        Family::new(
+            "mail_oauth_probe_last_run_timestamp_seconds",
+            LAST_RUN_HELP,
+            Kind::Gauge,
+        ),
+        Family::new(
+            "mail_oauth_probe_last_success_timestamp_seconds",
+            LAST_SUCCESS_HELP,
+            Kind::Gauge,
+        ),
+        Family::new(
+            "mail_oauth_tls_certificate_expiry_timestamp_seconds",
+            TLS_HELP,
+            Kind::Gauge,
+        ),
+    ]
+}
+
+/// Row `r`'s samples of family number `family` (see [`row_families`]). A family's header
+/// goes out with its first sample, so a family without samples is left out. Pending rows
 /// have only `mail_oauth_probes_total` (0), so `rate()` and absence alerts see them.
-pub(crate) fn render_rows(out: &mut Out, rows: &[Arc<Row>]) {
-    let mut f = Family::new("mail_oauth_probe_success", SUCCESS_HELP, Kind::Gauge);
-    for r in rows {
-        if let Some(l) = &r.last {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                None,
-                Value::U64(u64::from(l.reason == Reason::Ok)),
-            );
+fn render_row(out: &mut Out, f: &mut Family, family: usize, r: &Row) {
+    let labels = &r.info.labels;
+    match (family, &r.last) {
+        (0, Some(l)) => out.sample(
+            f,
+            labels,
+            None,
+            Value::U64(u64::from(l.reason == Reason::Ok)),
+        ),
+        (1, Some(l)) => out.sample(
+            f,
+            labels,
+            Some(("reason", l.reason.as_str())),
+            Value::U64(1),
+        ),
+        (2, _) => out.sample(f, labels, None, Value::U64(r.probes)),
+        (3, _) => {
+            for (reason, n) in r.failures_shown() {
+                out.sample(f, labels, Some(("reason", reason.as_str())), Value::U64(*n));
+            }
         }
-    }
-    let mut f = Family::new("mail_oauth_probe_result", RESULT_HELP, Kind::Gauge);
-    for r in rows {
-        if let Some(l) = &r.last {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                Some(("reason", l.reason.as_str())),
-                Value::U64(1),
-            );
+        (4, _) => {
+            if let Some(d) = r.auth_duration {
+                out.sample(f, labels, None, Value::Micros(micros(d)));
+            }
         }
-    }
-    let mut f = Family::new("mail_oauth_probes_total", PROBES_HELP, Kind::Counter);
-    for r in rows {
-        out.sample(&mut f, &r.info.labels, None, Value::U64(r.probes));
-    }
-    let mut f = Family::new(
-        "mail_oauth_probe_failures_total",
-        FAILURES_HELP,
-        Kind::Counter,
-    );
-    for r in rows {
-        for (reason, n) in r.failures_shown() {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                Some(("reason", reason.as_str())),
-                Value::U64(*n),
-            );
-        }
-    }
-    let mut f = Family::new(
-        "mail_oauth_probe_duration_seconds",
-        DURATION_HELP,
-        Kind::Gauge,
-    );
-    for r in rows {
-        if let Some(d) = r.auth_duration {
-            out.sample(&mut f, &r.info.labels, None, Value::Micros(micros(d)));
-        }
-    }
-    let mut f = Family::new("mail_oauth_probe_phase_seconds", PHASE_HELP, Kind::Gauge);
-    for r in rows {
-        if let Some(l) = &r.last {
+        (5, Some(l)) => {
             for (phase, us) in l.phase_micros() {
                 out.sample(
-                    &mut f,
-                    &r.info.labels,
+                    f,
+                    labels,
                     Some(("phase", phase.as_str())),
                     Value::Micros(u64::from(us)),
                 );
             }
         }
-    }
-    let mut f = Family::new(
-        "mail_oauth_probe_last_run_timestamp_seconds",
-        LAST_RUN_HELP,
-        Kind::Gauge,
-    );
-    for r in rows {
-        if let Some(l) = &r.last {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                None,
-                Value::UnixMillis(unix_millis(l.finished_at)),
-            );
+        (6, Some(l)) => out.sample(
+            f,
+            labels,
+            None,
+            Value::UnixMillis(unix_millis(l.finished_at)),
+        ),
+        (7, _) => {
+            if let Some(t) = r.last_success {
+                out.sample(f, labels, None, Value::UnixMillis(unix_millis(t)));
+            }
         }
-    }
-    let mut f = Family::new(
-        "mail_oauth_probe_last_success_timestamp_seconds",
-        LAST_SUCCESS_HELP,
-        Kind::Gauge,
-    );
-    for r in rows {
-        if let Some(t) = r.last_success {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                None,
-                Value::UnixMillis(unix_millis(t)),
-            );
+        (8, _) => {
+            if let Some(t) = r.tls_not_after {
+                out.sample(f, labels, None, Value::UnixMillis(t.saturating_mul(1000)));
+            }
         }
-    }
-    let mut f = Family::new(
-        "mail_oauth_tls_certificate_expiry_timestamp_seconds",
-        TLS_HELP,
-        Kind::Gauge,
-    );
-    for r in rows {
-        if let Some(t) = r.tls_not_after {
-            out.sample(
-                &mut f,
-                &r.info.labels,
-                None,
-                Value::UnixMillis(t.saturating_mul(1000)),
-            );
-        }
+        _ => {}
     }
 }
 
@@ -785,6 +845,53 @@ mod tests {
         assert!(row.failures_shown().len() > 1);
         assert_eq!(row.failures_shown()[0], (Reason::Timeout, 3));
         assert!(count(&board) <= MAX_SERIES_PER_ROW);
+    }
+
+    #[test]
+    fn a_large_body_is_the_same_in_chunks_compressed_or_not() {
+        use std::io::Read;
+        let board = Board::new();
+        let n = 3000;
+        board.set_targets(
+            (0..n)
+                .map(|i| target(&format!("m{i}"), Protocol::Pop3))
+                .collect(),
+        );
+        for i in 0..n {
+            board.record(&(format!("m{i}"), Protocol::Pop3), result(Reason::Ok, true));
+        }
+        let m = Metrics::new();
+        let mut e = m.exposition(board.rows(), Format::OpenMetrics, false);
+        let mut chunks = 0;
+        let mut plain = Vec::new();
+        while let Some(c) = e.next_chunk() {
+            assert!(c.len() < 2 * text::CHUNK, "{}", c.len());
+            plain.extend_from_slice(&c);
+            chunks += 1;
+        }
+        assert!(e.next_chunk().is_none());
+        assert!(plain.len() > 20 * text::CHUNK && chunks > 20, "{chunks}");
+        let gz = m.render(&board.rows(), Format::OpenMetrics, true);
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut unzipped)
+            .unwrap();
+        // process_* values move between two renders; everything else is the same.
+        let stable = |b: &[u8]| -> String {
+            String::from_utf8_lossy(b)
+                .lines()
+                .filter(|l| !l.starts_with("process_"))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        assert!(stable(&unzipped) == stable(&plain), "the gzip body differs");
+        let text = String::from_utf8(plain).unwrap();
+        let per_row = samples(&text)
+            .iter()
+            .filter(|(_, l, _)| l.contains_key("mailbox"))
+            .count();
+        assert_eq!(per_row, 14 * n);
+        assert!(text.ends_with("# EOF\n"));
     }
 
     #[test]

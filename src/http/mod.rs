@@ -12,7 +12,8 @@ use crate::Protocol;
 use crate::service::Service;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -33,7 +34,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// At shutdown, open connections get this long to finish their request.
 const DRAIN: Duration = Duration::from_secs(5);
 
-type Body = Full<Bytes>;
+/// A whole body (pages, JSON) or one rendered as it is sent (`/metrics`).
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Serves until `shutdown` completes, then lets open requests finish briefly. With TLS in
 /// `web`, every connection must complete a TLS handshake first (a plain HTTP request is
@@ -215,7 +217,7 @@ fn is_loopback(ip: IpAddr) -> bool {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -252,7 +254,7 @@ async fn route(
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     match path.as_str() {
-        "/metrics" if get => metrics(service, &req).await,
+        "/metrics" if get => metrics(service, &req),
         "/healthz" if get => {
             if service.healthy() {
                 text(StatusCode::OK, PLAIN, "ok\n")
@@ -317,27 +319,18 @@ async fn route(
 }
 
 /// `/metrics`: the board's rows are copied (pointers, under its lock for a moment) and
-/// the body is rendered from them on a blocking thread, so neither the board nor a
-/// runtime worker waits on it; in the format and encoding the scraper accepts.
-async fn metrics(service: &Service, req: &Request<Incoming>) -> Response<Body> {
+/// the body is rendered from them as the connection takes it, in the format and encoding
+/// the scraper accepts; the board is never locked while the body is written.
+fn metrics(service: &Service, req: &Request<Incoming>) -> Response<Body> {
     use crate::metrics::{Format, accepts_gzip};
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     let format = Format::negotiate(header(header::ACCEPT));
     let gzip = accepts_gzip(header(header::ACCEPT_ENCODING));
-    let rows = service.board().rows();
-    let m = service.metrics().clone();
-    let body = match tokio::task::spawn_blocking(move || m.render(&rows, format, gzip)).await {
-        Ok(body) => body,
-        Err(e) => {
-            tracing::error!(error = %e, "rendering /metrics failed");
-            return text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                PLAIN,
-                "metrics unavailable\n",
-            );
-        }
-    };
-    let mut r = text(StatusCode::OK, format.content_type(), body);
+    let body = service
+        .metrics()
+        .exposition(service.board().rows(), format, gzip);
+    let mut r = text(StatusCode::OK, format.content_type(), Bytes::new());
+    *r.body_mut() = body.boxed();
     let h = r.headers_mut();
     if gzip {
         h.insert(

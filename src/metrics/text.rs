@@ -123,6 +123,8 @@ fn escape_label_value(out: &mut Vec<u8>, v: &str) {
 
 /// Uncompressed bytes gathered before they go to the gzip encoder in one piece.
 const GZIP_CHUNK: usize = 64 * 1024;
+/// About how much of the body is rendered at a time when it is sent as it is rendered.
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// A sample's value, written exactly: counts as integers, durations and times as decimal
 /// fractions of whole microseconds or milliseconds.
@@ -165,22 +167,15 @@ impl Family {
 }
 
 impl Out {
-    /// `size_hint`: the uncompressed size expected (the previous body's), so a large
-    /// uncompressed body is allocated once.
-    pub fn new(format: Format, gzip: bool, size_hint: usize) -> Out {
+    pub fn new(format: Format, gzip: bool) -> Out {
         let gzip = gzip.then(|| {
             // Level 1: this text compresses about 15-fold even so, for a fraction of the
             // CPU of the default level.
-            GzEncoder::new(Vec::with_capacity(size_hint / 12), Compression::fast())
+            GzEncoder::new(Vec::with_capacity(CHUNK / 8), Compression::fast())
         });
-        let cap = if gzip.is_some() {
-            GZIP_CHUNK + 4096
-        } else {
-            size_hint + size_hint / 16
-        };
         Out {
             format,
-            buf: Vec::with_capacity(cap),
+            buf: Vec::with_capacity(CHUNK + 4096),
             gzip,
             spilled: 0,
         }
@@ -278,26 +273,52 @@ impl Out {
         }
     }
 
-    /// The finished body (OpenMetrics' `# EOF` added), compressed if asked.
-    #[cfg(test)]
-    pub fn finish(self) -> Vec<u8> {
-        self.finish_counted().0
+    /// Uncompressed bytes written so far.
+    pub fn written(&self) -> usize {
+        self.spilled + self.buf.len()
     }
 
-    /// The finished body and its uncompressed length.
-    pub fn finish_counted(mut self) -> (Vec<u8>, usize) {
+    /// Uncompressed bytes waiting in the buffer (the gzip encoder's input not counted).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The body bytes ready to send: the buffer as written, or what the encoder produced
+    /// from it so far.
+    pub fn take_chunk(&mut self) -> Vec<u8> {
+        match &mut self.gzip {
+            None => {
+                self.spilled += self.buf.len();
+                std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 4096))
+            }
+            Some(_) => {
+                self.spill();
+                let gz = self.gzip.as_mut().expect("gzip");
+                std::mem::take(gz.get_mut())
+            }
+        }
+    }
+
+    /// The last bytes of the body (OpenMetrics' `# EOF`, the gzip trailer).
+    pub fn finish_chunk(&mut self) -> Vec<u8> {
         if self.format == Format::OpenMetrics {
             self.buf.extend_from_slice(b"# EOF\n");
         }
-        let plain = self.spilled + self.buf.len();
-        match self.gzip.take() {
-            None => (self.buf, plain),
+        let mut last = self.take_chunk();
+        if let Some(gz) = &mut self.gzip {
             // Compressing into a Vec cannot fail.
-            Some(mut gz) => {
-                let _ = gz.write_all(&self.buf);
-                (gz.finish().unwrap_or_default(), plain)
-            }
+            let _ = gz.try_finish();
+            last.append(gz.get_mut());
         }
+        last
+    }
+
+    /// The whole body at once (OpenMetrics' `# EOF` added), compressed if asked.
+    #[cfg(test)]
+    pub fn finish(mut self) -> Vec<u8> {
+        let mut body = self.take_chunk();
+        body.extend(self.finish_chunk());
+        body
     }
 }
 
@@ -348,7 +369,7 @@ mod tests {
     use super::*;
 
     fn text(f: impl FnOnce(&mut Out)) -> String {
-        let mut out = Out::new(Format::Prometheus, false, 0);
+        let mut out = Out::new(Format::Prometheus, false);
         f(&mut out);
         String::from_utf8(out.finish()).unwrap()
     }
@@ -406,7 +427,7 @@ mod tests {
 
     #[test]
     fn openmetrics_names_counter_families_without_total_and_ends_with_eof() {
-        let mut out = Out::new(Format::OpenMetrics, false, 0);
+        let mut out = Out::new(Format::OpenMetrics, false);
         let mut f = Family::new("x_total", "Say \"hi\".", Kind::Counter);
         out.sample(&mut f, "a=\"1\"", None, Value::U64(2));
         out.sample(&mut f, "a=\"2\"", None, Value::U64(3));
@@ -420,7 +441,7 @@ mod tests {
     #[test]
     fn gzip_round_trips() {
         use std::io::Read;
-        let mut out = Out::new(Format::Prometheus, true, 0);
+        let mut out = Out::new(Format::Prometheus, true);
         let mut f = Family::new("x", "h", Kind::Gauge);
         for i in 0..20_000u64 {
             out.sample(
