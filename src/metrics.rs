@@ -1,20 +1,28 @@
-//! The contract's metrics: the only module that touches the Prometheus registry.
+//! The contract's metrics. Two sources, one body:
+//! - the per-row families (`mail_oauth_probe_*`, `mail_oauth_tls_*`), rendered at scrape
+//!   time from the status board's rows ([`render_rows`]): the board is their only store,
+//!   so a row has one `mail_oauth_probe_result` series because it holds one reason, and a
+//!   removed row has no series because it is no longer on the board;
+//! - everything else in the exporter's own `prometheus::Registry`: the fleet latency
+//!   histogram, the per-credential token metrics (fed by [`TokenObserver`]), the reload
+//!   status, build info and the `process_*` collector.
 //!
-//! Everything else reports plain values (a probe's reason and phases, a token request's
-//! outcome) and this module turns them into series, so label names and the "exactly one
-//! `mail_oauth_probe_result` series" rule live in one place.
+//! Both are written by [`text`] in the format the scraper asks for, gzip-compressed when
+//! it accepts that.
+
+mod text;
+
+pub use text::{Format, accepts_gzip, label_pairs};
 
 use crate::Protocol;
-use crate::probe::{Phase, Phases};
 use crate::reason::Reason;
+use crate::status::Row;
 use crate::token::{CredentialExpiryKind, GrantKind, TokenError, TokenInfo, TokenObserver};
-use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
-    TextEncoder,
-};
-use std::collections::HashMap;
-use std::sync::Mutex;
+use prometheus::proto::MetricType;
+use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use text::{Family, Kind, Out, Value};
 
 /// Appended to every HELP text: a scrape only reads what the scheduler found.
 const FROM_PROBES: &str = "Results come from scheduled probes, not from the scrape.";
@@ -33,30 +41,10 @@ const EXPIRY_KINDS: [CredentialExpiryKind; 2] = [
     CredentialExpiryKind::Certificate,
 ];
 
-/// What one finished probe reports to the metrics (no server text in it).
-#[derive(Debug, Clone)]
-pub struct ProbeRecord {
-    pub reason: Reason,
-    pub finished_at: SystemTime,
-    /// Connect start to the auth reply; `None` when the auth step was not reached.
-    pub duration: Option<Duration>,
-    pub phases: Phases,
-    /// Earliest notAfter of the presented chain, unix seconds.
-    pub tls_not_after: Option<i64>,
-}
-
-/// The exporter's own registry and every contract metric.
+/// The exporter's own registry: everything that is not per row.
 pub struct Metrics {
     registry: Registry,
-    probe_success: GaugeVec,
-    probe_result: GaugeVec,
-    probes_total: IntCounterVec,
-    probe_failures_total: IntCounterVec,
-    probe_duration: HistogramVec,
-    probe_phase: GaugeVec,
-    probe_last_run: GaugeVec,
-    probe_last_success: GaugeVec,
-    tls_expiry: GaugeVec,
+    fleet_duration: HistogramVec,
     token_requests: IntCounterVec,
     token_failures: IntCounterVec,
     token_duration: HistogramVec,
@@ -67,9 +55,6 @@ pub struct Metrics {
     credential_expiry: GaugeVec,
     reload_ok: Gauge,
     reload_ts: Gauge,
-    /// The reason each mailbox+protocol's `probe_result` series carries now, so a change
-    /// removes the old series instead of leaving it at 0.
-    current_reason: Mutex<HashMap<(String, Protocol), Reason>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,6 +71,13 @@ fn unix(t: SystemTime) -> f64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs_f64(),
         Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+fn unix_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
     }
 }
 
@@ -127,49 +119,12 @@ impl Metrics {
                 .expect("valid histogram"),
             )
         };
-        let mp = &["mailbox", "protocol"];
         let m = Metrics {
-            probe_success: gauge(
-                "mail_oauth_probe_success",
-                "1 if the most recent probe of this mailbox and protocol logged in, else 0.",
-                mp,
-            ),
-            probe_result: gauge(
-                "mail_oauth_probe_result",
-                "Always 1, one series per mailbox and protocol: the reason of the most recent probe (ok on success).",
-                &["mailbox", "protocol", "reason"],
-            ),
-            probes_total: counter("mail_oauth_probes_total", "Probes finished.", mp),
-            probe_failures_total: counter(
-                "mail_oauth_probe_failures_total",
-                "Failed probes by reason.",
-                &["mailbox", "protocol", "reason"],
-            ),
-            probe_duration: histogram(
-                "mail_oauth_probe_duration_seconds",
-                "Connect start to the server's reply to the auth step (token time excluded).",
-                mp,
+            fleet_duration: histogram(
+                "mail_oauth_fleet_probe_duration_seconds",
+                "Connect start to the server's reply to the auth step (token time excluded), every probe that reached the auth step, all mailboxes together.",
+                &["protocol"],
                 PROBE_BUCKETS,
-            ),
-            probe_phase: gauge(
-                "mail_oauth_probe_phase_seconds",
-                "Time spent in each phase of the most recent probe; phases it did not reach are absent.",
-                &["mailbox", "protocol", "phase"],
-            ),
-            probe_last_run: gauge(
-                "mail_oauth_probe_last_run_timestamp_seconds",
-                "When the most recent probe finished.",
-                mp,
-            ),
-            probe_last_success: gauge(
-                "mail_oauth_probe_last_success_timestamp_seconds",
-                "When a probe last succeeded.",
-                mp,
-            ),
-            tls_expiry: gauge(
-                "mail_oauth_tls_certificate_expiry_timestamp_seconds",
-                "Earliest notAfter in the certificate chain the mail server presented.",
-                mp,
             ),
             token_requests: counter(
                 "mail_oauth_token_requests_total",
@@ -223,7 +178,6 @@ impl Metrics {
                 ))
                 .expect("valid gauge"),
             ),
-            current_reason: Mutex::new(HashMap::new()),
             registry,
         };
         let build = reg(
@@ -249,90 +203,12 @@ impl Metrics {
         m
     }
 
-    /// Creates the series a configured mailbox+protocol has before its first probe, so
-    /// `rate()` and absence alerts see it from the start.
-    pub fn add_probe(&self, mailbox: &str, protocol: Protocol) {
-        self.probes_total
-            .with_label_values(&[mailbox, protocol.as_str()])
-            .inc_by(0);
-    }
-
-    /// One finished probe.
-    pub fn record_probe(&self, mailbox: &str, protocol: Protocol, r: &ProbeRecord) {
-        let p = protocol.as_str();
-        let mp = [mailbox, p];
-        self.probes_total.with_label_values(&mp).inc();
-        if r.reason != Reason::Ok {
-            self.probe_failures_total
-                .with_label_values(&[mailbox, p, r.reason.as_str()])
-                .inc();
-        }
-        self.probe_success
-            .with_label_values(&mp)
-            .set(if r.reason == Reason::Ok { 1.0 } else { 0.0 });
-        {
-            let mut current = lock(&self.current_reason);
-            let old = current.insert((mailbox.to_string(), protocol), r.reason);
-            if let Some(old) = old.filter(|o| *o != r.reason) {
-                let _ = self
-                    .probe_result
-                    .remove_label_values(&[mailbox, p, old.as_str()]);
-            }
-            self.probe_result
-                .with_label_values(&[mailbox, p, r.reason.as_str()])
-                .set(1.0);
-        }
-        if let Some(d) = r.duration {
-            self.probe_duration
-                .with_label_values(&mp)
-                .observe(d.as_secs_f64());
-        }
-        for (phase, d) in r.phases.iter() {
-            let labels = [mailbox, p, phase.as_str()];
-            match d {
-                Some(d) => self
-                    .probe_phase
-                    .with_label_values(&labels)
-                    .set(d.as_secs_f64()),
-                None => {
-                    let _ = self.probe_phase.remove_label_values(&labels);
-                }
-            }
-        }
-        let finished = unix(r.finished_at);
-        self.probe_last_run.with_label_values(&mp).set(finished);
-        if r.reason == Reason::Ok {
-            self.probe_last_success.with_label_values(&mp).set(finished);
-        }
-        if let Some(t) = r.tls_not_after {
-            self.tls_expiry.with_label_values(&mp).set(t as f64);
-        }
-    }
-
-    /// Removes every series of a mailbox+protocol no longer in the config.
-    pub fn remove_probe(&self, mailbox: &str, protocol: Protocol) {
-        let p = protocol.as_str();
-        let mp = [mailbox, p];
-        let _ = self.probe_success.remove_label_values(&mp);
-        let _ = self.probes_total.remove_label_values(&mp);
-        let _ = self.probe_duration.remove_label_values(&mp);
-        let _ = self.probe_last_run.remove_label_values(&mp);
-        let _ = self.probe_last_success.remove_label_values(&mp);
-        let _ = self.tls_expiry.remove_label_values(&mp);
-        for reason in Reason::ALL {
-            let _ = self
-                .probe_failures_total
-                .remove_label_values(&[mailbox, p, reason.as_str()]);
-            let _ = self
-                .probe_result
-                .remove_label_values(&[mailbox, p, reason.as_str()]);
-        }
-        for phase in Phase::ALL {
-            let _ = self
-                .probe_phase
-                .remove_label_values(&[mailbox, p, phase.as_str()]);
-        }
-        lock(&self.current_reason).remove(&(mailbox.to_string(), protocol));
+    /// A probe of `protocol` that reached the auth step took `d` (connect start to the
+    /// auth reply): the fleet-wide latency distribution.
+    pub fn observe_probe_duration(&self, protocol: Protocol, d: Duration) {
+        self.fleet_duration
+            .with_label_values(&[protocol.as_str()])
+            .observe(d.as_secs_f64());
     }
 
     /// The token state of a credential, as the token service knows it.
@@ -410,15 +286,277 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of everything.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        // Encoding into a Vec only fails on malformed families, which we never build.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::error!(error = %e, "cannot encode metrics");
+    /// A scrape's body, rendered as it is sent ([`Exposition`]): the registry's
+    /// families, then the per-row families of `rows` (a board snapshot,
+    /// [`crate::status::Board::rows`]), in `format`, gzip-compressed when `gzip`.
+    pub fn exposition(&self, rows: Vec<Arc<Row>>, format: Format, gzip: bool) -> Exposition {
+        let mut out = Out::new(format, gzip);
+        write_registry(&mut out, &self.registry.gather());
+        Exposition {
+            out,
+            rows,
+            families: row_families(),
+            family: 0,
+            row: 0,
+            done: false,
+            started: std::time::Instant::now(),
         }
-        buf
     }
+
+    /// The whole body at once (tests, benchmarks).
+    pub fn render(&self, rows: &[Arc<Row>], format: Format, gzip: bool) -> Vec<u8> {
+        let mut e = self.exposition(rows.to_vec(), format, gzip);
+        let mut body = Vec::new();
+        while let Some(chunk) = e.next_chunk() {
+            body.extend_from_slice(&chunk);
+        }
+        body
+    }
+}
+
+/// A scrape's body, rendered a chunk (about 64 KiB) at a time as the connection takes
+/// it, from a snapshot of the board's rows: however large the fleet, the body is never
+/// whole in memory, and a slow scraper holds a list of pointers, not a lock. It is the
+/// response body itself (`hyper::body::Body`).
+pub struct Exposition {
+    out: Out,
+    rows: Vec<Arc<Row>>,
+    families: [Family; ROW_FAMILIES],
+    family: usize,
+    row: usize,
+    done: bool,
+    started: std::time::Instant,
+}
+
+impl Exposition {
+    /// The next piece of the body; `None` once it was all sent.
+    pub fn next_chunk(&mut self) -> Option<bytes::Bytes> {
+        if self.done {
+            return None;
+        }
+        while self.family < ROW_FAMILIES {
+            while self.row < self.rows.len() {
+                render_row(
+                    &mut self.out,
+                    &mut self.families[self.family],
+                    self.family,
+                    &self.rows[self.row],
+                );
+                self.row += 1;
+                if self.out.buffered() >= text::CHUNK {
+                    let chunk = self.out.take_chunk();
+                    // With gzip the encoder may not have produced anything yet.
+                    if !chunk.is_empty() {
+                        return Some(chunk.into());
+                    }
+                }
+            }
+            self.family += 1;
+            self.row = 0;
+        }
+        self.done = true;
+        let written = self.out.written();
+        let last = self.out.finish_chunk();
+        tracing::debug!(
+            rows = self.rows.len(),
+            bytes = written,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "metrics rendered"
+        );
+        Some(last.into())
+    }
+}
+
+impl hyper::body::Body for Exposition {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        // Rendering a chunk takes a fraction of a millisecond: done right here.
+        std::task::Poll::Ready(
+            self.get_mut()
+                .next_chunk()
+                .map(|c| Ok(hyper::body::Frame::data(c))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// The registry's families (gathered, sorted by name) in `out`'s format.
+fn write_registry(out: &mut Out, families: &[prometheus::proto::MetricFamily]) {
+    let mut labels = String::new();
+    for f in families {
+        let kind = match f.type_() {
+            MetricType::COUNTER => Kind::Counter,
+            MetricType::GAUGE => Kind::Gauge,
+            MetricType::HISTOGRAM => Kind::Histogram,
+            _ => Kind::Unknown,
+        };
+        let name = f.name();
+        if f.metric.is_empty() {
+            continue;
+        }
+        out.header(name, f.help(), kind);
+        for m in &f.metric {
+            let pairs: Vec<(&str, &str)> = m.label.iter().map(|l| (l.name(), l.value())).collect();
+            labels.clear();
+            labels.push_str(&label_pairs(&pairs));
+            match kind {
+                Kind::Counter => out.line(name, &labels, None, Value::F64(m.counter.value())),
+                Kind::Gauge => out.line(name, &labels, None, Value::F64(m.gauge.value())),
+                Kind::Histogram => {
+                    let h = &m.histogram;
+                    let bucket = format!("{name}_bucket");
+                    for b in &h.bucket {
+                        out.line(
+                            &bucket,
+                            &labels,
+                            Some(("le", &text::bound(b.upper_bound()))),
+                            Value::U64(b.cumulative_count()),
+                        );
+                    }
+                    out.line(
+                        &bucket,
+                        &labels,
+                        Some(("le", "+Inf")),
+                        Value::U64(h.sample_count()),
+                    );
+                    out.line(
+                        &format!("{name}_sum"),
+                        &labels,
+                        None,
+                        Value::F64(h.sample_sum()),
+                    );
+                    out.line(
+                        &format!("{name}_count"),
+                        &labels,
+                        None,
+                        Value::U64(h.sample_count()),
+                    );
+                }
+                Kind::Unknown => out.line(name, &labels, None, Value::F64(m.untyped.value())),
+            }
+        }
+    }
+}
+
+const SUCCESS_HELP: &str = "1 if the most recent probe of this mailbox and protocol logged in, else 0. Results come from scheduled probes, not from the scrape.";
+const RESULT_HELP: &str = "Always 1, one series per mailbox and protocol: the reason of the most recent probe (ok on success). Results come from scheduled probes, not from the scrape.";
+const PROBES_HELP: &str =
+    "Probes finished. Results come from scheduled probes, not from the scrape.";
+const FAILURES_HELP: &str = "Failed probes by reason (the most recently seen reasons of each mailbox and protocol, within 15 series a row). Results come from scheduled probes, not from the scrape.";
+const DURATION_HELP: &str = "The most recent probe that reached the auth step: connect start to the server's reply to the auth step (token time excluded). Results come from scheduled probes, not from the scrape.";
+const PHASE_HELP: &str = "Time spent in each phase of the most recent probe; phases it did not reach are absent. Results come from scheduled probes, not from the scrape.";
+const LAST_RUN_HELP: &str =
+    "When the most recent probe finished. Results come from scheduled probes, not from the scrape.";
+const LAST_SUCCESS_HELP: &str =
+    "When a probe last succeeded. Results come from scheduled probes, not from the scrape.";
+const TLS_HELP: &str = "Earliest notAfter in the certificate chain the mail server presented. Results come from scheduled probes, not from the scrape.";
+
+const ROW_FAMILIES: usize = 9;
+
+/// The per-row families, in the contract's order.
+fn row_families() -> [Family; ROW_FAMILIES] {
+    [
+        Family::new("mail_oauth_probe_success", SUCCESS_HELP, Kind::Gauge),
+        Family::new("mail_oauth_probe_result", RESULT_HELP, Kind::Gauge),
+        Family::new("mail_oauth_probes_total", PROBES_HELP, Kind::Counter),
+        Family::new(
+            "mail_oauth_probe_failures_total",
+            FAILURES_HELP,
+            Kind::Counter,
+        ),
+        Family::new(
+            "mail_oauth_probe_duration_seconds",
+            DURATION_HELP,
+            Kind::Gauge,
+        ),
+        Family::new("mail_oauth_probe_phase_seconds", PHASE_HELP, Kind::Gauge),
+        Family::new(
+            "mail_oauth_probe_last_run_timestamp_seconds",
+            LAST_RUN_HELP,
+            Kind::Gauge,
+        ),
+        Family::new(
+            "mail_oauth_probe_last_success_timestamp_seconds",
+            LAST_SUCCESS_HELP,
+            Kind::Gauge,
+        ),
+        Family::new(
+            "mail_oauth_tls_certificate_expiry_timestamp_seconds",
+            TLS_HELP,
+            Kind::Gauge,
+        ),
+    ]
+}
+
+/// Row `r`'s samples of family number `family` (see [`row_families`]). A family's header
+/// goes out with its first sample, so a family without samples is left out. Pending rows
+/// have only `mail_oauth_probes_total` (0), so `rate()` and absence alerts see them.
+fn render_row(out: &mut Out, f: &mut Family, family: usize, r: &Row) {
+    let labels = &r.info.labels;
+    match (family, &r.last) {
+        (0, Some(l)) => out.sample(
+            f,
+            labels,
+            None,
+            Value::U64(u64::from(l.reason == Reason::Ok)),
+        ),
+        (1, Some(l)) => out.sample(
+            f,
+            labels,
+            Some(("reason", l.reason.as_str())),
+            Value::U64(1),
+        ),
+        (2, _) => out.sample(f, labels, None, Value::U64(r.probes)),
+        (3, _) => {
+            for (reason, n) in r.failures_shown() {
+                out.sample(f, labels, Some(("reason", reason.as_str())), Value::U64(*n));
+            }
+        }
+        (4, _) => {
+            if let Some(d) = r.auth_duration {
+                out.sample(f, labels, None, Value::Micros(micros(d)));
+            }
+        }
+        (5, Some(l)) => {
+            for (phase, us) in l.phase_micros() {
+                out.sample(
+                    f,
+                    labels,
+                    Some(("phase", phase.as_str())),
+                    Value::Micros(u64::from(us)),
+                );
+            }
+        }
+        (6, Some(l)) => out.sample(
+            f,
+            labels,
+            None,
+            Value::UnixMillis(unix_millis(l.finished_at)),
+        ),
+        (7, _) => {
+            if let Some(t) = r.last_success {
+                out.sample(f, labels, None, Value::UnixMillis(unix_millis(t)));
+            }
+        }
+        (8, _) => {
+            if let Some(t) = r.tls_not_after {
+                out.sample(f, labels, None, Value::UnixMillis(t.saturating_mul(1000)));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl TokenObserver for Metrics {
@@ -453,81 +591,359 @@ impl TokenObserver for Metrics {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only plain maps behind this lock: a panic cannot leave them half-updated.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{Phase, Phases};
+    use crate::status::{Board, Key, MAX_SERIES_PER_ROW, ProbeResult, TargetInfo};
+    use std::collections::{BTreeMap, BTreeSet};
 
-    fn text(m: &Metrics) -> String {
-        String::from_utf8(m.encode()).unwrap()
+    /// A strict reader of the text format: every line a comment or a sample, label values
+    /// unescaped; panics on anything else.
+    fn samples(body: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
+        let mut out = Vec::new();
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let (name, rest) = match line.find('{') {
+                Some(i) => (&line[..i], &line[i + 1..]),
+                None => {
+                    let (n, v) = line.split_once(' ').expect("name value");
+                    out.push((n.to_string(), BTreeMap::new(), v.to_string()));
+                    continue;
+                }
+            };
+            let mut labels = BTreeMap::new();
+            let mut chars = rest.chars();
+            loop {
+                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                assert_eq!(chars.next(), Some('"'), "{line}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().expect("closing quote") {
+                        '\\' => match chars.next() {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            other => panic!("bad escape {other:?} in {line}"),
+                        },
+                        '"' => break,
+                        '\n' => panic!("raw newline in {line}"),
+                        c => value.push(c),
+                    }
+                }
+                labels.insert(key, value);
+                match chars.next() {
+                    Some(',') => continue,
+                    Some('}') => break,
+                    other => panic!("{other:?} after a label in {line}"),
+                }
+            }
+            let value: String = chars.collect();
+            let value = value.strip_prefix(' ').expect("space before value");
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("value in {line}"));
+            out.push((name.to_string(), labels, value.to_string()));
+        }
+        out
     }
 
-    fn record(reason: Reason) -> ProbeRecord {
-        ProbeRecord {
+    fn target(mailbox: &str, protocol: Protocol) -> TargetInfo {
+        TargetInfo {
+            mailbox: mailbox.into(),
+            protocol,
+            credential: "c".into(),
+            address: "a@example.com".into(),
+            target: "imap://h:993".into(),
+            interval: Duration::from_secs(60),
+        }
+    }
+
+    fn result(reason: Reason, all_phases: bool) -> ProbeResult {
+        let mut phases = Phases::default();
+        for p in Phase::ALL {
+            if all_phases || p == Phase::Resolve {
+                phases.add(p, Duration::from_micros(1500));
+            }
+        }
+        ProbeResult {
             reason,
-            finished_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            duration: Some(Duration::from_millis(120)),
-            phases: Phases::default(),
+            detail: String::new(),
+            finished_at: UNIX_EPOCH + Duration::from_millis(1_800_000_000_250),
+            duration: all_phases.then(|| Duration::from_millis(120)),
+            phases,
             tls_not_after: Some(1_900_000_000),
+            tls_version: None,
+            transcript: Some("S: * OK\n".into()),
+        }
+    }
+
+    fn render(board: &Board, format: Format) -> String {
+        let m = Metrics::new();
+        String::from_utf8(m.render(&board.rows(), format, false)).unwrap()
+    }
+
+    const HOSTILE: &str = "we\"ird\\name\nsecond line} 1\n# HELP x";
+
+    #[test]
+    fn exposition_escapes_names_and_groups_each_family_once() {
+        let board = Board::new();
+        let names = [HOSTILE, "plain", "ünï €"];
+        board.set_targets(
+            names
+                .iter()
+                .flat_map(|n| Protocol::ALL.map(|p| target(n, p)))
+                .collect(),
+        );
+        for n in names {
+            let key: Key = (n.to_string(), Protocol::Imap);
+            board.record(&key, result(Reason::Throttled, false));
+            board.record(&key, result(Reason::Ok, true));
+        }
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let body = render(&board, format);
+            // HELP and TYPE once per family, and a family's samples in one group.
+            let mut helps = BTreeSet::new();
+            let mut types = BTreeSet::new();
+            for l in body.lines() {
+                if let Some(h) = l.strip_prefix("# HELP ") {
+                    assert!(
+                        helps.insert(h.split(' ').next().unwrap().to_string()),
+                        "{l}"
+                    );
+                } else if let Some(t) = l.strip_prefix("# TYPE ") {
+                    assert!(
+                        types.insert(t.split(' ').next().unwrap().to_string()),
+                        "{l}"
+                    );
+                }
+            }
+            assert_eq!(helps, types);
+            let parsed = samples(&body);
+            let mut seen_groups: Vec<String> = Vec::new();
+            for (name, _, _) in &parsed {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|f| body.contains(&format!("# TYPE {f} histogram")))
+                    .unwrap_or(name);
+                if seen_groups.last().map(String::as_str) != Some(family) {
+                    assert!(
+                        !seen_groups.iter().any(|g| g == family),
+                        "{family} split in two groups"
+                    );
+                    seen_groups.push(family.to_string());
+                }
+            }
+            // Each mailbox name comes back exactly, on all three protocols.
+            for n in names {
+                let rows: BTreeSet<&str> = parsed
+                    .iter()
+                    .filter(|(name, l, _)| name == "mail_oauth_probes_total" && l["mailbox"] == n)
+                    .map(|(_, l, _)| l["protocol"].as_str())
+                    .collect();
+                assert_eq!(rows.len(), 3, "{n:?} in {format:?}");
+            }
+            assert_eq!(body.ends_with("# EOF\n"), format == Format::OpenMetrics);
+            if format == Format::OpenMetrics {
+                assert!(body.contains("# TYPE mail_oauth_probes counter\n"));
+                assert!(!body.contains("# TYPE mail_oauth_probes_total"));
+            }
         }
     }
 
     #[test]
-    fn probe_result_keeps_exactly_one_series_per_mailbox_and_protocol() {
-        let m = Metrics::new();
-        m.record_probe("a", Protocol::Smtp, &record(Reason::Ok));
-        m.record_probe("a", Protocol::Smtp, &record(Reason::SmtpAuthDisabled));
-        let t = text(&m);
-        let results: Vec<&str> = t
-            .lines()
-            .filter(|l| l.starts_with("mail_oauth_probe_result{"))
-            .collect();
-        assert_eq!(results.len(), 1, "{t}");
-        assert!(results[0].contains("reason=\"smtp_auth_disabled\""), "{t}");
-        assert!(t.contains(
-            "mail_oauth_probe_failures_total{mailbox=\"a\",protocol=\"smtp\",reason=\"smtp_auth_disabled\"} 1"
-        ));
-        assert!(t.contains("mail_oauth_probe_success{mailbox=\"a\",protocol=\"smtp\"} 0"));
-        assert!(t.contains(
-            "mail_oauth_probe_last_success_timestamp_seconds{mailbox=\"a\",protocol=\"smtp\"} 1800000000"
-        ));
+    fn one_result_series_per_row_through_reason_changes_and_removed_rows_vanish() {
+        let board = Board::new();
+        board.set_targets(vec![
+            target("a", Protocol::Smtp),
+            target("gone", Protocol::Imap),
+        ]);
+        let a: Key = ("a".into(), Protocol::Smtp);
+        let gone: Key = ("gone".into(), Protocol::Imap);
+        for reason in [
+            Reason::Ok,
+            Reason::SmtpAuthDisabled,
+            Reason::Throttled,
+            Reason::Ok,
+        ] {
+            board.record(&a, result(reason, reason == Reason::Ok));
+            let body = render(&board, Format::Prometheus);
+            let results: Vec<_> = samples(&body)
+                .into_iter()
+                .filter(|(n, l, _)| n == "mail_oauth_probe_result" && l["mailbox"] == "a")
+                .collect();
+            assert_eq!(results.len(), 1, "{body}");
+            assert_eq!(results[0].1["reason"], reason.as_str());
+            assert_eq!(results[0].2, "1");
+        }
+        board.record(&gone, result(Reason::AuthRejected, true));
+        // A reload removes `gone` while its next probe runs; the late result is refused.
+        board.set_targets(vec![target("a", Protocol::Smtp)]);
+        assert!(!board.record(&gone, result(Reason::Ok, true)));
+        let body = render(&board, Format::Prometheus);
+        assert!(!body.contains("mailbox=\"gone\""), "{body}");
+        assert!(board.snapshot().probes.iter().all(|p| p.mailbox != "gone"));
+        let t = samples(&body);
+        let get = |name: &str, extra: Option<(&str, &str)>| {
+            t.iter()
+                .filter(|(n, l, _)| n == name && extra.is_none_or(|(k, v)| l[k] == v))
+                .map(|(_, _, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("mail_oauth_probes_total", None), ["4"]);
+        assert_eq!(get("mail_oauth_probe_success", None), ["1"]);
+        assert_eq!(
+            get(
+                "mail_oauth_probe_failures_total",
+                Some(("reason", "throttled"))
+            ),
+            ["1"]
+        );
+        assert_eq!(get("mail_oauth_probe_duration_seconds", None), ["0.12"]);
+        assert_eq!(
+            get("mail_oauth_probe_phase_seconds", Some(("phase", "auth"))),
+            ["0.0015"]
+        );
+        assert_eq!(
+            get("mail_oauth_probe_last_success_timestamp_seconds", None),
+            ["1800000000.25"]
+        );
+        assert_eq!(
+            get("mail_oauth_tls_certificate_expiry_timestamp_seconds", None),
+            ["1900000000"]
+        );
     }
 
     #[test]
-    fn removed_probe_leaves_no_series() {
+    fn a_row_never_has_more_than_15_series() {
+        let board = Board::new();
+        board.set_targets(vec![target("a", Protocol::Imap)]);
+        let key: Key = ("a".into(), Protocol::Imap);
+        let count = |board: &Board| {
+            let body = render(board, Format::Prometheus);
+            samples(&body)
+                .iter()
+                .filter(|(_, l, _)| l.get("mailbox").is_some_and(|m| m == "a"))
+                .count()
+        };
+        assert_eq!(count(&board), 1, "a pending row has its probe counter");
+        // Every failure reason in turn, each probe reaching every phase, then success:
+        // the worst case for a row's series.
+        let mut max = 0;
+        for reason in Reason::ALL
+            .iter()
+            .chain([Reason::Ok, Reason::Timeout].iter())
+        {
+            board.record(&key, result(*reason, true));
+            let n = count(&board);
+            max = max.max(n);
+            assert!(n <= MAX_SERIES_PER_ROW, "{n} series after {reason}");
+            let row = &board.rows()[0];
+            assert_eq!(
+                n,
+                row.series_without_failures() + row.failures_shown().len()
+            );
+            if *reason != Reason::Ok {
+                assert_eq!(
+                    row.failures_shown()[0].0,
+                    *reason,
+                    "the current reason is shown"
+                );
+            }
+        }
+        assert_eq!(max, MAX_SERIES_PER_ROW);
+        // A token failure reaches no phase: more of the row's failure counters fit, and
+        // the ones shown again carry their totals.
+        board.record(&key, result(Reason::TokenThrottled, false));
+        board.record(&key, result(Reason::Timeout, false));
+        let row = &board.rows()[0];
+        assert!(row.failures_shown().len() > 1);
+        assert_eq!(row.failures_shown()[0], (Reason::Timeout, 3));
+        assert!(count(&board) <= MAX_SERIES_PER_ROW);
+    }
+
+    #[test]
+    fn a_large_body_is_the_same_in_chunks_compressed_or_not() {
+        use std::io::Read;
+        let board = Board::new();
+        let n = 3000;
+        board.set_targets(
+            (0..n)
+                .map(|i| target(&format!("m{i}"), Protocol::Pop3))
+                .collect(),
+        );
+        for i in 0..n {
+            board.record(&(format!("m{i}"), Protocol::Pop3), result(Reason::Ok, true));
+        }
         let m = Metrics::new();
-        m.add_probe("gone", Protocol::Imap);
-        m.record_probe("gone", Protocol::Imap, &record(Reason::Throttled));
-        m.record_probe("kept", Protocol::Imap, &record(Reason::Ok));
-        m.remove_probe("gone", Protocol::Imap);
-        let t = text(&m);
-        assert!(!t.contains("mailbox=\"gone\""), "{t}");
-        assert!(t.contains("mailbox=\"kept\""), "{t}");
+        let mut e = m.exposition(board.rows(), Format::OpenMetrics, false);
+        let mut chunks = 0;
+        let mut plain = Vec::new();
+        while let Some(c) = e.next_chunk() {
+            assert!(c.len() < 2 * text::CHUNK, "{}", c.len());
+            plain.extend_from_slice(&c);
+            chunks += 1;
+        }
+        assert!(e.next_chunk().is_none());
+        assert!(plain.len() > 20 * text::CHUNK && chunks > 20, "{chunks}");
+        let gz = m.render(&board.rows(), Format::OpenMetrics, true);
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut unzipped)
+            .unwrap();
+        // process_* values move between two renders; everything else is the same.
+        let stable = |b: &[u8]| -> String {
+            String::from_utf8_lossy(b)
+                .lines()
+                .filter(|l| !l.starts_with("process_"))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        assert!(stable(&unzipped) == stable(&plain), "the gzip body differs");
+        let text = String::from_utf8(plain).unwrap();
+        let per_row = samples(&text)
+            .iter()
+            .filter(|(_, l, _)| l.contains_key("mailbox"))
+            .count();
+        assert_eq!(per_row, 14 * n);
+        assert!(text.ends_with("# EOF\n"));
     }
 
     #[test]
     fn every_help_says_results_come_from_probes() {
         let m = Metrics::new();
         m.config_loaded(true, SystemTime::now());
-        m.record_probe("a", Protocol::Imap, &record(Reason::Throttled));
+        m.observe_probe_duration(Protocol::Imap, Duration::from_millis(80));
         m.set_credential_expiry(
             "c",
             CredentialExpiryKind::ClientSecret,
             Some(SystemTime::now()),
         );
         m.set_token_state("c", Some(SystemTime::now()), Some(SystemTime::now()));
-        let t = text(&m);
+        let board = Board::new();
+        board.set_targets(vec![target("a", Protocol::Imap)]);
+        board.record(
+            &("a".into(), Protocol::Imap),
+            result(Reason::Throttled, true),
+        );
+        let t = String::from_utf8(m.render(&board.rows(), Format::Prometheus, false)).unwrap();
         let helps: Vec<&str> = t
             .lines()
             .filter(|l| l.starts_with("# HELP mail_oauth_"))
             .collect();
-        assert!(helps.len() >= 10, "{t}");
+        assert!(helps.len() >= 15, "{t}");
         for h in helps {
             assert!(h.ends_with(FROM_PROBES), "{h}");
         }
+        assert!(
+            t.contains(
+                "mail_oauth_fleet_probe_duration_seconds_bucket{protocol=\"imap\",le=\"0.1\"} 1\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE mail_oauth_probe_duration_seconds gauge\n"),
+            "{t}"
+        );
     }
 }

@@ -65,6 +65,7 @@ impl Engine {
 /// Runs one scheduled probe: token, login, classify, record, log.
 struct Prober {
     board: Arc<Board>,
+    metrics: Arc<Metrics>,
     engine: Arc<RwLock<Arc<Engine>>>,
 }
 
@@ -72,6 +73,7 @@ impl Execute<Payload> for Prober {
     fn execute(&self, job: Arc<Job<Payload>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let engine = read(&self.engine);
         let board = self.board.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let p = &job.payload;
             let cred = &p.credential;
@@ -118,14 +120,23 @@ impl Execute<Payload> for Prober {
                 }
             };
             let save = engine.tokens.save_status(&cred.name);
-            board.token_state(
-                &cred.name,
+            let (expiry, last_success) = (
                 engine.tokens.token_expiry(&cred.name),
                 engine.tokens.last_success(&cred.name),
-                save.save_error,
             );
+            // A credential a reload removed meanwhile gets no series back.
+            if board.token_state(&cred.name, expiry, last_success, save.save_error) {
+                metrics.set_token_state(&cred.name, expiry, last_success);
+            }
             log_result(&job, &result);
-            board.record(&job.key(), result);
+            let duration = result.duration;
+            // The board refuses the result of a row a reload removed meanwhile: then it
+            // counts nowhere, the fleet histogram included.
+            if board.record(&job.key(), result)
+                && let Some(d) = duration
+            {
+                metrics.observe_probe_duration(job.protocol, d);
+            }
         })
     }
 }
@@ -205,10 +216,11 @@ impl Service {
         shard: Option<Shard>,
     ) -> Result<Arc<Service>, ConfigError> {
         let metrics = Arc::new(Metrics::new());
-        let board = Arc::new(Board::new(metrics.clone()));
+        let board = Arc::new(Board::new());
         let engine = Arc::new(RwLock::new(Arc::new(Engine::new(&config, &metrics)?)));
         let prober = Prober {
             board: board.clone(),
+            metrics: metrics.clone(),
             engine: engine.clone(),
         };
         let scheduler = Scheduler::new(
@@ -360,13 +372,29 @@ impl Service {
                 }
             })
             .collect();
-        let credentials = config
+        let credentials: Vec<CredentialStatus> = config
             .credentials
             .values()
             .map(|c| credential_status(c, &engine.tokens))
             .collect();
+        for c in &credentials {
+            let m = &self.metrics;
+            m.set_credential_expiry(
+                &c.name,
+                CredentialExpiryKind::ClientSecret,
+                c.client_secret_expiry,
+            );
+            m.set_credential_expiry(
+                &c.name,
+                CredentialExpiryKind::Certificate,
+                c.certificate_expiry,
+            );
+            m.set_token_state(&c.name, c.token_expiry, c.token_last_success);
+        }
         self.board.set_targets(targets);
-        self.board.set_credentials(credentials);
+        for gone in self.board.set_credentials(credentials) {
+            self.metrics.remove_credential(&gone);
+        }
         scheduler.apply(jobs, &config.schedule);
         let now = SystemTime::now();
         self.metrics.config_loaded(true, now);

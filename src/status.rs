@@ -1,20 +1,41 @@
-//! The status board: the latest result of every configured mailbox and protocol, for the
-//! status page, `/api/v1/status` and readiness. It also forwards each result to the
-//! metrics, under the same lock, so a result that arrives after its mailbox was removed
-//! by a reload is dropped everywhere at once.
+//! The status board: the one store of per-row state, a row being one configured mailbox
+//! and protocol. The status page, `/api/v1/status`, readiness and the per-row metric
+//! families (rendered from [`Board::rows`] at scrape time by `metrics`) all read it, so a
+//! result that arrives after a reload removed its row is refused here and shows nowhere,
+//! and a row's `mail_oauth_probe_result` is one series because the row holds one reason.
+//!
+//! Rows are immutable behind an `Arc`: a result replaces its row's pointer, and a scrape
+//! copies the list of pointers under the lock and renders without it.
+//!
+//! Memory per row is what the page and the metrics need: the target's names, the last
+//! result (reason, detail, times, phases), a few failure counters, and at most one
+//! transcript, bounded board-wide (see [`SUCCESS_TRANSCRIPTS`] and
+//! [`FAILURE_TRANSCRIPT_BYTES`]).
 
 use crate::Protocol;
-use crate::metrics::{Metrics, ProbeRecord};
-use crate::probe::Phases;
+use crate::probe::{Phase, Phases};
 use crate::reason::Reason;
-use crate::token::CredentialExpiryKind;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A mailbox and one of its protocols: the unit the scheduler probes.
 pub type Key = (String, Protocol);
+
+/// The contract's cardinality bound: the most series one row has on `/metrics`.
+pub const MAX_SERIES_PER_ROW: usize = 15;
+/// Transcripts of successful probes kept, board-wide: the most recent ones. A login that
+/// works says little a fresh `probe` run would not; 30,000 of them would be ~40 MiB.
+pub const SUCCESS_TRANSCRIPTS: usize = 256;
+/// Bytes of failed probes' transcripts kept, board-wide; past it the oldest are dropped
+/// (in a fleet-wide outage, the most recent few thousand say what the others would).
+pub const FAILURE_TRANSCRIPT_BYTES: usize = 8 << 20;
+/// The most bytes of one kept transcript: longer ones keep their head and their tail,
+/// where the failure is.
+pub const MAX_TRANSCRIPT_BYTES: usize = 16 << 10;
+/// Failure reasons whose counters one row remembers (the most recently seen).
+const MAX_FAILURE_REASONS: usize = 8;
 
 /// What the board knows about a probe before it has run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +49,7 @@ pub struct TargetInfo {
     pub interval: Duration,
 }
 
-/// One finished probe, as the status page shows it. The detail and transcript are
+/// One finished probe, as the prober hands it over. The detail and transcript are
 /// already redacted (the prober redacts as it records).
 #[derive(Debug, Clone)]
 pub struct ProbeResult {
@@ -43,12 +64,136 @@ pub struct ProbeResult {
     pub transcript: Option<String>,
 }
 
+/// A row's fixed part; replaced only when a reload changes its target.
+#[derive(Debug)]
+pub struct RowInfo {
+    pub target: TargetInfo,
+    /// `mailbox="…",protocol="…"`, escaped for the exposition formats once, not per scrape.
+    pub labels: Box<str>,
+    /// Unique for the board's lifetime: a row removed and added again is a new row.
+    id: u64,
+}
+
+/// One mailbox × protocol: what the page and the metrics show of it.
 #[derive(Debug, Clone)]
-struct Entry {
-    info: TargetInfo,
-    last: Option<ProbeResult>,
-    last_success: Option<SystemTime>,
-    probes: u64,
+pub struct Row {
+    pub info: Arc<RowInfo>,
+    /// Probes finished (`mail_oauth_probes_total`).
+    pub probes: u64,
+    pub last: Option<LastProbe>,
+    pub last_success: Option<SystemTime>,
+    /// Connect start to the auth reply, of the most recent probe that reached the auth step.
+    pub auth_duration: Option<Duration>,
+    /// Earliest notAfter of the chain the server last presented, unix seconds; kept when a
+    /// later probe does not get that far.
+    pub tls_not_after: Option<i64>,
+    /// Failed probes by reason, the most recently failed reason first.
+    failures: Arc<[(Reason, u64)]>,
+}
+
+/// The most recent probe of a row.
+#[derive(Debug, Clone)]
+pub struct LastProbe {
+    pub reason: Reason,
+    /// Redacted; empty on success.
+    pub detail: Box<str>,
+    pub finished_at: SystemTime,
+    /// Connect start to the auth reply; `None` when the auth step was not reached.
+    pub duration: Option<Duration>,
+    phases: CompactPhases,
+    pub tls_version: Option<Box<str>>,
+    /// False when no connection was made (the token step failed).
+    pub connected: bool,
+}
+
+impl LastProbe {
+    /// The phases this probe reached.
+    pub fn phases(&self) -> Phases {
+        self.phases.expand()
+    }
+
+    /// Each reached phase in microseconds, in [`Phase::ALL`] order.
+    pub fn phase_micros(&self) -> impl Iterator<Item = (Phase, u32)> + '_ {
+        Phase::ALL
+            .iter()
+            .zip(self.phases.0)
+            .filter(|(_, us)| *us != CompactPhases::ABSENT)
+            .map(|(p, us)| (*p, us))
+    }
+}
+
+/// Phases in microseconds (`ABSENT` for a phase not reached): 28 bytes instead of 112.
+/// Saturates at 71 minutes, far beyond any probe timeout.
+#[derive(Debug, Clone, Copy)]
+struct CompactPhases([u32; 7]);
+
+impl CompactPhases {
+    const ABSENT: u32 = u32::MAX;
+
+    fn new(p: &Phases) -> CompactPhases {
+        let mut out = [Self::ABSENT; 7];
+        for (slot, (_, d)) in out.iter_mut().zip(p.iter()) {
+            if let Some(d) = d {
+                *slot = u32::try_from(d.as_micros()).unwrap_or(Self::ABSENT - 1);
+            }
+        }
+        CompactPhases(out)
+    }
+
+    fn expand(&self) -> Phases {
+        let mut p = Phases::default();
+        for (phase, us) in Phase::ALL.iter().zip(self.0) {
+            if us != Self::ABSENT {
+                p.add(*phase, Duration::from_micros(u64::from(us)));
+            }
+        }
+        p
+    }
+
+    fn reached(&self) -> usize {
+        self.0.iter().filter(|us| **us != Self::ABSENT).count()
+    }
+}
+
+impl Row {
+    fn new(info: Arc<RowInfo>) -> Row {
+        Row {
+            info,
+            probes: 0,
+            last: None,
+            last_success: None,
+            auth_duration: None,
+            tls_not_after: None,
+            failures: Arc::from(Vec::new()),
+        }
+    }
+
+    /// The series this row has on `/metrics` besides its failure counters.
+    pub fn series_without_failures(&self) -> usize {
+        let Some(last) = &self.last else {
+            return 1; // probes_total, 0 until the first probe
+        };
+        // probes_total, probe_success, probe_result, last_run
+        4 + last.phases.reached()
+            + usize::from(self.auth_duration.is_some())
+            + usize::from(self.last_success.is_some())
+            + usize::from(self.tls_not_after.is_some())
+    }
+
+    /// The failure counters `/metrics` shows: the most recently failed reasons, as many
+    /// as keep the row within [`MAX_SERIES_PER_ROW`] (the current reason always among
+    /// them). A counter left out keeps counting and comes back with its total.
+    pub fn failures_shown(&self) -> &[(Reason, u64)] {
+        let room = MAX_SERIES_PER_ROW
+            .saturating_sub(self.series_without_failures())
+            .max(1);
+        &self.failures[..room.min(self.failures.len())]
+    }
+
+    /// Every failure counter the row remembers, the most recent reason first.
+    pub fn failures(&self) -> &[(Reason, u64)] {
+        &self.failures
+    }
 }
 
 /// Status of the config file as last loaded.
@@ -79,9 +224,127 @@ pub struct CredentialStatus {
     pub save_error: Option<String>,
 }
 
+/// A kept transcript: the row's most recent one, from its probe number `probe`.
+#[derive(Debug)]
+struct Kept {
+    probe: u64,
+    failed: bool,
+    text: Box<str>,
+}
+
+/// The transcripts the board keeps, by row id, within the bounds above.
+#[derive(Debug, Default)]
+struct Transcripts {
+    kept: HashMap<u64, Kept>,
+    /// Oldest first; (row id, probe number). An entry whose row has since moved on is
+    /// skipped when it comes up.
+    successes: VecDeque<(u64, u64)>,
+    failures: VecDeque<(u64, u64)>,
+    failure_bytes: usize,
+    kept_failures: usize,
+}
+
+impl Transcripts {
+    fn put(&mut self, id: u64, probe: u64, failed: bool, text: String) {
+        self.remove(id);
+        let text = cap_transcript(text);
+        if failed {
+            self.failure_bytes += text.len();
+            self.kept_failures += 1;
+            self.failures.push_back((id, probe));
+        } else {
+            self.successes.push_back((id, probe));
+        }
+        self.kept.insert(
+            id,
+            Kept {
+                probe,
+                failed,
+                text,
+            },
+        );
+        while self.successes.len() > SUCCESS_TRANSCRIPTS {
+            if let Some((id, probe)) = self.successes.pop_front() {
+                self.remove_if(id, probe);
+            }
+        }
+        while self.failure_bytes > FAILURE_TRANSCRIPT_BYTES {
+            let Some((id, probe)) = self.failures.pop_front() else {
+                break;
+            };
+            self.remove_if(id, probe);
+        }
+        // Rows failing again and again leave stale entries behind: sweep them before the
+        // queue outgrows what it tracks.
+        if self.failures.len() > 2 * self.kept_failures + 64 {
+            let kept = &self.kept;
+            self.failures
+                .retain(|(id, p)| kept.get(id).is_some_and(|k| k.probe == *p));
+        }
+    }
+
+    fn remove_if(&mut self, id: u64, probe: u64) {
+        if self.kept.get(&id).is_some_and(|k| k.probe == probe) {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(k) = self.kept.remove(&id)
+            && k.failed
+        {
+            self.failure_bytes -= k.text.len();
+            self.kept_failures -= 1;
+        }
+    }
+
+    fn get(&self, id: u64, probe: u64) -> Option<&str> {
+        self.kept
+            .get(&id)
+            .filter(|k| k.probe == probe)
+            .map(|k| &*k.text)
+    }
+}
+
+/// A transcript within [`MAX_TRANSCRIPT_BYTES`]: whole, or its head and tail cut at line
+/// boundaries with a note of what was left out between them.
+fn cap_transcript(text: String) -> Box<str> {
+    if text.len() <= MAX_TRANSCRIPT_BYTES {
+        return text.into_boxed_str();
+    }
+    let head_max = MAX_TRANSCRIPT_BYTES / 4;
+    let tail_max = MAX_TRANSCRIPT_BYTES - head_max - 64;
+    let mut head_end = head_max;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let head_end = text[..head_end].rfind('\n').map_or(head_end, |i| i + 1);
+    let mut tail_start = text.len() - tail_max;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let tail_start = text[tail_start..]
+        .find('\n')
+        .map_or(tail_start, |i| tail_start + i + 1);
+    let cut = &text[head_end..tail_start];
+    let mut out = String::with_capacity(head_end + 80 + text.len() - tail_start);
+    out.push_str(&text[..head_end]);
+    out.push_str(&format!(
+        "... {} lines ({} bytes) not kept ...\n",
+        cut.matches('\n').count(),
+        cut.len()
+    ));
+    out.push_str(&text[tail_start..]);
+    out.into_boxed_str()
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    entries: BTreeMap<Key, Entry>,
+    rows: BTreeMap<Key, Arc<Row>>,
+    /// Rows not probed yet.
+    pending: usize,
+    next_id: u64,
+    transcripts: Transcripts,
     credentials: BTreeMap<String, CredentialStatus>,
     config: ConfigStatus,
     /// Once every configured probe has run, readiness stays (a reload adding mailboxes
@@ -90,19 +353,15 @@ struct Inner {
     stopping: bool,
 }
 
-/// Shared by the scheduler (writes) and the HTTP server (reads).
-#[derive(Debug)]
+/// Shared by the prober (writes), the HTTP server and the metrics (reads).
+#[derive(Debug, Default)]
 pub struct Board {
     inner: Mutex<Inner>,
-    metrics: Arc<Metrics>,
 }
 
 impl Board {
-    pub fn new(metrics: Arc<Metrics>) -> Board {
-        Board {
-            inner: Mutex::new(Inner::default()),
-            metrics,
-        }
+    pub fn new() -> Board {
+        Board::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -110,108 +369,140 @@ impl Board {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the board hold exactly `targets`: new ones start pending, removed ones and
-    /// their series disappear, kept ones keep their history.
+    /// Makes the board hold exactly `targets`: new ones start pending, removed ones
+    /// disappear (and with them their series), kept ones keep their history.
     pub fn set_targets(&self, targets: Vec<TargetInfo>) {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let wanted: BTreeMap<Key, TargetInfo> = targets
             .into_iter()
             .map(|t| ((t.mailbox.clone(), t.protocol), t))
             .collect();
-        inner.entries.retain(|key, _| {
+        inner.rows.retain(|key, row| {
             let keep = wanted.contains_key(key);
             if !keep {
-                self.metrics.remove_probe(&key.0, key.1);
+                inner.transcripts.remove(row.info.id);
+                if row.last.is_none() {
+                    inner.pending -= 1;
+                }
             }
             keep
         });
-        for (key, info) in wanted {
-            match inner.entries.get_mut(&key) {
-                Some(e) => e.info = info,
+        for (key, target) in wanted {
+            match inner.rows.get_mut(&key) {
+                Some(row) if row.info.target == target => {}
+                Some(row) => {
+                    let info = row_info(target, row.info.id);
+                    *row = Arc::new(Row {
+                        info,
+                        ..Row::clone(row)
+                    });
+                }
                 None => {
-                    self.metrics.add_probe(&key.0, key.1);
-                    inner.entries.insert(
-                        key,
-                        Entry {
-                            info,
-                            last: None,
-                            last_success: None,
-                            probes: 0,
-                        },
-                    );
+                    let info = row_info(target, inner.next_id);
+                    inner.next_id += 1;
+                    inner.pending += 1;
+                    inner.rows.insert(key, Arc::new(Row::new(info)));
                 }
             }
         }
     }
 
-    /// Records a finished probe; dropped when its target is no longer configured.
+    /// Records a finished probe; `false` (and nothing recorded) when its row is no longer
+    /// configured.
     pub fn record(&self, key: &Key, result: ProbeResult) -> bool {
-        let mut inner = self.lock();
-        let Some(entry) = inner.entries.get_mut(key) else {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(slot) = inner.rows.get_mut(key) else {
             return false;
         };
-        self.metrics.record_probe(
-            &key.0,
-            key.1,
-            &ProbeRecord {
+        let old: &Row = slot;
+        let ok = result.reason == Reason::Ok;
+        let failures = if ok {
+            old.failures.clone()
+        } else {
+            let mut f: Vec<(Reason, u64)> = Vec::with_capacity(old.failures.len() + 1);
+            let before = old
+                .failures
+                .iter()
+                .find(|(r, _)| *r == result.reason)
+                .map_or(0, |(_, n)| *n);
+            f.push((result.reason, before + 1));
+            f.extend(old.failures.iter().filter(|(r, _)| *r != result.reason));
+            f.truncate(MAX_FAILURE_REASONS);
+            Arc::from(f)
+        };
+        if old.last.is_none() {
+            inner.pending -= 1;
+        }
+        let probes = old.probes + 1;
+        let row = Row {
+            info: old.info.clone(),
+            probes,
+            last_success: if ok {
+                Some(result.finished_at)
+            } else {
+                old.last_success
+            },
+            auth_duration: result.duration.or(old.auth_duration),
+            tls_not_after: result.tls_not_after.or(old.tls_not_after),
+            failures,
+            last: Some(LastProbe {
                 reason: result.reason,
+                detail: result.detail.into_boxed_str(),
                 finished_at: result.finished_at,
                 duration: result.duration,
-                phases: result.phases,
-                tls_not_after: result.tls_not_after,
-            },
-        );
-        entry.probes += 1;
-        if result.reason == Reason::Ok {
-            entry.last_success = Some(result.finished_at);
+                phases: CompactPhases::new(&result.phases),
+                tls_version: result.tls_version.map(String::into_boxed_str),
+                connected: result.transcript.is_some(),
+            }),
+        };
+        let id = row.info.id;
+        *slot = Arc::new(row);
+        match result.transcript {
+            Some(t) => inner.transcripts.put(id, probes, !ok, t),
+            None => inner.transcripts.remove(id),
         }
-        entry.last = Some(result);
         true
     }
 
-    pub fn set_credentials(&self, credentials: Vec<CredentialStatus>) {
+    /// Every row, in mailbox and protocol order: what a scrape renders. The lock is held
+    /// only to copy the pointers.
+    pub fn rows(&self) -> Vec<Arc<Row>> {
+        self.lock().rows.values().cloned().collect()
+    }
+
+    /// Sets the credentials the config names; returns the names of those it no longer
+    /// names (whose series the caller removes).
+    pub fn set_credentials(&self, credentials: Vec<CredentialStatus>) -> Vec<String> {
         let mut inner = self.lock();
         let old = std::mem::take(&mut inner.credentials);
-        for name in old.keys() {
-            if !credentials.iter().any(|c| &c.name == name) {
-                self.metrics.remove_credential(name);
-            }
-        }
-        for c in &credentials {
-            self.metrics.set_credential_expiry(
-                &c.name,
-                CredentialExpiryKind::ClientSecret,
-                c.client_secret_expiry,
-            );
-            self.metrics.set_credential_expiry(
-                &c.name,
-                CredentialExpiryKind::Certificate,
-                c.certificate_expiry,
-            );
-            self.metrics
-                .set_token_state(&c.name, c.token_expiry, c.token_last_success);
-        }
         inner.credentials = credentials
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        old.into_keys()
+            .filter(|name| !inner.credentials.contains_key(name))
+            .collect()
     }
 
-    /// A credential's token state after a probe asked for its token.
+    /// A credential's token state after a probe asked for its token; `false` when the
+    /// credential is no longer configured.
     pub fn token_state(
         &self,
         name: &str,
         expiry: Option<SystemTime>,
         last_success: Option<SystemTime>,
         save_error: Option<String>,
-    ) {
+    ) -> bool {
         let mut inner = self.lock();
-        if let Some(c) = inner.credentials.get_mut(name) {
-            c.token_expiry = expiry;
-            c.token_last_success = last_success;
-            c.save_error = save_error;
-            self.metrics.set_token_state(name, expiry, last_success);
-        }
+        let Some(c) = inner.credentials.get_mut(name) else {
+            return false;
+        };
+        c.token_expiry = expiry;
+        c.token_last_success = last_success;
+        c.save_error = save_error;
+        true
     }
 
     pub fn set_config_status(&self, status: ConfigStatus) {
@@ -229,7 +520,7 @@ impl Board {
             return false;
         }
         // An empty shard has nothing to wait for: ready at once.
-        if !inner.ready_latched && inner.entries.values().all(|e| e.last.is_some()) {
+        if inner.pending == 0 {
             inner.ready_latched = true;
         }
         inner.ready_latched
@@ -240,12 +531,32 @@ impl Board {
         self.lock().stopping = true;
     }
 
-    /// The redacted transcript of the most recent probe of `key`.
+    /// The most recent probe of `key` with its redacted transcript: `None` inside when no
+    /// connection was made, a note when the transcript was not kept.
     pub fn transcript(&self, key: &Key) -> Option<(TargetInfo, Option<ProbeResult>)> {
-        self.lock()
-            .entries
-            .get(key)
-            .map(|e| (e.info.clone(), e.last.clone()))
+        let inner = self.lock();
+        let row = inner.rows.get(key)?;
+        let last = row.last.as_ref().map(|l| ProbeResult {
+            reason: l.reason,
+            detail: l.detail.to_string(),
+            finished_at: l.finished_at,
+            duration: l.duration,
+            phases: l.phases(),
+            tls_not_after: row.tls_not_after,
+            tls_version: l.tls_version.as_deref().map(String::from),
+            transcript: l
+                .connected
+                .then(|| match inner.transcripts.get(row.info.id, row.probes) {
+                    Some(t) => t.to_string(),
+                    None => format!(
+                        "# transcript not kept: the board keeps the latest {SUCCESS_TRANSCRIPTS} \
+                         successful probes' transcripts and {} MiB of failed ones; \
+                         `mail-oauth-exporter probe` shows a fresh one\n",
+                        FAILURE_TRANSCRIPT_BYTES >> 20
+                    ),
+                }),
+        });
+        Some((row.info.target.clone(), last))
     }
 
     /// Everything the status page and `/api/v1/status` show.
@@ -258,10 +569,29 @@ impl Board {
             ready,
             generated_at: Some(SystemTime::now()),
             config: inner.config.clone(),
-            probes: inner.entries.values().map(ProbeStatus::new).collect(),
+            probes: inner
+                .rows
+                .values()
+                .map(|r| {
+                    let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
+                    ProbeStatus::new(r, kept)
+                })
+                .collect(),
             credentials: inner.credentials.values().cloned().collect(),
         }
     }
+}
+
+fn row_info(target: TargetInfo, id: u64) -> Arc<RowInfo> {
+    let labels = crate::metrics::label_pairs(&[
+        ("mailbox", &target.mailbox),
+        ("protocol", target.protocol.as_str()),
+    ]);
+    Arc::new(RowInfo {
+        target,
+        labels: labels.into_boxed_str(),
+        id,
+    })
 }
 
 /// The JSON of `/api/v1/status`; the status page renders the same data.
@@ -300,25 +630,28 @@ pub struct ProbeStatus {
     pub last_success: Option<SystemTime>,
     pub duration_seconds: Option<f64>,
     pub phases: Option<Phases>,
+    /// Earliest notAfter of the chain the server last presented (kept when a later
+    /// probe does not reach TLS).
     #[serde(serialize_with = "ser_unix")]
     pub tls_not_after: Option<i64>,
     pub tls_version: Option<String>,
     pub probes: u64,
-    /// Where the last redacted transcript is served; absent when none was recorded.
+    /// Where the last redacted transcript is served; absent when none was recorded or kept.
     pub transcript_url: Option<String>,
 }
 
 impl ProbeStatus {
-    fn new(e: &Entry) -> ProbeStatus {
-        let last = e.last.as_ref();
+    fn new(row: &Row, transcript_kept: bool) -> ProbeStatus {
+        let last = row.last.as_ref();
         let reason = last.map(|l| l.reason);
+        let t = &row.info.target;
         ProbeStatus {
-            mailbox: e.info.mailbox.clone(),
-            protocol: e.info.protocol,
-            credential: e.info.credential.clone(),
-            address: e.info.address.clone(),
-            target: e.info.target.clone(),
-            interval_seconds: e.info.interval.as_secs_f64(),
+            mailbox: t.mailbox.clone(),
+            protocol: t.protocol,
+            credential: t.credential.clone(),
+            address: t.address.clone(),
+            target: t.target.clone(),
+            interval_seconds: t.interval.as_secs_f64(),
             state: match reason {
                 None => "pending",
                 Some(Reason::Ok) => "ok",
@@ -332,17 +665,15 @@ impl ProbeStatus {
                 .filter(|r| *r != Reason::Ok)
                 .map(|r| r.is_transient()),
             hint: reason.filter(|r| *r != Reason::Ok).map(|r| r.hint()),
-            detail: last.map(|l| l.detail.clone()).filter(|d| !d.is_empty()),
+            detail: last.map(|l| l.detail.to_string()).filter(|d| !d.is_empty()),
             last_run: last.map(|l| l.finished_at),
-            last_success: e.last_success,
+            last_success: row.last_success,
             duration_seconds: last.and_then(|l| l.duration).map(|d| d.as_secs_f64()),
-            phases: last.map(|l| l.phases),
-            tls_not_after: last.and_then(|l| l.tls_not_after),
-            tls_version: last.and_then(|l| l.tls_version.clone()),
-            probes: e.probes,
-            transcript_url: last
-                .filter(|l| l.transcript.is_some())
-                .map(|_| transcript_url(&e.info.mailbox, e.info.protocol)),
+            phases: last.map(|l| l.phases()),
+            tls_not_after: row.tls_not_after,
+            tls_version: last.and_then(|l| l.tls_version.as_deref().map(String::from)),
+            probes: row.probes,
+            transcript_url: transcript_kept.then(|| transcript_url(&t.mailbox, t.protocol)),
         }
     }
 }
@@ -374,5 +705,130 @@ fn ser_unix<S: serde::Serializer>(t: &Option<i64>, s: S) -> Result<S::Ok, S::Err
             s.serialize_str(&rfc3339(UNIX_EPOCH + Duration::from_secs(*secs as u64)))
         }
         _ => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(mailbox: &str) -> TargetInfo {
+        TargetInfo {
+            mailbox: mailbox.into(),
+            protocol: Protocol::Imap,
+            credential: "c".into(),
+            address: "a@example.com".into(),
+            target: "imap://h:993".into(),
+            interval: Duration::from_secs(60),
+        }
+    }
+
+    fn result(reason: Reason, transcript: &str) -> ProbeResult {
+        ProbeResult {
+            reason,
+            detail: String::new(),
+            finished_at: SystemTime::now(),
+            duration: None,
+            phases: Phases::default(),
+            tls_not_after: None,
+            tls_version: None,
+            transcript: Some(transcript.to_string()),
+        }
+    }
+
+    fn key(m: &str) -> Key {
+        (m.to_string(), Protocol::Imap)
+    }
+
+    fn kept(board: &Board, m: &str) -> Option<String> {
+        board.transcript(&key(m))?.1?.transcript
+    }
+
+    #[test]
+    fn failures_keep_their_transcripts_successes_only_the_latest() {
+        let board = Board::new();
+        let n = SUCCESS_TRANSCRIPTS + 10;
+        board.set_targets((0..n).map(|i| target(&format!("m{i}"))).collect());
+        assert!(!board.ready());
+        board.record(&key("m0"), result(Reason::AuthRejected, "S: NO failed\n"));
+        for i in 1..n {
+            board.record(
+                &key(&format!("m{i}")),
+                result(Reason::Ok, &format!("S: OK {i}\n")),
+            );
+        }
+        assert!(board.ready());
+        assert_eq!(kept(&board, "m0").unwrap(), "S: NO failed\n");
+        assert_eq!(
+            kept(&board, &format!("m{}", n - 1)).unwrap(),
+            format!("S: OK {}\n", n - 1)
+        );
+        // The oldest successes' transcripts were let go, with a note instead.
+        let old = kept(&board, "m1").unwrap();
+        assert!(old.starts_with("# transcript not kept"), "{old}");
+        let snapshot = board.snapshot();
+        let with_link = snapshot
+            .probes
+            .iter()
+            .filter(|p| p.transcript_url.is_some())
+            .count();
+        assert_eq!(with_link, SUCCESS_TRANSCRIPTS + 1);
+    }
+
+    #[test]
+    fn failed_transcripts_are_capped_each_and_in_all() {
+        let board = Board::new();
+        let rows = 2 * FAILURE_TRANSCRIPT_BYTES / MAX_TRANSCRIPT_BYTES;
+        board.set_targets((0..rows).map(|i| target(&format!("m{i}"))).collect());
+        let line = format!("S: {}\n", "x".repeat(500));
+        let long = format!("S: first\n{}S: the failure\n", line.repeat(40));
+        for round in 0..3 {
+            for i in 0..rows {
+                board.record(&key(&format!("m{i}")), result(Reason::ProtocolError, &long));
+            }
+            let inner = board.lock();
+            let t = &inner.transcripts;
+            assert!(t.failure_bytes <= FAILURE_TRANSCRIPT_BYTES, "round {round}");
+            assert!(t.failure_bytes >= FAILURE_TRANSCRIPT_BYTES - MAX_TRANSCRIPT_BYTES);
+            assert!(
+                t.failures.len() <= 2 * t.kept_failures + 64 + 1,
+                "{}",
+                t.failures.len()
+            );
+        }
+        let last = kept(&board, &format!("m{}", rows - 1)).unwrap();
+        assert!(last.len() <= MAX_TRANSCRIPT_BYTES, "{}", last.len());
+        assert!(last.starts_with("S: first\n") && last.ends_with("S: the failure\n"));
+        assert!(
+            last.contains("lines (") && last.contains("bytes) not kept ..."),
+            "{last}"
+        );
+        assert!(
+            kept(&board, "m0")
+                .unwrap()
+                .starts_with("# transcript not kept")
+        );
+        // Removing rows gives their bytes back.
+        board.set_targets(vec![]);
+        assert_eq!(board.lock().transcripts.failure_bytes, 0);
+        assert!(board.lock().transcripts.kept.is_empty());
+    }
+
+    #[test]
+    fn a_token_failure_has_no_transcript_and_a_reload_keeps_history() {
+        let board = Board::new();
+        board.set_targets(vec![target("a")]);
+        let mut r = result(Reason::TokenInvalidGrant, "");
+        r.transcript = None;
+        board.record(&key("a"), r);
+        let (_, last) = board.transcript(&key("a")).unwrap();
+        assert!(last.unwrap().transcript.is_none());
+        let mut changed = target("a");
+        changed.address = "b@example.com".into();
+        board.set_targets(vec![changed]);
+        let rows = board.rows();
+        assert_eq!(rows[0].probes, 1);
+        assert_eq!(rows[0].info.target.address, "b@example.com");
+        assert_eq!(rows[0].failures(), &[(Reason::TokenInvalidGrant, 1)]);
     }
 }

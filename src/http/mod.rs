@@ -13,8 +13,10 @@ use crate::Protocol;
 use crate::service::Service;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use tokio::sync::Semaphore;
 
@@ -23,7 +25,8 @@ pub use listener::{
     serve_with,
 };
 
-type Body = Full<Bytes>;
+/// A whole body (pages, JSON) or one rendered as it is sent (`/metrics`).
+type Body = BoxBody<Bytes, Infallible>;
 
 /// What the server knows about a connection beyond its requests.
 #[derive(Debug, Clone, Copy)]
@@ -173,7 +176,7 @@ fn is_loopback(ip: IpAddr) -> bool {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -216,11 +219,7 @@ async fn route(
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     match path.as_str() {
-        "/metrics" if get => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            service.metrics().encode(),
-        ),
+        "/metrics" if get => metrics(service, &req),
         "/healthz" if get => {
             if service.healthy() {
                 text(StatusCode::OK, PLAIN, "ok\n")
@@ -341,6 +340,33 @@ impl AsRef<[u8]> for Sending {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// `/metrics`: the board's rows are copied (pointers, under its lock for a moment) and
+/// the body is rendered from them as the connection takes it, in the format and encoding
+/// the scraper accepts; the board is never locked while the body is written.
+fn metrics(service: &Service, req: &Request<Incoming>) -> Response<Body> {
+    use crate::metrics::{Format, accepts_gzip};
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(header(header::ACCEPT));
+    let gzip = accepts_gzip(header(header::ACCEPT_ENCODING));
+    let body = service
+        .metrics()
+        .exposition(service.board().rows(), format, gzip);
+    let mut r = text(StatusCode::OK, format.content_type(), Bytes::new());
+    *r.body_mut() = body.boxed();
+    let h = r.headers_mut();
+    if gzip {
+        h.insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static("gzip"),
+        );
+    }
+    h.insert(
+        header::VARY,
+        header::HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
+    r
 }
 
 fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {

@@ -208,7 +208,12 @@ async fn service_account_one_token_per_mailbox_bound_to_it() {
         .access_token_as(&c, Some(ALICE), budget())
         .await
         .unwrap();
-    let text = String::from_utf8(metrics.encode()).unwrap();
+    let text = String::from_utf8(metrics.render(
+        &[],
+        mail_oauth_exporter::metrics::Format::Prometheus,
+        false,
+    ))
+    .unwrap();
     assert!(
         text.lines()
             .any(|l| l.starts_with("mail_oauth_token_requests_total")

@@ -21,6 +21,7 @@ pub const CONTRACT_METRICS: &[&str] = &[
     "mail_oauth_probes_total",
     "mail_oauth_probe_failures_total",
     "mail_oauth_probe_duration_seconds",
+    "mail_oauth_fleet_probe_duration_seconds",
     "mail_oauth_probe_phase_seconds",
     "mail_oauth_probe_last_run_timestamp_seconds",
     "mail_oauth_probe_last_success_timestamp_seconds",
@@ -80,33 +81,57 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// A small parser for the Prometheus text format (label values here never hold `"` or `,`).
+/// A strict parser for the Prometheus text format (and OpenMetrics, whose samples look
+/// the same): label values are unescaped (`\\`, `\"`, `\n`); anything malformed panics.
 pub fn parse_metrics(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let (head, value) = line.rsplit_once(' ').expect("sample has a value");
-        let (name, labels) = match head.split_once('{') {
-            None => (head.to_string(), BTreeMap::new()),
-            Some((n, rest)) => {
-                let body = rest.strip_suffix('}').expect("labels end with }");
-                let labels = body
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .map(|kv| {
-                        let (k, v) = kv.split_once("=\"").expect("label k=\"v\"");
-                        (k.to_string(), v.trim_end_matches('"').to_string())
-                    })
-                    .collect();
-                (n.to_string(), labels)
-            }
+        let (name, mut rest) = match line.find(['{', ' ']) {
+            Some(i) => (&line[..i], &line[i..]),
+            None => panic!("sample without a value: {line}"),
         };
+        let mut labels = BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices();
+            loop {
+                let start = chars.offset();
+                let eq = body[start..].find("=\"").expect("label k=\"v\"");
+                let key = body[start..start + eq].to_string();
+                for _ in 0..eq + 2 {
+                    chars.next();
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next().expect("label value ends").1 {
+                        '\\' => match chars.next().map(|c| c.1) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            other => panic!("bad escape {other:?}: {line}"),
+                        },
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+                assert!(labels.insert(key, value).is_none(), "label twice: {line}");
+                match chars.next().map(|c| c.1) {
+                    Some(',') => continue,
+                    Some('}') => break,
+                    other => panic!("{other:?} after a label value: {line}"),
+                }
+            }
+            rest = &body[chars.offset()..];
+        }
+        let value = rest.strip_prefix(' ').expect("one space before the value");
         out.push(Sample {
-            name,
+            name: name.to_string(),
             labels,
-            value: value.parse().expect("numeric value"),
+            value: value
+                .parse()
+                .unwrap_or_else(|_| panic!("numeric value: {line}")),
         });
     }
     out
@@ -450,6 +475,162 @@ async fn service_end_to_end_metrics_status_and_reload() {
     );
     let (_, body) = get(&r.url("/api/v1/status")).await;
     assert!(!body.contains("\"busy\""));
+    r.stop().await;
+}
+
+/// A mailbox name no label should ever break: quote, backslash, line feed, and text that
+/// looks like exposition syntax.
+pub const HOSTILE_MAILBOX: &str = "we\"ird\\name\n# HELP x} 1";
+
+/// /metrics through the service, as Prometheus (OpenMetrics, gzip) and curl (text) ask
+/// for it: hostile mailbox names come back exactly, each family has one HELP, one TYPE
+/// and one group, every row has exactly one `mail_oauth_probe_result` and at most 15
+/// series, and `mail_oauth_probe_duration_seconds` is a gauge beside the fleet histogram.
+#[tokio::test]
+async fn metrics_exposition_is_exact_in_every_format() {
+    use std::io::Read;
+    let yaml_key = "\"we\\\"ird\\\\name\\n# HELP x} 1\"";
+    let r = Running::start(|t| {
+        assert!(t.contains("\n  helpdesk:\n"));
+        t.replacen("\n  helpdesk:\n", &format!("\n  {yaml_key}:\n"), 1)
+    })
+    .await;
+    wait_ok(&r.url("/readyz"), Duration::from_secs(30)).await;
+    let client = reqwest::Client::new();
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let mut bodies = Vec::new();
+    for (accept, gzip) in [
+        ("*/*", false),
+        (prometheus_accept, true),
+        (prometheus_accept, false),
+    ] {
+        let mut req = client.get(r.url("/metrics")).header("accept", accept);
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        let (ctype, encoding) = (h("content-type"), h("content-encoding"));
+        let raw = resp.bytes().await.unwrap();
+        let body = if gzip {
+            assert_eq!(encoding, "gzip");
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&raw[..])
+                .read_to_string(&mut s)
+                .expect("a gzip body");
+            s
+        } else {
+            assert_eq!(encoding, "");
+            String::from_utf8(raw.to_vec()).unwrap()
+        };
+        let om = accept == prometheus_accept;
+        assert_eq!(
+            ctype.starts_with("application/openmetrics-text"),
+            om,
+            "{ctype}"
+        );
+        assert_eq!(body.ends_with("# EOF\n"), om);
+        bodies.push((om, body));
+    }
+    for (om, body) in &bodies {
+        let mut headers = BTreeMap::new();
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("# ") && *l != "# EOF")
+        {
+            let mut w = line.splitn(4, ' ');
+            let (kind, family) = (w.nth(1).unwrap(), w.next().unwrap());
+            *headers
+                .entry((kind.to_string(), family.to_string()))
+                .or_insert(0) += 1;
+        }
+        assert!(headers.values().all(|n| *n == 1), "{headers:?}");
+        let m = parse_metrics(body);
+        // Families in one group each: a name, once left, never comes back.
+        let mut groups: Vec<String> = Vec::new();
+        for s in &m {
+            let family = s
+                .name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string();
+            if groups.last() != Some(&family) {
+                assert!(
+                    !groups.contains(&family),
+                    "{family} in two groups (om: {om})"
+                );
+                groups.push(family);
+            }
+        }
+        let mut per_row: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for s in m.iter().filter(|s| s.labels.contains_key("mailbox")) {
+            *per_row
+                .entry((s.labels["mailbox"].clone(), s.labels["protocol"].clone()))
+                .or_default() += 1;
+        }
+        assert_eq!(per_row.len(), expected().len(), "{per_row:?}");
+        for (row, n) in &per_row {
+            assert!(*n <= 15, "{row:?}: {n} series");
+            let results = find(
+                &m,
+                "mail_oauth_probe_result",
+                &[("mailbox", &row.0), ("protocol", &row.1)],
+            );
+            assert_eq!(results.len(), 1, "{row:?}");
+        }
+        for p in ["imap", "pop3", "smtp"] {
+            let hostile = find(
+                &m,
+                "mail_oauth_probe_result",
+                &[("mailbox", HOSTILE_MAILBOX), ("protocol", p)],
+            );
+            assert_eq!(hostile.len(), 1, "{p} (om: {om})");
+            assert_eq!(hostile[0].labels["reason"], "ok");
+        }
+        assert!(
+            !find(
+                &m,
+                "mail_oauth_probe_duration_seconds",
+                &[("mailbox", HOSTILE_MAILBOX)]
+            )
+            .is_empty()
+        );
+        // A token failure never reached the auth step: no duration.
+        assert!(
+            find(
+                &m,
+                "mail_oauth_probe_duration_seconds",
+                &[("mailbox", "former-employee")]
+            )
+            .is_empty()
+        );
+        assert!(
+            !find(
+                &m,
+                "mail_oauth_fleet_probe_duration_seconds_bucket",
+                &[("protocol", "imap"), ("le", "+Inf")]
+            )
+            .is_empty()
+        );
+        assert!(body.contains("# TYPE mail_oauth_probe_duration_seconds gauge\n"));
+    }
+    // The status page and the JSON carry the same name, escaped for their own syntax.
+    let (_, json) = get(&r.url("/api/v1/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        status["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["mailbox"] == HOSTILE_MAILBOX)
+    );
     r.stop().await;
 }
 

@@ -663,7 +663,8 @@ fn dashboard_is_valid_grafana_json_with_variables_and_every_section() {
         "mail_oauth_probe_success",                            // success ratio
         "mail_oauth_probe_result",                             // failing mailboxes by reason
         "mail_oauth_probe_phase_seconds",                      // phases
-        "mail_oauth_probe_duration_seconds_bucket",            // latency quantiles
+        "mail_oauth_probe_duration_seconds{",                  // latency per mailbox
+        "mail_oauth_fleet_probe_duration_seconds_bucket",      // latency quantiles (fleet)
         "mail_oauth_probe_last_success_timestamp_seconds",     // last success
         "mail_oauth_token_failures_total",                     // token failures by reason
         "mail_oauth_token_expiry_timestamp_seconds",           // access tokens

@@ -1203,7 +1203,12 @@ async fn an_unwritable_state_dir_is_a_metric_and_a_status_error() {
     let metric = "mail_oauth_token_save_failures_total{credential=\"delegated\"}";
     let waited = tokio::time::Instant::now();
     loop {
-        let text = String::from_utf8(service.metrics().encode()).unwrap();
+        let text = String::from_utf8(service.metrics().render(
+            &service.board().rows(),
+            mail_oauth_exporter::metrics::Format::Prometheus,
+            false,
+        ))
+        .unwrap();
         let row = service
             .board()
             .snapshot()
