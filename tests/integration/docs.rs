@@ -244,21 +244,10 @@ async fn metrics_doc_matches_the_families_a_running_service_exposes() {
         exposed.len()
     );
 
-    // Until the 0.2 duration change (a gauge per row, the histogram per protocol) is in
-    // the code, the service may still expose the 0.1 shape: a per-row histogram and no
-    // fleet histogram. Accepted only as that exact pair; remove once it has landed.
-    let before_0_2 = exposed
-        .get("mail_oauth_probe_duration_seconds")
-        .is_some_and(|f| f.kind == "histogram")
-        && !exposed.contains_key("mail_oauth_fleet_probe_duration_seconds");
-
     for (name, family) in &exposed {
         let doc = documented
             .get(name)
             .unwrap_or_else(|| panic!("{name} is exposed but not in docs/metrics.md"));
-        if before_0_2 && name == "mail_oauth_probe_duration_seconds" {
-            continue;
-        }
         if empty.contains(name) {
             assert_eq!(doc.kind, family.kind, "{name}: type in docs/metrics.md");
         } else {
@@ -266,9 +255,8 @@ async fn metrics_doc_matches_the_families_a_running_service_exposes() {
         }
     }
     for name in documented.keys() {
-        let pending = before_0_2 && name == "mail_oauth_fleet_probe_duration_seconds";
         assert!(
-            exposed.contains_key(name) || conditional.contains(name) || pending,
+            exposed.contains_key(name) || conditional.contains(name),
             "{name} is documented but the demo does not expose it (only `with graph:` rows may be absent)"
         );
     }
