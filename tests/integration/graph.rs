@@ -246,3 +246,80 @@ async fn graph_403_and_429_never_change_a_probe_reason() {
     );
     service.shutdown().await;
 }
+
+fn fixture(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Base64 of the SHA-1 of the certificate's DER: Graph's `customKeyIdentifier`.
+fn graph_thumbprint(pem_file: &str) -> String {
+    use base64::Engine;
+    let pem = std::fs::read(fixture(pem_file)).unwrap();
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &block.contents);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+#[tokio::test]
+async fn graph_matches_the_certificate_by_thumbprint() {
+    use mail_oauth_exporter::emulator::graph::EmuKeyCredential;
+    let ep = Arc::new(TokenEndpoint::start().await.unwrap());
+    ep.add_client(ClientSpec {
+        id: "cert-app".into(),
+        certificate_pem: Some(std::fs::read_to_string(fixture("client-cert.pem")).unwrap()),
+        grants: vec![EmuGrant::ClientCredentials],
+        mailboxes: vec![USER.into()],
+        ..Default::default()
+    });
+    // Another certificate of the app ends sooner: it is not the configured one.
+    ep.graph_set_application(
+        "cert-app",
+        vec![],
+        vec![
+            EmuKeyCredential {
+                custom_key_identifier: graph_thumbprint("other-cert.pem"),
+                end: "2026-12-24T00:00:00Z".into(),
+            },
+            EmuKeyCredential {
+                custom_key_identifier: graph_thumbprint("client-cert.pem"),
+                end: "2029-01-02T03:04:05Z".into(),
+            },
+        ],
+    );
+    let emu = Emulator::start(EmulatorOptions::new(ep.clone()))
+        .await
+        .unwrap();
+    let dir = tmpdir("thumbprint");
+    emu.write_ca_pem(&dir.join("ca.pem")).unwrap();
+    let port = emu.addr(Proto::Imap, TlsKind::Implicit).port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {d}/state\ntls:\n  ca_file: {d}/ca.pem\n\
+             scheduler:\n  startup_spread: 1ms\n  jitter: 0s\n\
+             credentials:\n  app:\n    provider: microsoft\n    tenant: contoso\n    authority: {auth}\n    client_id: cert-app\n    grant: client_credentials\n    certificate_file: {cert}\n    private_key_file: {key}\n    graph: [credential_expiry]\n    graph_url: {auth}\n\
+             mailboxes:\n  m:\n    address: {USER}\n    credential: app\n    protocols: [imap]\n    interval: 5s\n    timeout: 2s\n    imap: {{ host: 127.0.0.1, port: {port} }}\n",
+            d = dir.display(),
+            auth = ep.authority(),
+            cert = fixture("client-cert.pem").display(),
+            key = fixture("client-key.pem").display(),
+        ),
+    )
+    .unwrap();
+    let service = Service::start(Config::load(&config).unwrap()).unwrap();
+    metrics_when(&service, |t| {
+        t.contains("mail_oauth_graph_last_success_timestamp_seconds{credential=\"app\",query=\"credential_expiry\"}")
+    })
+    .await;
+    let g = service.board().snapshot().graph[0].clone();
+    assert_eq!(
+        g.certificate_end,
+        humantime::parse_rfc3339("2029-01-02T03:04:05Z").ok()
+    );
+    assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+    probed_ok(&service).await;
+    service.shutdown().await;
+}
