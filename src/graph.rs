@@ -136,6 +136,8 @@ pub struct QueryStatus {
     pub last_success: Option<SystemTime>,
     /// The last failure, one trimmed line; cleared by a success.
     pub last_error: Option<String>,
+    /// After a failure: seconds until the retry (backoff, at least `Retry-After`).
+    pub retry_in_seconds: Option<u64>,
 }
 
 /// Per credential with `graph:`, what Graph said last (the status page's Graph section).
@@ -502,6 +504,7 @@ impl GraphTask {
                     failures[i] = 0;
                     qs.last_success = Some(now);
                     qs.last_error = None;
+                    qs.retry_in_seconds = None;
                     self.metrics
                         .set_graph_success(&self.cred.name, q.as_str(), now);
                     next[i] = Instant::now() + q.interval();
@@ -519,6 +522,7 @@ impl GraphTask {
                         "Microsoft Graph query failed (probes unaffected): {e}"
                     );
                     qs.last_error = Some(e.message);
+                    qs.retry_in_seconds = Some(wait.as_secs());
                     next[i] = Instant::now() + wait;
                 }
             }

@@ -234,11 +234,11 @@ async fn graph_403_and_429_never_change_a_probe_reason() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let err = service.board().snapshot().graph[0].queries[0]
-        .last_error
-        .clone()
-        .unwrap();
+    let q = service.board().snapshot().graph[0].queries[0].clone();
+    let err = q.last_error.unwrap();
     assert!(err.contains("429"), "{err}");
+    // Not retried before Graph's Retry-After (the backoff alone would say 60 s).
+    assert_eq!(q.retry_in_seconds, Some(7200));
     let text = String::from_utf8(service.metrics().encode()).unwrap();
     assert!(!text.contains("mail_oauth_service_health{"));
     assert!(
@@ -321,5 +321,35 @@ async fn graph_matches_the_certificate_by_thumbprint() {
     );
     assert!(g.warnings.is_empty(), "{:?}", g.warnings);
     probed_ok(&service).await;
+    service.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_declared_date_wins_and_a_disagreeing_graph_date_is_a_warning() {
+    let s = setup("declared", "[credential_expiry]").await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "    graph: [credential_expiry]\n",
+        "    client_secret_expires: 2027-01-01\n    graph: [credential_expiry]\n",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let service = Service::start(Config::load(&s.config).unwrap()).unwrap();
+    metrics_when(&service, |t| {
+        t.contains("mail_oauth_graph_last_success_timestamp_seconds{credential=\"app\"")
+    })
+    .await;
+    let snap = service.board().snapshot();
+    let warnings = snap.graph[0].warnings.join(" ");
+    assert!(
+        warnings.contains("client_secret_expires is 2027-01-01")
+            && warnings.contains("2028-03-04T05:06:07Z"),
+        "{warnings}"
+    );
+    // The declared date stays the metric's value (2027-01-01T00:00:00Z).
+    let text = String::from_utf8(service.metrics().encode()).unwrap();
+    assert!(text.contains(
+        "mail_oauth_credential_expiry_timestamp_seconds{credential=\"app\",kind=\"client_secret\"} 1798761600"
+    ), "{text}");
+    let page = mail_oauth_exporter::http::page::render(&snap);
+    assert!(page.contains("client_secret_expires is 2027-01-01"));
     service.shutdown().await;
 }
