@@ -192,16 +192,21 @@ fn one_line(s: &str) -> String {
     }
 }
 
-/// Talks to Graph for one credential: its own token (scope `{graph}/.default`, cached by
-/// the token service beside the mail token), the token service's HTTP client (bounded
-/// bodies, no redirects, `Retry-After` kept).
+/// Talks to Graph for one credential: its own token (the client credentials grant of
+/// `crate::token::grant` for `{graph}/.default`, one per credential, cached here so that the
+/// mail token's gauges and counters stay the mail token's), the token service's HTTP
+/// client (bounded bodies, no redirects, `Retry-After` kept).
 #[derive(Clone)]
 pub struct GraphClient {
     tokens: TokenService,
     /// The configured credential, its scopes replaced by Graph's `.default`.
     cred: Credential,
     base: String,
+    token: std::sync::Arc<tokio::sync::Mutex<Option<(Secret, Instant)>>>,
 }
+
+/// A Graph token is renewed this long before it expires.
+const GRAPH_TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
 impl GraphClient {
     /// `None` when `cred` has no `graph:`.
@@ -213,7 +218,26 @@ impl GraphClient {
             tokens,
             base: settings.url.clone(),
             cred: graph_cred,
+            token: Default::default(),
         })
+    }
+
+    /// The cached Graph token, or a new one (one request at a time: the lock is held).
+    async fn access_token(&self) -> Result<Secret, crate::token::TokenError> {
+        let mut cached = self.token.lock().await;
+        if let Some((t, renew_at)) = cached.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(t.clone());
+        }
+        let granted = crate::token::grant::client_credentials(self.http(), &self.cred).await?;
+        let lifetime = granted.lifetime.unwrap_or(Duration::from_secs(3600));
+        let renew_at = Instant::now()
+            + lifetime
+                .saturating_sub(GRAPH_TOKEN_MARGIN)
+                .max(lifetime / 2);
+        *cached = Some((granted.access_token.clone(), renew_at));
+        Ok(granted.access_token)
     }
 
     fn http(&self) -> &HttpClient {
@@ -222,7 +246,7 @@ impl GraphClient {
 
     /// `GET {base}{path_and_query}` with the app token; the JSON reply of a 200.
     pub async fn get(&self, path_and_query: &str) -> Result<serde_json::Value, GraphError> {
-        let token = self.tokens.access_token(&self.cred).await.map_err(|e| {
+        let token = self.access_token().await.map_err(|e| {
             let c = crate::classify::token_failure(&e);
             GraphError {
                 status: None,
@@ -230,14 +254,14 @@ impl GraphClient {
                 message: one_line(&format!("Graph token: {}: {}", c.reason.as_str(), c.detail)),
             }
         })?;
-        let redactor = Redactor::new().with(&token.value);
+        let redactor = Redactor::new().with(&token);
         let request = http::Request::builder()
             .method(http::Method::GET)
             .uri(format!("{}{path_and_query}", self.base))
             .header(http::header::ACCEPT, "application/json")
             .header(
                 http::header::AUTHORIZATION,
-                format!("Bearer {}", token.value.expose()),
+                format!("Bearer {}", token.expose()),
             )
             .body(Vec::new())
             .map_err(|e| GraphError {
@@ -256,7 +280,7 @@ impl GraphClient {
         let status = reply.status().as_u16();
         if status == 401 {
             // A token Graph refuses is not worth keeping.
-            self.tokens.invalidate(&self.cred).await;
+            *self.token.lock().await = None;
         }
         if status != 200 {
             return Err(GraphError {

@@ -173,6 +173,17 @@ async fn graph_exports_the_secret_in_use_and_exchange_online_health() {
             .any(|p| p.contains("applications(appId='app')"))
     );
     probed_ok(&service).await;
+    // One Graph token for the three Graph requests, beside the mail token; the token
+    // metrics count the mail token only.
+    assert_eq!(s.ep.graph_requests().len(), 3);
+    assert_eq!(s.ep.request_count("app", "client_credentials"), 2);
+    let text = String::from_utf8(service.metrics().encode()).unwrap();
+    assert!(
+        text.contains(
+            "mail_oauth_token_requests_total{credential=\"app\",grant=\"client_credentials\"} 1"
+        ),
+        "{text}"
+    );
 
     let snap = service.board().snapshot();
     let g = &snap.graph[0];
