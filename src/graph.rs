@@ -711,6 +711,36 @@ mod tests {
     }
 
     #[test]
+    fn hostile_service_health_replies() {
+        let overview = serde_json::json!({"value": [
+            {"service": "Exchange Online", "status": "down\nnow{job=\"x\"}"},
+        ]});
+        assert_eq!(health_status(&overview, EXCHANGE_ONLINE), Some("other"));
+        assert_eq!(
+            health_status(&serde_json::json!({"value": 3}), EXCHANGE_ONLINE),
+            None
+        );
+        assert_eq!(
+            health_status(&serde_json::json!("x"), EXCHANGE_ONLINE),
+            None
+        );
+        let issues = serde_json::json!({"value": [
+            {"id": "EX1", "title": "line one\r\nline two\u{0}", "service": "Exchange Online",
+             "classification": "incident", "isResolved": false},
+            {"id": "EX2", "service": "Exchange Online", "isResolved": true},
+            {"id": "TM1", "service": "Microsoft Teams", "isResolved": false},
+            {"id": 7, "title": ["not text"]},
+        ]});
+        let open = open_issues(&issues, EXCHANGE_ONLINE);
+        assert_eq!(open.len(), 2, "{open:?}");
+        assert_eq!(open[0].title, "line one line two");
+        assert_eq!(open[1].id, "");
+        assert!(open_issues(&serde_json::json!({}), EXCHANGE_ONLINE).is_empty());
+        let app = serde_json::json!({"passwordCredentials": "nope"});
+        assert!(pick_expiries(&app, Some(&Secret::new("abc")), None).is_err());
+    }
+
+    #[test]
     fn outside_text_is_one_short_line() {
         let long = format!("a\nb\r\n{}", "x".repeat(1000));
         let l = one_line(&long);
