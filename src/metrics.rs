@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Beyond the contract: refresh tokens that could not be written under `state_dir`.
     token_save_failures: IntCounterVec,
     credential_expiry: GaugeVec,
+    service_health: GaugeVec,
+    service_issues: GaugeVec,
+    graph_last_success: GaugeVec,
     reload_ok: Gauge,
     reload_ts: Gauge,
 }
@@ -162,6 +165,21 @@ impl Metrics {
                 "client_secret: the expiry date the config declares for the client secret; certificate: notAfter of the client certificate.",
                 &["credential", "kind"],
             ),
+            service_health: gauge(
+                "mail_oauth_service_health",
+                "With graph: [service_health]: value 1, labelled with Microsoft's current status of the service (from Microsoft Graph every 5 minutes; unknown values are `other`).",
+                &["credential", "service", "status"],
+            ),
+            service_issues: gauge(
+                "mail_oauth_service_issues",
+                "With graph: [service_health]: open service issues Microsoft Graph reports for the service, by classification (incident, advisory).",
+                &["credential", "service", "classification"],
+            ),
+            graph_last_success: gauge(
+                "mail_oauth_graph_last_success_timestamp_seconds",
+                "With graph: when a Microsoft Graph query (credential_expiry, service_health) last succeeded.",
+                &["credential", "query"],
+            ),
             reload_ok: reg(
                 &registry,
                 Gauge::with_opts(Opts::new(
@@ -253,8 +271,63 @@ impl Metrics {
         }
     }
 
+    /// A Microsoft Graph query of `credential` succeeded at `at`.
+    pub fn set_graph_success(&self, credential: &str, query: &str, at: SystemTime) {
+        self.graph_last_success
+            .with_label_values(&[credential, query])
+            .set(unix(at));
+    }
+
+    /// The service's current status: exactly one series per credential and service.
+    pub fn set_service_health(&self, credential: &str, service: &str, status: &'static str) {
+        for s in crate::graph::HEALTH_STATUSES {
+            if s != status {
+                let _ = self
+                    .service_health
+                    .remove_label_values(&[credential, service, s]);
+            }
+        }
+        self.service_health
+            .with_label_values(&[credential, service, status])
+            .set(1.0);
+    }
+
+    /// Open service issues of one classification.
+    pub fn set_service_issues(
+        &self,
+        credential: &str,
+        service: &str,
+        classification: &str,
+        open: usize,
+    ) {
+        self.service_issues
+            .with_label_values(&[credential, service, classification])
+            .set(open as f64);
+    }
+
+    /// Removes every Microsoft Graph series of `credential` (its `graph:` was removed).
+    pub fn remove_graph(&self, credential: &str) {
+        for q in ["credential_expiry", "service_health"] {
+            let _ = self
+                .graph_last_success
+                .remove_label_values(&[credential, q]);
+        }
+        let service = crate::graph::EXCHANGE_ONLINE;
+        for s in crate::graph::HEALTH_STATUSES {
+            let _ = self
+                .service_health
+                .remove_label_values(&[credential, service, s]);
+        }
+        for c in crate::graph::CLASSIFICATIONS {
+            let _ = self
+                .service_issues
+                .remove_label_values(&[credential, service, c]);
+        }
+    }
+
     /// Removes every series of a credential no longer in the config.
     pub fn remove_credential(&self, credential: &str) {
+        self.remove_graph(credential);
         for g in GRANTS {
             let _ = self
                 .token_requests

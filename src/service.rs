@@ -4,6 +4,7 @@
 
 use crate::classify;
 use crate::config::{Config, ConfigError, Endpoint, Mailbox};
+use crate::graph::{GraphClient, GraphTask};
 use crate::metrics::Metrics;
 use crate::probe::{self, TlsClient};
 use crate::reason::Reason;
@@ -13,11 +14,12 @@ use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, Tar
 use crate::token::{
     Credential, CredentialExpiryKind, Grant, TokenBudget, TokenService, TokenServiceOptions,
 };
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// What a scheduled job carries: everything one probe needs, shared, compared on reload.
@@ -198,6 +200,15 @@ pub struct Service {
     started: tokio::time::Instant,
     stopping: AtomicBool,
     shard: Option<Shard>,
+    /// The running Microsoft Graph loop of each credential with `graph:`, with the
+    /// credential and engine it was started for (a change restarts it).
+    graph_tasks: Mutex<HashMap<String, GraphRun>>,
+}
+
+struct GraphRun {
+    cred: Credential,
+    engine: usize,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The heartbeat turns this often; `/healthz` fails when it missed many turns.
@@ -237,6 +248,7 @@ impl Service {
             started: tokio::time::Instant::now(),
             stopping: AtomicBool::new(false),
             shard,
+            graph_tasks: Mutex::new(HashMap::new()),
         });
         service.apply_now(config);
         // A runtime wedged by a blocking call stops this loop, and `/healthz` says so.
@@ -395,6 +407,7 @@ impl Service {
         for gone in self.board.set_credentials(credentials) {
             self.metrics.remove_credential(&gone);
         }
+        self.start_graph(&config, &engine);
         scheduler.apply(jobs, &config.schedule);
         let now = SystemTime::now();
         self.metrics.config_loaded(true, now);
@@ -407,11 +420,70 @@ impl Service {
         write(&self.config, Arc::new(config));
     }
 
+    /// Starts, keeps or stops each credential's Microsoft Graph loop to match `config`. A
+    /// kept loop's Graph end date is put back on the expiry gauge that `set_credentials`
+    /// just reset to the declared dates.
+    fn start_graph(&self, config: &Config, engine: &Arc<Engine>) {
+        let engine_id = Arc::as_ptr(engine) as usize;
+        let mut runs = self.graph_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        runs.retain(|name, run| {
+            let keep = run.engine == engine_id
+                && config.credentials.get(name).is_some_and(|c| *c == run.cred);
+            if !keep {
+                run.task.abort();
+                self.metrics.remove_graph(name);
+            }
+            keep
+        });
+        for c in config.credentials.values() {
+            if runs.contains_key(&c.name) {
+                if c.client_secret_expires.is_none()
+                    && let Some(end) = self.board.graph(&c.name).and_then(|g| g.client_secret_end)
+                {
+                    self.metrics.set_credential_expiry(
+                        &c.name,
+                        CredentialExpiryKind::ClientSecret,
+                        Some(end),
+                    );
+                }
+                continue;
+            }
+            let Some(client) = GraphClient::new(engine.tokens.clone(), c) else {
+                continue;
+            };
+            let task = GraphTask {
+                client,
+                cred: c.clone(),
+                metrics: self.metrics.clone(),
+                board: self.board.clone(),
+            }
+            .spawn();
+            runs.insert(
+                c.name.clone(),
+                GraphRun {
+                    cred: c.clone(),
+                    engine: engine_id,
+                    task,
+                },
+            );
+        }
+        let names: Vec<String> = runs.keys().cloned().collect();
+        self.board.retain_graph(&names);
+    }
+
+    fn stop_graph(&self) {
+        let mut runs = self.graph_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, run) in runs.drain() {
+            run.task.abort();
+        }
+    }
+
     /// Stops scheduling, lets probes in flight finish within the config's grace period,
     /// and writes any refresh token still held only in memory.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.board.set_stopping();
+        self.stop_graph();
         let grace = self.config().schedule.shutdown_grace;
         let scheduler = self.scheduler.lock().await.take();
         if let Some(s) = scheduler {

@@ -351,6 +351,8 @@ struct Inner {
     /// must not take a running exporter out of its Service).
     ready_latched: bool,
     stopping: bool,
+    /// Per credential with `graph:`, what Microsoft Graph said last.
+    graph: BTreeMap<String, crate::graph::GraphStatus>,
 }
 
 /// Shared by the prober (writes), the HTTP server and the metrics (reads).
@@ -559,6 +561,21 @@ impl Board {
         Some((row.info.target.clone(), last))
     }
 
+    /// What a credential's Microsoft Graph queries found last.
+    pub fn set_graph(&self, status: crate::graph::GraphStatus) {
+        self.lock().graph.insert(status.credential.clone(), status);
+    }
+
+    /// Forgets the Graph state of credentials not in `keep`.
+    pub fn retain_graph(&self, keep: &[String]) {
+        self.lock().graph.retain(|k, _| keep.contains(k));
+    }
+
+    /// The Graph state of `credential`, if it has `graph:`.
+    pub fn graph(&self, credential: &str) -> Option<crate::graph::GraphStatus> {
+        self.lock().graph.get(credential).cloned()
+    }
+
     /// Everything the status page and `/api/v1/status` show.
     pub fn snapshot(&self) -> Snapshot {
         let ready = self.ready();
@@ -578,6 +595,7 @@ impl Board {
                 })
                 .collect(),
             credentials: inner.credentials.values().cloned().collect(),
+            graph: inner.graph.values().cloned().collect(),
         }
     }
 }
@@ -605,6 +623,9 @@ pub struct Snapshot {
     pub config: ConfigStatus,
     pub probes: Vec<ProbeStatus>,
     pub credentials: Vec<CredentialStatus>,
+    /// Microsoft Graph: per credential with `graph:`, service health, open incidents and
+    /// secret end dates.
+    pub graph: Vec<crate::graph::GraphStatus>,
 }
 
 /// One row: a mailbox and protocol.

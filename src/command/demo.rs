@@ -7,6 +7,7 @@
 use super::CommandError;
 use crate::Protocol;
 use crate::config::Config;
+use crate::emulator::graph::{EmuIssue, EmuPasswordCredential};
 use crate::emulator::token_endpoint::{
     ClientSpec, EmuGrant, Scripted, ServiceAccountSpec, Target, TokenEndpoint,
 };
@@ -221,6 +222,39 @@ impl Demo {
             grants: vec![EmuGrant::ClientCredentials],
             ..Default::default()
         });
+        // Microsoft Graph's view of contoso-monitor: two secrets, the sooner one an older
+        // secret no longer in use (it must not be the one exported), and an open Exchange
+        // Online incident.
+        let in_days = |days: u64| {
+            humantime::format_rfc3339_seconds(
+                SystemTime::now() + Duration::from_secs(days * 86_400),
+            )
+            .to_string()
+        };
+        endpoint.graph_set_application(
+            APP,
+            vec![
+                EmuPasswordCredential {
+                    hint: "old".into(),
+                    end: in_days(1),
+                },
+                EmuPasswordCredential {
+                    hint: APP_SECRET.chars().take(3).collect(),
+                    end: in_days(SECRET_EXPIRES_IN_DAYS),
+                },
+            ],
+            vec![],
+        );
+        endpoint.graph_set_health(crate::graph::EXCHANGE_ONLINE, "serviceDegradation");
+        endpoint.graph_add_issue(EmuIssue {
+            id: "EX918273".into(),
+            title: "Some users may be unable to connect to Exchange Online using IMAP".into(),
+            service: crate::graph::EXCHANGE_ONLINE.into(),
+            classification: "incident".into(),
+            status: "serviceDegradation".into(),
+            resolved: false,
+            last_modified: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        });
         // Google's copy of the service account's public key, with domain-wide delegation
         // of the mail scope.
         let demo_key = crate::token::service_account::ServiceAccountKey::parse(
@@ -274,17 +308,12 @@ impl Demo {
         endpoint.revoke_user("former@contoso.com");
 
         let config_path = d.join("demo.yaml");
-        let expires = humantime::format_rfc3339_seconds(
-            SystemTime::now() + Duration::from_secs(SECRET_EXPIRES_IN_DAYS * 86_400),
-        )
-        .to_string();
         let places = Places {
             imap: emulator.addr(Proto::Imap, TlsKind::Implicit).port(),
             pop3: emulator.addr(Proto::Pop3, TlsKind::Implicit).port(),
             smtp: emulator.addr(Proto::Smtp, TlsKind::Starttls).port(),
             authority: endpoint.authority(),
             dir: d.to_owned(),
-            secret_expires: expires[..10].to_string(),
         };
         std::fs::write(&config_path, config_text(&places))?;
         Ok(Demo {
@@ -368,8 +397,6 @@ struct Places {
     smtp: u16,
     authority: String,
     dir: PathBuf,
-    /// `YYYY-MM-DD`.
-    secret_expires: String,
 }
 
 /// The demo's config: a real file in the contract's shape, pointing at the emulator.
@@ -377,7 +404,6 @@ struct Places {
 fn config_text(p: &Places) -> String {
     let d = p.dir.display();
     let auth = &p.authority;
-    let expires = &p.secret_expires;
     let microsoft = |client: &str, grant: &str| {
         format!(
             "    provider: microsoft\n    tenant: contoso.onmicrosoft.com\n    authority: {auth}\n    client_id: {client}\n    grant: {grant}\n"
@@ -404,7 +430,7 @@ fn config_text(p: &Places) -> String {
         microsoft(DELEGATED_APP, "refresh_token")
     ));
     s.push_str(&format!(
-        "  contoso-monitor:                 # service principal; its secret expires in {SECRET_EXPIRES_IN_DAYS} days\n{}    client_secret_file: {d}/contoso-monitor.secret\n    client_secret_expires: {expires}\n",
+        "  contoso-monitor:                 # service principal; Microsoft Graph says its secret expires in {SECRET_EXPIRES_IN_DAYS} days\n{}    client_secret_file: {d}/contoso-monitor.secret\n    graph: [credential_expiry, service_health]   # secret expiry and Exchange Online's health\n    graph_url: {auth}                # the emulated Microsoft Graph\n",
         microsoft(APP, "client_credentials")
     ));
     s.push_str(&format!(
@@ -456,7 +482,6 @@ mod tests {
             smtp: 10587,
             authority: "http://127.0.0.1:10080".into(),
             dir: PathBuf::from("/tmp/mail-oauth-exporter-demo"),
-            secret_expires: "2026-12-01".into(),
         };
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
         let text = config_text(&places);

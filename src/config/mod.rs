@@ -825,6 +825,7 @@ impl Validator<'_> {
                 device_authorization_url: c.device_authorization_url.clone(),
             },
         };
+        let graph = self.graph(name, &c, &provider)?;
         let grant = match c.grant {
             RawGrant::RefreshToken => Grant::RefreshToken,
             RawGrant::ClientCredentials => Grant::ClientCredentials,
@@ -868,7 +869,61 @@ impl Validator<'_> {
             client_secret_expires,
             // Filled in once the mailboxes using this credential are known.
             scopes: Vec::new(),
+            graph,
         })
+    }
+
+    /// `graph:` and `graph_url:`: only on a Microsoft client-credentials credential (Graph's
+    /// application permissions need an app token), each query at most once.
+    fn graph(
+        &self,
+        name: &str,
+        c: &RawCredential,
+        provider: &Provider,
+    ) -> Result<Option<crate::graph::GraphSettings>, ConfigError> {
+        let at = |k: &'static str| ["credentials", name, k];
+        let Some(queries) = &c.graph else {
+            if c.graph_url.is_some() {
+                return Err(self.err(
+                    &at("graph_url"),
+                    "graph_url needs `graph:` (the queries to run)",
+                ));
+            }
+            return Ok(None);
+        };
+        let Provider::Microsoft { authority, .. } = provider else {
+            return Err(self.err(
+                &at("graph"),
+                "graph: reads Microsoft Graph: only for `provider: microsoft`",
+            ));
+        };
+        if c.grant != RawGrant::ClientCredentials {
+            return Err(self.err(
+                &at("graph"),
+                "graph: needs grant client_credentials (Graph's application permissions Application.Read.All and ServiceHealth.Read.All)",
+            ));
+        }
+        if queries.is_empty() {
+            return Err(self.err(&at("graph"), "graph: lists no query: give credential_expiry, service_health or both, or leave it out"));
+        }
+        for (i, q) in queries.iter().enumerate() {
+            if queries[..i].contains(q) {
+                return Err(self.err(&at("graph"), format!("`{}` is listed twice", q.as_str())));
+            }
+        }
+        let url = match &c.graph_url {
+            Some(u) => endpoint_url(u, true)
+                .map_err(|m| self.err(&at("graph_url"), m))?
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned(),
+            None => crate::graph::graph_base_for_authority(authority).to_owned(),
+        };
+        Ok(Some(crate::graph::GraphSettings {
+            queries: queries.clone(),
+            scope: format!("{url}/.default"),
+            url,
+        }))
     }
 
     fn mailbox(

@@ -92,6 +92,11 @@ pub(super) struct RawCredential {
     /// A JWT another issuer keeps fresh (workload identity federation), sent as the
     /// client assertion of a `client_credentials` credential.
     pub client_assertion_file: Option<PathBuf>,
+    /// What to read from Microsoft Graph with the credential's own app
+    /// (`credential_expiry`, `service_health`); Microsoft client credentials only.
+    pub graph: Option<Vec<crate::graph::GraphQuery>>,
+    /// Microsoft Graph's base URL when it does not follow the authority (DoD, tests).
+    pub graph_url: Option<String>,
     /// Accepted only to refuse it with a helpful message: secrets are never inline.
     pub client_secret: Option<serde::de::IgnoredAny>,
 }

@@ -388,3 +388,108 @@ mailboxes:
         assert!(got.contains(want), "want {want}\n got {got}");
     }
 }
+
+#[test]
+fn graph_only_on_microsoft_client_credentials_and_only_known_queries() {
+    let app = "credentials:\n  app:\n    provider: microsoft\n    tenant: t\n    client_id: x\n    grant: client_credentials\n    client_secret_env: S\n    graph: [credential_expiry, service_health]\n\
+mailboxes:\n  m:\n    address: m@example.com\n    credential: app\n    protocols: [imap]\n";
+    let c = parse(app).unwrap();
+    let g = c.credentials["app"].graph.clone().unwrap();
+    assert_eq!(g.url, "https://graph.microsoft.com");
+    assert_eq!(g.scope, "https://graph.microsoft.com/.default");
+    assert_eq!(
+        g.queries,
+        [
+            crate::graph::GraphQuery::CredentialExpiry,
+            crate::graph::GraphQuery::ServiceHealth
+        ]
+    );
+    // A national cloud's authority moves Graph too; graph_url overrides it.
+    let gov = app.replace(
+        "    tenant: t\n",
+        "    tenant: t\n    authority: https://login.microsoftonline.us\n",
+    );
+    assert_eq!(
+        parse(&gov).unwrap().credentials["app"]
+            .graph
+            .clone()
+            .unwrap()
+            .url,
+        "https://graph.microsoft.us"
+    );
+    let dod = gov.replace(
+        "service_health]\n",
+        "service_health]\n    graph_url: https://dod-graph.microsoft.us/\n",
+    );
+    let g = parse(&dod).unwrap().credentials["app"]
+        .graph
+        .clone()
+        .unwrap();
+    assert_eq!(g.url, "https://dod-graph.microsoft.us");
+    assert_eq!(g.scope, "https://dod-graph.microsoft.us/.default");
+    for (text, want) in [
+        (
+            app.replace("service_health]", "service_status]"),
+            "mail.yaml:8:",
+        ),
+        (
+            app.replace("service_health]", "credential_expiry]"),
+            "credentials.app.graph: `credential_expiry` is listed twice",
+        ),
+        (
+            app.replace("[credential_expiry, service_health]", "[]"),
+            "credentials.app.graph: graph: lists no query",
+        ),
+        (
+            app.replace(
+                "grant: client_credentials\n    client_secret_env: S",
+                "grant: refresh_token",
+            ),
+            "mail.yaml:7:5: credentials.app.graph: graph: needs grant client_credentials",
+        ),
+        (
+            app.replace(
+                "provider: microsoft\n    tenant: t",
+                "provider: generic\n    token_url: https://idp.example/token",
+            ),
+            "credentials.app.graph: graph: reads Microsoft Graph: only for `provider: microsoft`",
+        ),
+        (
+            app.replace(
+                "    graph: [credential_expiry, service_health]\n",
+                "    graph_url: https://graph.microsoft.com\n",
+            ),
+            "credentials.app.graph_url: graph_url needs `graph:`",
+        ),
+        (
+            app.replace(
+                "service_health]\n",
+                "service_health]\n    graph_url: http://graph.example.net\n",
+            ),
+            "credentials.app.graph_url: `http://graph.example.net` must be an https:// URL",
+        ),
+        (
+            app.replace(
+                "service_health]\n",
+                "service_health]\n    graph_url: https://u:p@graph.example.net\n",
+            ),
+            "credentials.app.graph_url:",
+        ),
+    ] {
+        let got = err(&text);
+        assert!(got.contains(want), "want {want}\n got {got}");
+    }
+    // Plain http to loopback, as the emulator serves it.
+    let local = app.replace(
+        "service_health]\n",
+        "service_health]\n    graph_url: http://127.0.0.1:8080\n",
+    );
+    assert_eq!(
+        parse(&local).unwrap().credentials["app"]
+            .graph
+            .clone()
+            .unwrap()
+            .url,
+        "http://127.0.0.1:8080"
+    );
+}

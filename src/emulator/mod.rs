@@ -58,6 +58,7 @@ mod behaviour;
 mod ca;
 mod conn;
 pub mod field;
+pub mod graph;
 mod imap;
 mod pop3;
 mod sasl;

@@ -442,6 +442,8 @@ struct State {
     service_accounts: HashMap<String, ServiceAccountSpec>,
     /// Tokens issued to a service account acting as a user: valid for that user only.
     subject_bound: std::collections::HashSet<String>,
+    /// The emulated Microsoft Graph (`super::graph`).
+    graph: super::graph::GraphState,
 }
 
 /// The running endpoint. Dropping it stops the server.
@@ -515,6 +517,7 @@ impl TokenEndpoint {
             requests: Vec::new(),
             service_accounts: HashMap::new(),
             subject_bound: Default::default(),
+            graph: Default::default(),
         }));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -552,6 +555,48 @@ impl TokenEndpoint {
 
     pub fn token_url(&self, tenant: &str) -> String {
         format!("{}/{tenant}/oauth2/v2.0/token", self.authority())
+    }
+
+    /// Microsoft Graph's base URL here (the `graph_url` of a credential pointed here).
+    pub fn graph_url(&self) -> String {
+        self.authority()
+    }
+
+    /// Registers an app's client secrets and certificates with the emulated Graph.
+    pub fn graph_set_application(
+        &self,
+        app_id: &str,
+        passwords: Vec<super::graph::EmuPasswordCredential>,
+        keys: Vec<super::graph::EmuKeyCredential>,
+    ) {
+        self.state()
+            .graph
+            .applications
+            .insert(app_id.to_owned(), (passwords, keys));
+    }
+
+    /// Sets a service's status in the emulated Graph's health overview.
+    pub fn graph_set_health(&self, service: &str, status: &str) {
+        let mut st = self.state();
+        st.graph.health.retain(|(s, _)| s != service);
+        st.graph
+            .health
+            .push((service.to_owned(), status.to_owned()));
+    }
+
+    /// Adds a service issue to the emulated Graph.
+    pub fn graph_add_issue(&self, issue: super::graph::EmuIssue) {
+        self.state().graph.issues.push(issue);
+    }
+
+    /// Answers the next Graph request with `script`.
+    pub fn graph_script(&self, script: super::graph::GraphScript) {
+        self.state().graph.scripts.push_back(script);
+    }
+
+    /// The paths of the Graph requests served so far.
+    pub fn graph_requests(&self) -> Vec<String> {
+        self.state().graph.requests.clone()
     }
 
     pub fn add_client(&self, spec: ClientSpec) {
@@ -763,6 +808,25 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if path.starts_with("/v1.0/") {
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *st;
+        return Ok(super::graph::respond(
+            &mut st.graph,
+            &st.access_tokens,
+            &st.base_url,
+            &method,
+            &path,
+            &query,
+            auth.as_deref(),
+        ));
+    }
     let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(plain(413, "request too large")),

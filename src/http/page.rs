@@ -154,6 +154,7 @@ pub fn render(s: &Snapshot) -> String {
          <div class=\"card bad\" id=\"count-failed\"><b>{failed}</b>failing</div>\
          <div class=\"card pending\" id=\"count-pending\"><b>{pending}</b>not probed yet</div></div>"
     );
+    graph_section(&mut h, s);
     h.push_str(
         "<h2>Mailboxes</h2><table id=\"probes\"><thead><tr><th>mailbox</th><th>protocol</th>\
          <th>result</th><th>reason and fix</th><th>last success</th><th>last run</th>\
@@ -200,6 +201,63 @@ pub fn render(s: &Snapshot) -> String {
     }
     h.push_str("</tbody></table></main></body></html>\n");
     h
+}
+
+/// Microsoft Graph: open incidents first (is Microsoft down, or is the app broken?), then
+/// each credential's Graph queries that fail and the warnings about its end dates.
+fn graph_section(h: &mut String, s: &Snapshot) {
+    let incidents: Vec<_> = s.graph.iter().flat_map(|g| g.incidents.iter()).collect();
+    if !incidents.is_empty() {
+        h.push_str(
+            "<h2>Open Microsoft service issues</h2><table id=\"incidents\"><thead><tr><th>id</th>\
+             <th>service</th><th>classification</th><th>title</th><th>last update</th></tr></thead><tbody>",
+        );
+        let mut seen = std::collections::HashSet::new();
+        for i in incidents {
+            if !seen.insert(&i.id) {
+                continue; // several credentials of one tenant see the same issue
+            }
+            let _ = write!(
+                h,
+                "<tr class=\"bad\"><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&i.id),
+                escape(&i.service),
+                escape(&i.classification),
+                escape(&i.title),
+                escape(&i.last_update),
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    let problems: Vec<(String, String)> = s
+        .graph
+        .iter()
+        .flat_map(|g| {
+            g.queries
+                .iter()
+                .filter_map(move |q| {
+                    let e = q.last_error.as_ref()?;
+                    let query = q.query.map(|q| q.as_str()).unwrap_or_default();
+                    Some((g.credential.clone(), format!("{query}: {e}")))
+                })
+                .chain(g.warnings.iter().map(|w| (g.credential.clone(), w.clone())))
+        })
+        .collect();
+    if !problems.is_empty() {
+        h.push_str(
+            "<h2>Microsoft Graph</h2><table id=\"graph\"><thead><tr><th>credential</th>\
+             <th>problem (probes unaffected)</th></tr></thead><tbody>",
+        );
+        for (c, p) in problems {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td><code>{}</code></td></tr>",
+                escape(&c),
+                escape(&p)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
 }
 
 fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {

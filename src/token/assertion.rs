@@ -69,6 +69,12 @@ fn pem_block(path: &Path, labels: &[&str]) -> Result<(String, Vec<u8>), Assertio
     ))
 }
 
+/// The certificate's DER (the first `CERTIFICATE` block of the PEM file), for its
+/// thumbprint.
+pub fn certificate_der(certificate_file: &Path) -> Result<Vec<u8>, AssertionError> {
+    pem_block(certificate_file, &["CERTIFICATE"]).map(|(_, der)| der)
+}
+
 /// The certificate's notAfter (for the credential expiry metric).
 pub fn certificate_not_after(certificate_file: &Path) -> Result<SystemTime, AssertionError> {
     let (_, der) = pem_block(certificate_file, &["CERTIFICATE"])?;

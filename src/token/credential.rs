@@ -165,6 +165,8 @@ pub struct Credential {
     pub client_secret_expires: Option<SystemTime>,
     /// Resolved scopes, in request order.
     pub scopes: Vec<String>,
+    /// What to read from Microsoft Graph with this credential (`graph:`), if anything.
+    pub graph: Option<crate::graph::GraphSettings>,
 }
 
 /// The scopes a credential requests when the config names none.

@@ -97,6 +97,7 @@ fn workspace(name: &str, key_file: &Path) -> Credential {
         },
         client_auth: ClientAuth::None,
         client_secret_expires: None,
+        graph: None,
         scopes: vec![MAIL_SCOPE.into()],
     }
 }
@@ -356,6 +357,7 @@ async fn client_assertion_file_is_reread_for_every_request() {
         grant: Grant::ClientCredentials,
         client_auth: ClientAuth::AssertionFile(file.clone()),
         client_secret_expires: None,
+        graph: None,
         scopes: vec!["https://outlook.office365.com/.default".into()],
     };
     let c = cred("wi");

@@ -12,6 +12,7 @@ mod deploy;
 mod docs;
 mod dovecot;
 mod emulator;
+mod graph;
 mod hostile;
 mod image;
 mod listener;

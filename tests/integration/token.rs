@@ -63,6 +63,7 @@ fn cred(
         grant,
         client_auth: auth,
         client_secret_expires: None,
+        graph: None,
         scopes,
     }
 }
