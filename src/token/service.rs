@@ -2,7 +2,7 @@
 //! of expiry, fetched once for all concurrent callers, backed off after failures.
 
 use super::assertion::certificate_not_after;
-use super::credential::{ClientAuth, Credential, Grant, GrantKind};
+use super::credential::{AccessToken, ClientAuth, Credential, Grant, GrantKind};
 use super::error::TokenError;
 use super::grant::{self, Granted};
 use super::http::{HttpClient, HttpClientError};
@@ -15,14 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-
-/// An access token ready to put in a SASL string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessToken {
-    pub value: Secret,
-    /// `None` when the issuer did not say (an opaque token file).
-    pub expires_at: Option<SystemTime>,
-}
 
 /// How the token service is set up.
 #[derive(Clone)]
