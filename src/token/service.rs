@@ -308,26 +308,26 @@ impl TokenService {
                     retry_in
                 });
                 st.last_error = Some(e.clone());
-                let reason = crate::classify::token::reason(&e);
-                let detail = crate::classify::token::detail(&e);
+                // The reason is not decided here: `classify` does that once, where the failure
+                // is reported (the probe's result, the observer's metrics).
+                let detail = e.detail();
                 match st.token.as_ref().filter(|c| c.usable(Instant::now())) {
                     Some(c) => {
                         // No probe fails for it, so this is the failure's one WARN line.
                         tracing::warn!(
                             credential = %cred.name,
-                            %reason,
                             detail = %crate::token::error::bounded(&detail, crate::token::error::LOG_DETAIL_MAX),
                             ?retry_in,
                             "token renewal failed; the access token in hand is used meanwhile"
                         );
-                        tracing::debug!(credential = %cred.name, %reason, %detail, "token renewal failed (full detail)");
+                        tracing::debug!(credential = %cred.name, %detail, "token renewal failed (full detail)");
                         Ok(c.token.clone())
                     }
                     None => {
                         // The caller reports it (the service's "probe failed" line, or
                         // `probe`'s result): one WARN line per failure, not two; and a
                         // backoff means nothing to a one-shot `probe`.
-                        tracing::debug!(credential = %cred.name, %reason, %detail, ?retry_in, "token request failed");
+                        tracing::debug!(credential = %cred.name, %detail, ?retry_in, "token request failed");
                         Err(e)
                     }
                 }
