@@ -8,7 +8,7 @@
 //! the fixed description `Invalid JWT Signature.`, which is `token_invalid_client`.
 
 use crate::reason::Reason;
-use crate::token::error::{EXCERPT_MAX, TokenError, bounded};
+use crate::token::error::TokenError;
 
 /// The reason of a known AADSTS code (docs/field-replies.md), `None` for codes we do not know.
 pub fn aadsts_reason(code: u64) -> Option<Reason> {
@@ -98,31 +98,10 @@ pub fn reason(e: &TokenError) -> Reason {
     }
 }
 
-/// What the status page and logs show beside the reason: HTTP status, AADSTS code, `error`,
-/// the description's first line (bounded), `trace_id`, `correlation_id`. No secrets: what
-/// the endpoint sent was redacted as it entered the `TokenError` (`crate::redact`), and our
-/// own errors name files, not contents.
+/// What the status page and logs show beside the reason: [`TokenError::detail`] (a
+/// rendering of the error, not a classification; kept here beside [`reason`]).
 pub fn detail(e: &TokenError) -> String {
-    match e {
-        TokenError::Endpoint { status, body, .. } => {
-            let mut parts = vec![format!("HTTP {status}")];
-            if let Some(code) = body.aadsts_code() {
-                parts.push(format!("AADSTS{code}"));
-            }
-            parts.push(bounded(&body.error, 64));
-            if let Some(d) = body.short_description() {
-                parts.push(d);
-            }
-            if let Some(t) = &body.trace_id {
-                parts.push(format!("trace_id={}", bounded(t, 64)));
-            }
-            if let Some(c) = &body.correlation_id {
-                parts.push(format!("correlation_id={}", bounded(c, 64)));
-            }
-            parts.join("; ")
-        }
-        other => bounded(&other.to_string(), 2 * EXCERPT_MAX),
-    }
+    e.detail()
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 mod locate;
 mod raw;
-mod yaml;
+pub(crate) mod yaml;
 
 pub use raw::ProviderKind;
 
@@ -158,7 +158,7 @@ impl Config {
     /// device: [`crate::fsread`]), UTF-8 with an optional byte order mark. Blocking: from
     /// async code, call it on the blocking pool.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = read_text(path, FileKind::Config)?;
+        let text = yaml::read(path, FileKind::Config)?;
         Config::parse(path, &text)
     }
 
@@ -166,8 +166,7 @@ impl Config {
     /// document (nothing but whitespace and comments) and a config without mailboxes are
     /// errors: either would silently switch monitoring off.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        if yaml::is_blank(text) {
+        let Some(raw): Option<RawConfig> = yaml::document(path, text)? else {
             return Err(ConfigError {
                 file: path.to_owned(),
                 line: 1,
@@ -175,8 +174,8 @@ impl Config {
                 field: String::new(),
                 message: "the config is empty (nothing but whitespace and comments); it must name at least one mailbox".into(),
             });
-        }
-        let raw: RawConfig = parse_yaml(path, text)?;
+        };
+        let text = yaml::without_bom(text);
         Validator { path, text }.config(raw)
     }
 
@@ -284,59 +283,6 @@ fn check_state_dir(dir: &Path) -> Result<(), String> {
     tempfile::tempfile_in(d)
         .map(drop)
         .map_err(|e| format!("cannot write in {}: {e}", d.display()))
-}
-
-/// The text of the YAML file `path` (the config or the web config): read through
-/// [`crate::fsread`] with `kind`'s cap, UTF-8 (errors located), byte order mark dropped.
-pub(crate) fn read_text(path: &Path, kind: FileKind) -> Result<String, ConfigError> {
-    let bytes = fsread::read(path, kind).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        line: 0,
-        column: 0,
-        field: String::new(),
-        message: match e {
-            fsread::ReadError::Io { message, .. } => format!("cannot read: {message}"),
-            other => other.reason(),
-        },
-    })?;
-    yaml::decode(path, bytes)
-}
-
-/// `text` deserialized, after the nesting limit ([`yaml::MAX_DEPTH`]) is checked in one
-/// linear pass (libyaml alone takes tens of seconds to refuse 100,000 levels).
-pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    yaml::check_nesting(path, text)?;
-    serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))
-}
-
-/// serde_yaml's error as file:line:column, key path and message (shared by every YAML
-/// file the exporter reads: the config and the web config).
-pub(crate) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
-    // serde_yaml prefixes the key path ("mailboxes.helpdesk: unknown field ...") and
-    // appends the position, which we print in front instead.
-    let msg = e.to_string();
-    let msg = msg
-        .rsplit_once(" at line ")
-        .map(|(m, _)| m.to_owned())
-        .unwrap_or(msg);
-    let (field, message) = match msg.split_once(": ") {
-        Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
-        _ => (String::new(), msg),
-    };
-    ConfigError {
-        file: path.to_owned(),
-        line,
-        column,
-        field,
-        message,
-    }
 }
 
 /// What a mailbox inherits: `defaults.*` and the scheduler's jitter.

@@ -1,5 +1,7 @@
 //! Reading YAML text safely before serde sees it: the byte order mark, UTF-8 errors with
-//! their line, empty documents, and a nesting limit checked in one linear pass.
+//! their line, empty documents, and a nesting limit checked in one linear pass. The one
+//! load prologue of every YAML file the exporter reads (the config and the web config):
+//! [`read`] the file, then [`document`] for its raw serde struct.
 //!
 //! The nesting limit exists because libyaml (under serde_yaml) rescans its stack of
 //! possible keys at every token, so a document nested 100,000 flow levels deep takes
@@ -9,6 +11,7 @@
 //! it counts a bracket rather than skip it: an error can only err on the deep side.
 
 use super::ConfigError;
+use crate::fsread::{self, FileKind};
 use std::path::Path;
 
 /// The deepest nesting of collections a config file may have. The configs need five
@@ -53,6 +56,72 @@ pub fn decode(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
                 ),
             ))
         }
+    }
+}
+
+/// The text of the YAML file `path` (the config or the web config): read through
+/// [`crate::fsread`] with `kind`'s cap (never a FIFO or device), UTF-8 (errors located),
+/// byte order mark dropped. Blocking.
+pub(crate) fn read(path: &Path, kind: FileKind) -> Result<String, ConfigError> {
+    let bytes = fsread::read(path, kind).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        field: String::new(),
+        message: match e {
+            fsread::ReadError::Io { message, .. } => format!("cannot read: {message}"),
+            other => other.reason(),
+        },
+    })?;
+    decode(path, bytes)
+}
+
+/// `text` without its leading byte order mark, if any.
+pub(crate) fn without_bom(text: &str) -> &str {
+    text.strip_prefix(BOM).unwrap_or(text)
+}
+
+/// The document in `text` (read from `path`, named in errors) deserialized as `T`, or
+/// `None` when it holds no node at all ([`is_blank`]: each caller says what that means).
+/// A leading byte order mark is dropped; the nesting limit ([`MAX_DEPTH`]) is checked in
+/// one linear pass first (libyaml alone takes tens of seconds to refuse 100,000 levels).
+pub(crate) fn document<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<Option<T>, ConfigError> {
+    let text = without_bom(text);
+    if is_blank(text) {
+        return Ok(None);
+    }
+    check_nesting(path, text)?;
+    serde_yaml::from_str(text)
+        .map(Some)
+        .map_err(|e| serde_error(path, &e))
+}
+
+/// serde_yaml's error as file:line:column, key path and message.
+fn serde_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    // serde_yaml prefixes the key path ("mailboxes.helpdesk: unknown field ...") and
+    // appends the position, which we print in front instead.
+    let msg = e.to_string();
+    let msg = msg
+        .rsplit_once(" at line ")
+        .map(|(m, _)| m.to_owned())
+        .unwrap_or(msg);
+    let (field, message) = match msg.split_once(": ") {
+        Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
+        _ => (String::new(), msg),
+    };
+    ConfigError {
+        file: path.to_owned(),
+        line,
+        column,
+        field,
+        message,
     }
 }
 

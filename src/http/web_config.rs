@@ -7,7 +7,8 @@
 
 use super::auth::BasicAuth;
 use super::tls::{self, ClientAuth, TlsSettings, TlsVersion};
-use crate::config::{ConfigError, located, parse_yaml, read_text};
+use crate::config::yaml;
+use crate::config::{ConfigError, located};
 use crate::fsread::FileKind;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
@@ -58,18 +59,15 @@ impl WebConfig {
     /// (so a bad file stops the start, not the first scrape) and checks every bcrypt hash.
     pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
         // Capped at 1 MiB, never a FIFO or device: see `crate::fsread`.
-        let text = read_text(path, FileKind::WebConfig)?;
+        let text = yaml::read(path, FileKind::WebConfig)?;
         WebConfig::parse(path, &text)
     }
 
     /// Validates `text` as if read from `path`; relative file names in it are resolved
     /// against the file's directory, as the exporter-toolkit does.
     pub fn parse(path: &Path, text: &str) -> Result<WebConfig, ConfigError> {
-        let raw: RawWebConfig = if text.trim().is_empty() {
-            RawWebConfig::default()
-        } else {
-            parse_yaml(path, text)?
-        };
+        // An empty file is plain HTTP, open to all, as with no file.
+        let raw: RawWebConfig = yaml::document(path, text)?.unwrap_or_default();
         let base = path.parent().unwrap_or(Path::new("."));
         let tls = match raw.tls_server_config {
             None => None,

@@ -1,9 +1,9 @@
 //! IMAP prober (RFC 9051/3501): greeting, CAPABILITY, STARTTLS, AUTHENTICATE with
 //! XOAUTH2/OAUTHBEARER (SASL-IR when offered), EXAMINE INBOX, LOGOUT.
 
+use super::negotiate::{Negotiate, negotiate};
 use super::session::Session;
-use super::{Phase, ProbeError, require_tls, sasl};
-use crate::protocol::TlsMode;
+use super::{Phase, ProbeError, sasl};
 use crate::secret::Secret;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -40,33 +40,8 @@ pub(crate) async fn dialogue(
     s.begin(Phase::Greeting);
     greeting(s).await?;
 
-    s.begin(Phase::Capability);
-    let mut caps = capability(s, "C01").await?;
-    if s.spec.target.tls == TlsMode::Starttls {
-        s.begin(Phase::Tls);
-        if !has(&caps, "STARTTLS") {
-            return Err(ProbeError::StarttlsUnavailable {
-                detail: "STARTTLS not advertised".into(),
-            });
-        }
-        match command(s, "S01", "STARTTLS").await? {
-            Reply::Tagged(t) if t.status == Status::Ok => {}
-            Reply::Tagged(t) => return Err(ProbeError::StarttlsUnavailable { detail: t.line }),
-            Reply::Continuation(c) => return Err(unexpected(s, c)),
-        }
-        s.start_tls().await?;
-        // Capabilities seen before TLS may have been forged: ask again (RFC 9051 §6.2.1).
-        s.begin(Phase::Capability);
-        caps = capability(s, "C02").await?;
-    }
-    require_tls(s)?;
+    let caps = negotiate::<Imap>(s).await?;
     let mech = s.spec.mechanism;
-    if !has(&caps, &format!("AUTH={}", mech.sasl_name())) {
-        return Err(ProbeError::MechanismUnsupported {
-            mechanism: mech.sasl_name(),
-            offered: offered(&caps),
-        });
-    }
 
     s.begin(Phase::Auth);
     let target = &s.spec.target;
@@ -129,6 +104,33 @@ pub(crate) async fn dialogue(
     s.limit_deadline(Duration::from_secs(2));
     let _ = command(s, "L01", "LOGOUT").await;
     Ok(())
+}
+
+/// IMAP's part of the negotiation (RFC 3501/9051): CAPABILITY, `STARTTLS`, `AUTH=` atoms.
+struct Imap;
+
+impl Negotiate for Imap {
+    const STARTTLS: &'static str = "STARTTLS";
+
+    async fn capabilities(s: &mut Session<'_>, after_tls: bool) -> Result<Vec<String>, ProbeError> {
+        capability(s, if after_tls { "C02" } else { "C01" }).await
+    }
+
+    async fn starttls(s: &mut Session<'_>) -> Result<Option<String>, ProbeError> {
+        match command(s, "S01", "STARTTLS").await? {
+            Reply::Tagged(t) if t.status == Status::Ok => Ok(None),
+            Reply::Tagged(t) => Ok(Some(t.line)),
+            Reply::Continuation(c) => Err(unexpected(s, c)),
+        }
+    }
+
+    fn mechanisms(caps: &[String]) -> Option<String> {
+        let auth: Vec<&str> = caps
+            .iter()
+            .filter_map(|c| c.strip_prefix("AUTH="))
+            .collect();
+        (!auth.is_empty()).then(|| auth.join(" "))
+    }
 }
 
 async fn greeting(s: &mut Session<'_>) -> Result<(), ProbeError> {
@@ -244,18 +246,6 @@ fn literal_len(line: &str) -> Option<usize> {
 
 fn has(caps: &[String], cap: &str) -> bool {
     caps.iter().any(|c| c.eq_ignore_ascii_case(cap))
-}
-
-fn offered(caps: &[String]) -> String {
-    let auth: Vec<&str> = caps
-        .iter()
-        .filter_map(|c| c.strip_prefix("AUTH="))
-        .collect();
-    if auth.is_empty() {
-        "no SASL mechanism".into()
-    } else {
-        auth.join(" ")
-    }
 }
 
 fn unexpected(s: &Session<'_>, reply: String) -> ProbeError {

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod imap;
+mod negotiate;
 pub mod pop3;
 pub mod sasl;
 mod session;

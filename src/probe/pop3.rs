@@ -1,9 +1,9 @@
 //! POP3 prober (RFC 1939/2449/5034): greeting, CAPA, STLS, `AUTH XOAUTH2` then the
 //! response on its own line (as Microsoft documents), STAT, QUIT.
 
+use super::negotiate::{Negotiate, negotiate};
 use super::session::Session;
-use super::{Phase, ProbeError, require_tls, sasl};
-use crate::protocol::TlsMode;
+use super::{Phase, ProbeError, sasl};
 use crate::secret::Secret;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,42 +22,8 @@ pub(crate) async fn dialogue(
         return Err(refused_or_unexpected(s, greeting, None));
     }
 
-    s.begin(Phase::Capability);
-    let mut caps = capa(s).await?;
-    if s.spec.target.tls == TlsMode::Starttls {
-        s.begin(Phase::Tls);
-        if !caps.iter().any(|c| c == "STLS") {
-            return Err(ProbeError::StarttlsUnavailable {
-                detail: "STLS not advertised".into(),
-            });
-        }
-        s.send("STLS").await?;
-        let reply = s.read_line().await?;
-        if !is_ok(&reply) {
-            return Err(ProbeError::StarttlsUnavailable { detail: reply });
-        }
-        s.start_tls().await?;
-        // Capabilities seen before TLS may have been forged (RFC 2595 §4).
-        s.begin(Phase::Capability);
-        caps = capa(s).await?;
-    }
-    require_tls(s)?;
+    negotiate::<Pop3>(s).await?;
     let mech = s.spec.mechanism;
-    let sasl_line = caps.iter().find(|c| c.starts_with("SASL ") || *c == "SASL");
-    let offers = sasl_line.is_some_and(|l| {
-        l.split_ascii_whitespace()
-            .skip(1)
-            .any(|m| m == mech.sasl_name())
-    });
-    if !offers {
-        return Err(ProbeError::MechanismUnsupported {
-            mechanism: mech.sasl_name(),
-            offered: sasl_line
-                .and_then(|l| l.strip_prefix("SASL "))
-                .unwrap_or("no SASL mechanism")
-                .to_owned(),
-        });
-    }
 
     s.begin(Phase::Auth);
     let target = &s.spec.target;
@@ -100,6 +66,33 @@ pub(crate) async fn dialogue(
         let _ = s.read_line().await;
     }
     Ok(())
+}
+
+/// POP3's part of the negotiation (RFC 1939/2449, RFC 2595 §4): CAPA, `STLS`, `SASL`.
+struct Pop3;
+
+impl Negotiate for Pop3 {
+    const STARTTLS: &'static str = "STLS";
+
+    async fn capabilities(
+        s: &mut Session<'_>,
+        _after_tls: bool,
+    ) -> Result<Vec<String>, ProbeError> {
+        capa(s).await
+    }
+
+    async fn starttls(s: &mut Session<'_>) -> Result<Option<String>, ProbeError> {
+        s.send("STLS").await?;
+        let reply = s.read_line().await?;
+        Ok((!is_ok(&reply)).then_some(reply))
+    }
+
+    fn mechanisms(caps: &[String]) -> Option<String> {
+        caps.iter()
+            .find(|c| c.starts_with("SASL ") || *c == "SASL")
+            .and_then(|l| l.strip_prefix("SASL "))
+            .map(str::to_owned)
+    }
 }
 
 /// CAPA's lines, upper-cased; a server without CAPA (`-ERR`) has no capabilities we need.

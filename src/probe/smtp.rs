@@ -1,9 +1,9 @@
 //! SMTP submission prober (RFC 5321/3207/4954): greeting, EHLO, STARTTLS, `AUTH XOAUTH2`
 //! with an initial response only when the line fits, else `334` continuation; NOOP, QUIT.
 
+use super::negotiate::{Negotiate, negotiate};
 use super::session::Session;
-use super::{Phase, ProbeError, require_tls, sasl};
-use crate::protocol::TlsMode;
+use super::{Phase, ProbeError, sasl};
 use crate::secret::Secret;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -42,45 +42,8 @@ pub(crate) async fn dialogue(
         return Err(refused(s, &greeting, None));
     }
 
-    s.begin(Phase::Capability);
-    let mut ehlo = ehlo(s).await?;
-    if s.spec.target.tls == TlsMode::Starttls {
-        s.begin(Phase::Tls);
-        if !ehlo.iter().any(|k| k == "STARTTLS") {
-            return Err(ProbeError::StarttlsUnavailable {
-                detail: "STARTTLS not advertised".into(),
-            });
-        }
-        s.send("STARTTLS").await?;
-        let reply = read_reply(s).await?;
-        if reply.code != 220 {
-            return Err(ProbeError::StarttlsUnavailable {
-                detail: reply.joined(),
-            });
-        }
-        s.start_tls().await?;
-        // Forget what was said in clear and ask again (RFC 3207 §4.2).
-        s.begin(Phase::Capability);
-        ehlo = self::ehlo(s).await?;
-    }
-    require_tls(s)?;
+    negotiate::<Smtp>(s).await?;
     let mech = s.spec.mechanism;
-    let auth_line = ehlo
-        .iter()
-        .find(|k| k.starts_with("AUTH ") || k.starts_with("AUTH="));
-    let offers = auth_line.is_some_and(|l| {
-        l[5..]
-            .split_ascii_whitespace()
-            .any(|m| m == mech.sasl_name())
-    });
-    if !offers {
-        return Err(ProbeError::MechanismUnsupported {
-            mechanism: mech.sasl_name(),
-            offered: auth_line
-                .map(|l| l[5..].to_owned())
-                .unwrap_or_else(|| "no SASL mechanism".into()),
-        });
-    }
 
     s.begin(Phase::Auth);
     let target = &s.spec.target;
@@ -127,6 +90,32 @@ pub(crate) async fn dialogue(
         let _ = read_reply(s).await;
     }
     Ok(())
+}
+
+/// SMTP's part of the negotiation (RFC 5321, RFC 3207, RFC 4954): EHLO, `STARTTLS`, `AUTH`.
+struct Smtp;
+
+impl Negotiate for Smtp {
+    const STARTTLS: &'static str = "STARTTLS";
+
+    async fn capabilities(
+        s: &mut Session<'_>,
+        _after_tls: bool,
+    ) -> Result<Vec<String>, ProbeError> {
+        ehlo(s).await
+    }
+
+    async fn starttls(s: &mut Session<'_>) -> Result<Option<String>, ProbeError> {
+        s.send("STARTTLS").await?;
+        let reply = read_reply(s).await?;
+        Ok((reply.code != 220).then(|| reply.joined()))
+    }
+
+    fn mechanisms(caps: &[String]) -> Option<String> {
+        caps.iter()
+            .find(|k| k.starts_with("AUTH ") || k.starts_with("AUTH="))
+            .map(|l| l[5..].to_owned())
+    }
 }
 
 async fn ehlo(s: &mut Session<'_>) -> Result<Vec<String>, ProbeError> {

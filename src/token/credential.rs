@@ -1,12 +1,23 @@
-//! What a credential is at run time: provider, grant, client authentication, scopes, endpoints.
+//! What a credential is at run time: provider, grant, client authentication, scopes, endpoints;
+//! and what it yields, the [`AccessToken`].
 //!
 //! The lead's config module builds these from the YAML `credentials` section; nothing here
 //! reads YAML. Scopes are stored already resolved (see [`default_scopes`]).
 
 use crate::protocol::Protocol;
+use crate::secret::Secret;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::SystemTime;
+
+/// An access token ready to put in a SASL string: what a [`Credential`] yields, from the
+/// token service or a token file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    pub value: Secret,
+    /// `None` when the issuer did not say (an opaque token file).
+    pub expires_at: Option<SystemTime>,
+}
 
 /// Microsoft's public cloud; national clouds override it with the config's `authority`.
 pub const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com";

@@ -136,6 +136,34 @@ impl TokenError {
             _ => None,
         }
     }
+
+    /// What the status page and logs show beside the reason: HTTP status, AADSTS code,
+    /// `error`, the description's first line (bounded), `trace_id`, `correlation_id`. No
+    /// secrets: what the endpoint sent was redacted as it entered the `TokenError`
+    /// (`crate::redact`), and our own errors name files, not contents. Not a
+    /// classification: the reason is `crate::classify`'s, at the status/metrics boundary.
+    pub fn detail(&self) -> String {
+        match self {
+            TokenError::Endpoint { status, body, .. } => {
+                let mut parts = vec![format!("HTTP {status}")];
+                if let Some(code) = body.aadsts_code() {
+                    parts.push(format!("AADSTS{code}"));
+                }
+                parts.push(bounded(&body.error, 64));
+                if let Some(d) = body.short_description() {
+                    parts.push(d);
+                }
+                if let Some(t) = &body.trace_id {
+                    parts.push(format!("trace_id={}", bounded(t, 64)));
+                }
+                if let Some(c) = &body.correlation_id {
+                    parts.push(format!("correlation_id={}", bounded(c, 64)));
+                }
+                parts.join("; ")
+            }
+            other => bounded(&other.to_string(), 2 * EXCERPT_MAX),
+        }
+    }
 }
 
 fn http_message(status: u16, excerpt: &str) -> String {

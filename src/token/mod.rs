@@ -57,13 +57,12 @@ pub mod store;
 pub mod token_file;
 
 pub use credential::{
-    ClientAuth, Credential, Grant, GrantKind, Provider, SecretSource, default_scopes,
+    AccessToken, ClientAuth, Credential, Grant, GrantKind, Provider, SecretSource, default_scopes,
 };
 pub use device::{LoginError, device_login, import_refresh_token};
 pub use error::{OAuthErrorBody, TokenError};
 pub use observer::{NoopObserver, Observed, RecordingObserver, TokenInfo, TokenObserver};
 pub use service::{
-    AccessToken, CredentialExpiry, CredentialExpiryKind, TokenBudget, TokenService,
-    TokenServiceOptions,
+    CredentialExpiry, CredentialExpiryKind, TokenBudget, TokenService, TokenServiceOptions,
 };
 pub use store::{Candidate, Origin, RefreshTokenStore, SaveStatus, Staged, write_atomic};

@@ -5,7 +5,6 @@
 
 use super::credential::GrantKind;
 use super::error::TokenError;
-use crate::reason::Reason;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -53,8 +52,9 @@ pub struct Observed {
     pub credential: String,
     pub grant: GrantKind,
     pub duration: Duration,
-    /// `None` on success, else the contract's reason.
-    pub reason: Option<Reason>,
+    /// `None` on success, else the failure as reported (unclassified: a test that wants
+    /// the reason asks `crate::classify::token::reason`).
+    pub error: Option<TokenError>,
     pub info: Option<TokenInfo>,
 }
 
@@ -89,7 +89,7 @@ impl TokenObserver for RecordingObserver {
             credential: credential.to_string(),
             grant,
             duration,
-            reason: result.err().map(crate::classify::token::reason),
+            error: result.err().cloned(),
             info: result.ok().cloned(),
         };
         self.seen

@@ -2,7 +2,7 @@
 //! of expiry, fetched once for all concurrent callers, backed off after failures.
 
 use super::assertion::certificate_not_after;
-use super::credential::{ClientAuth, Credential, Grant, GrantKind};
+use super::credential::{AccessToken, ClientAuth, Credential, Grant, GrantKind};
 use super::error::TokenError;
 use super::grant::{self, Granted};
 use super::http::{HttpClient, HttpClientError};
@@ -15,14 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-
-/// An access token ready to put in a SASL string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessToken {
-    pub value: Secret,
-    /// `None` when the issuer did not say (an opaque token file).
-    pub expires_at: Option<SystemTime>,
-}
 
 /// How the token service is set up.
 #[derive(Clone)]
@@ -316,26 +308,26 @@ impl TokenService {
                     retry_in
                 });
                 st.last_error = Some(e.clone());
-                let reason = crate::classify::token::reason(&e);
-                let detail = crate::classify::token::detail(&e);
+                // The reason is not decided here: `classify` does that once, where the failure
+                // is reported (the probe's result, the observer's metrics).
+                let detail = e.detail();
                 match st.token.as_ref().filter(|c| c.usable(Instant::now())) {
                     Some(c) => {
                         // No probe fails for it, so this is the failure's one WARN line.
                         tracing::warn!(
                             credential = %cred.name,
-                            %reason,
                             detail = %crate::token::error::bounded(&detail, crate::token::error::LOG_DETAIL_MAX),
                             ?retry_in,
                             "token renewal failed; the access token in hand is used meanwhile"
                         );
-                        tracing::debug!(credential = %cred.name, %reason, %detail, "token renewal failed (full detail)");
+                        tracing::debug!(credential = %cred.name, %detail, "token renewal failed (full detail)");
                         Ok(c.token.clone())
                     }
                     None => {
                         // The caller reports it (the service's "probe failed" line, or
                         // `probe`'s result): one WARN line per failure, not two; and a
                         // backoff means nothing to a one-shot `probe`.
-                        tracing::debug!(credential = %cred.name, %reason, %detail, ?retry_in, "token request failed");
+                        tracing::debug!(credential = %cred.name, %detail, ?retry_in, "token request failed");
                         Err(e)
                     }
                 }

@@ -5,8 +5,8 @@
 //! audience, the mail server checks it).
 
 use super::assertion::unverified_claims;
+use super::credential::AccessToken;
 use super::error::TokenError;
-use super::service::AccessToken;
 use crate::fsread::{self, FileKind};
 use crate::secret::Secret;
 use std::path::Path;

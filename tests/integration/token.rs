@@ -417,12 +417,12 @@ async fn every_failure_of_failures_md_maps_to_its_reason_over_http() {
     check(Some(Scripted::Empty), Reason::TokenError).await;
     let e = check(Some(Scripted::Hang), Reason::TokenNetworkError).await;
     assert!(matches!(e, TokenError::Network { .. }));
-    // Every failure was reported to the observer with its reason.
+    // Every failure was reported to the observer, with its error.
     let seen = obs.seen();
     assert_eq!(seen.len(), n);
     assert!(
         seen.iter()
-            .all(|o| o.grant == GrantKind::ClientCredentials && o.reason.is_some())
+            .all(|o| o.grant == GrantKind::ClientCredentials && o.error.is_some())
     );
     // Unreachable endpoint.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
