@@ -7,6 +7,7 @@ pub mod command;
 pub mod config;
 pub mod emulator;
 pub mod fsread;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod probe;

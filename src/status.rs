@@ -8,11 +8,13 @@
 //! copies the list of pointers under the lock and renders without it.
 //!
 //! Memory per row is what the page and the metrics need: the target's names, the last
-//! result (reason, detail, times, phases), a few failure counters, and at most one
+//! result (reason, detail, times, phases), a few failure counters, the last 48 probes
+//! (a fixed 244-byte ring, see [`crate::history`]), and at most one
 //! transcript, bounded board-wide (see [`SUCCESS_TRANSCRIPTS`] and
 //! [`FAILURE_TRANSCRIPT_BYTES`]).
 
 use crate::Protocol;
+use crate::history::History;
 use crate::probe::{Phase, Phases};
 use crate::reason::Reason;
 use serde::Serialize;
@@ -89,6 +91,10 @@ pub struct Row {
     pub tls_not_after: Option<i64>,
     /// Failed probes by reason, the most recently failed reason first.
     failures: Arc<[(Reason, u64)]>,
+    /// The last probes' reasons and times (244 bytes, fixed).
+    pub history: History,
+    /// When the current run of failed probes began; `None` while the row logs in.
+    pub failing_since: Option<SystemTime>,
 }
 
 /// The most recent probe of a row.
@@ -165,6 +171,8 @@ impl Row {
             auth_duration: None,
             tls_not_after: None,
             failures: Arc::from(Vec::new()),
+            history: History::default(),
+            failing_since: None,
         }
     }
 
@@ -436,7 +444,10 @@ impl Board {
             inner.pending -= 1;
         }
         let probes = old.probes + 1;
+        let (history, failing_since) = next_history(old, &result);
         let row = Row {
+            history,
+            failing_since,
             info: old.info.clone(),
             probes,
             last_success: if ok {
@@ -582,6 +593,17 @@ impl Board {
     }
 }
 
+/// The history and failure streak start after `result`.
+fn next_history(old: &Row, result: &ProbeResult) -> (History, Option<SystemTime>) {
+    let mut history = old.history.clone();
+    history.push(result.finished_at, result.reason);
+    let failing_since = match result.reason {
+        Reason::Ok => None,
+        _ => Some(old.failing_since.unwrap_or(result.finished_at)),
+    };
+    (history, failing_since)
+}
+
 fn row_info(target: TargetInfo, id: u64) -> Arc<RowInfo> {
     let labels = crate::metrics::label_pairs(&[
         ("mailbox", &target.mailbox),
@@ -638,6 +660,33 @@ pub struct ProbeStatus {
     pub probes: u64,
     /// Where the last redacted transcript is served; absent when none was recorded or kept.
     pub transcript_url: Option<String>,
+    /// The last probes (at most [`crate::history::HISTORY_LEN`]), oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// When the current run of failed probes began (RFC 3339); absent unless failing.
+    #[serde(serialize_with = "ser_time", skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<SystemTime>,
+}
+
+/// One probe of a row's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// When the probe finished: RFC 3339 UTC, whole seconds.
+    #[serde(serialize_with = "ser_time_req")]
+    pub at: SystemTime,
+    pub reason: Reason,
+}
+
+impl ProbeStatus {
+    /// Page order: permanent failures, transient ones, logins that work, rows not probed
+    /// yet (what someone opening the page looks for first).
+    pub fn severity(&self) -> u8 {
+        match (self.state, self.transient) {
+            ("failed", Some(false)) => 0,
+            ("failed", _) => 1,
+            ("ok", _) => 2,
+            _ => 3,
+        }
+    }
 }
 
 impl ProbeStatus {
@@ -674,6 +723,12 @@ impl ProbeStatus {
             tls_version: last.and_then(|l| l.tls_version.as_deref().map(String::from)),
             probes: row.probes,
             transcript_url: transcript_kept.then(|| transcript_url(&t.mailbox, t.protocol)),
+            history: row
+                .history
+                .iter()
+                .map(|(at, reason)| HistoryEntry { at, reason })
+                .collect(),
+            failing_since: row.failing_since,
         }
     }
 }
@@ -697,6 +752,10 @@ fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok,
         Some(t) if *t >= UNIX_EPOCH => s.serialize_str(&rfc3339(*t)),
         _ => s.serialize_none(),
     }
+}
+
+fn ser_time_req<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
 }
 
 fn ser_unix<S: serde::Serializer>(t: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
@@ -812,6 +871,48 @@ mod tests {
         board.set_targets(vec![]);
         assert_eq!(board.lock().transcripts.failure_bytes, 0);
         assert!(board.lock().transcripts.kept.is_empty());
+    }
+
+    #[test]
+    fn history_and_failing_since_follow_the_results() {
+        let board = Board::new();
+        board.set_targets(vec![target("a")]);
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let push = |s: u64, reason: Reason| {
+            let mut r = result(reason, "");
+            r.finished_at = at(s);
+            board.record(&key("a"), r);
+        };
+        push(0, Reason::Ok);
+        push(60, Reason::AuthRejected);
+        push(120, Reason::TokenInvalidGrant);
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.failing_since, Some(at(60)));
+        let h: Vec<_> = row.history.iter().map(|e| (e.at, e.reason)).collect();
+        assert_eq!(
+            h,
+            [
+                (at(0), Reason::Ok),
+                (at(60), Reason::AuthRejected),
+                (at(120), Reason::TokenInvalidGrant)
+            ]
+        );
+        assert_eq!(row.severity(), 0);
+        push(180, Reason::Ok);
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.failing_since, None);
+        assert_eq!(row.severity(), 2);
+        let json = serde_json::to_value(row).unwrap();
+        assert!(json.get("failing_since").is_none(), "{json}");
+        assert_eq!(json["history"][3]["at"], "2027-01-15T08:03:00Z");
+        for s in 0..100 {
+            push(240 + s, Reason::ConnectTimeout);
+        }
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.history.len(), crate::history::HISTORY_LEN);
+        assert_eq!(row.failing_since, Some(at(240)));
+        assert_eq!(row.severity(), 1);
     }
 
     #[test]

@@ -108,6 +108,13 @@ tr:last-child td { border-bottom: 0; }
 .muted { color: var(--muted); } .bad { color: var(--bad); font-weight: 600; } .warn { color: var(--warn); font-weight: 600; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 h2 { font-size: 15px; margin: 8px 0; }
+.reasons { display: flex; gap: 6px; flex-wrap: wrap; margin: -6px 0 16px; }
+.reasons span { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 1px 9px; font-size: 12px; }
+.reasons span.permanent { border-color: #ffcecb; color: var(--bad); } .reasons span.transient { border-color: #f5d990; color: var(--warn); }
+.strip { display: flex; gap: 1px; align-items: flex-end; height: 16px; }
+.tick { display: inline-block; width: 4px; height: 14px; border-radius: 1px; background: var(--ok); }
+.tick.transient { background: #d4a72c; } .tick.permanent { background: var(--bad); }
+.since { font-size: 12px; color: var(--bad); }
 "#;
 
 /// Renders the whole page.
@@ -154,18 +161,16 @@ pub fn render(s: &Snapshot) -> String {
          <div class=\"card bad\" id=\"count-failed\"><b>{failed}</b>failing</div>\
          <div class=\"card pending\" id=\"count-pending\"><b>{pending}</b>not probed yet</div></div>"
     );
+    reason_counts(&mut h, &s.probes);
     h.push_str(
         "<h2>Mailboxes</h2><table id=\"probes\"><thead><tr><th>mailbox</th><th>protocol</th>\
          <th>result</th><th>reason and fix</th><th>last success</th><th>last run</th>\
-         <th class=\"num\">latency</th><th>transcript</th></tr></thead><tbody>",
+         <th class=\"num\">latency</th><th>last 48 probes</th><th>transcript</th></tr></thead><tbody>",
     );
-    // Failures first: that is what someone opening this page is looking for.
+    // Failures first, permanent before transient: what someone opening this page is
+    // looking for. A stable sort keeps mailbox order within each group.
     let mut rows: Vec<&ProbeStatus> = s.probes.iter().collect();
-    rows.sort_by_key(|p| match p.state {
-        "failed" => 0,
-        "pending" => 1,
-        _ => 2,
-    });
+    rows.sort_by_key(|p| p.severity());
     for p in rows {
         row(&mut h, now, p);
     }
@@ -238,6 +243,7 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
         if let Some(d) = &p.detail {
             let _ = write!(h, "<div class=\"detail\">{}</div>", escape(d));
         }
+        failing_since(h, now, p);
     } else if p.state == "ok" {
         h.push_str("<span class=\"reason\">ok</span>");
     } else {
@@ -252,6 +258,7 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
         }
         None => h.push_str("<td class=\"num muted\">-</td>"),
     }
+    history_strip(h, p);
     match &p.transcript_url {
         Some(u) => {
             let _ = write!(h, "<td><a href=\"{}\">transcript</a></td>", escape(u));
@@ -259,6 +266,71 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
         None => h.push_str("<td class=\"muted\">-</td>"),
     }
     h.push_str("</tr>");
+}
+
+/// The failing rows' reasons with their counts, most frequent first.
+fn reason_counts(h: &mut String, probes: &[ProbeStatus]) {
+    let mut counts: std::collections::BTreeMap<crate::reason::Reason, usize> = Default::default();
+    for r in probes.iter().filter(|p| p.state == "failed") {
+        if let Some(reason) = r.reason {
+            *counts.entry(reason).or_default() += 1;
+        }
+    }
+    if counts.is_empty() {
+        return;
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort_by_key(|(r, n)| (std::cmp::Reverse(*n), r.is_transient(), *r));
+    h.push_str("<div class=\"reasons\" id=\"reason-counts\">");
+    for (reason, n) in counts {
+        let _ = write!(
+            h,
+            "<span class=\"{kind}\" id=\"count-reason-{r}\" title=\"{hint}\"><b>{n}</b> {r}</span>",
+            kind = if reason.is_transient() {
+                "transient"
+            } else {
+                "permanent"
+            },
+            r = reason.as_str(),
+            hint = escape(reason.hint()),
+        );
+    }
+    h.push_str("</div>");
+}
+
+/// "failing since" with the streak's start, and how long ago that was.
+fn failing_since(h: &mut String, now: SystemTime, p: &ProbeStatus) {
+    if let Some(t) = p.failing_since {
+        let _ = write!(
+            h,
+            "<div class=\"since\">failing since {} ({})</div>",
+            escape(&rfc3339(t)),
+            escape(&ago(now, t))
+        );
+    }
+}
+
+/// The last probes as coloured ticks, oldest left; hovering one shows its time and reason.
+fn history_strip(h: &mut String, p: &ProbeStatus) {
+    if p.history.is_empty() {
+        h.push_str("<td class=\"muted\">-</td>");
+        return;
+    }
+    h.push_str("<td><div class=\"strip\">");
+    for e in &p.history {
+        let kind = match e.reason {
+            crate::reason::Reason::Ok => "ok",
+            r if r.is_transient() => "transient",
+            _ => "permanent",
+        };
+        let _ = write!(
+            h,
+            "<span class=\"tick {kind}\" title=\"{} {}\"></span>",
+            escape(&rfc3339(e.at)),
+            e.reason.as_str()
+        );
+    }
+    h.push_str("</div></td>");
 }
 
 #[cfg(test)]

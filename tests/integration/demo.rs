@@ -929,3 +929,123 @@ async fn shards_cover_the_fleet_exactly_once() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("INDEX must be below COUNT"));
 }
+
+/// Fetches `/api/v1/status` as JSON.
+async fn status_json(r: &Running) -> serde_json::Value {
+    let (code, body) = get(&r.url("/api/v1/status")).await;
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The page order: permanent failures, transient ones, ok, not probed yet.
+fn severity(row: &serde_json::Value) -> u8 {
+    match (row["state"].as_str().unwrap(), row["transient"].as_bool()) {
+        ("failed", Some(false)) => 0,
+        ("failed", _) => 1,
+        ("ok", _) => 2,
+        _ => 3,
+    }
+}
+
+#[tokio::test]
+async fn status_history_failing_since_order_and_counts() {
+    // Probes every 5 s (the least allowed), so a second result comes soon.
+    let r = Running::start(|t| {
+        t.replace("interval: 15s", "interval: 5s")
+            .replace("timeout: 10s", "timeout: 4s")
+    })
+    .await;
+    wait_ok(&r.url("/readyz"), Duration::from_secs(30)).await;
+    let first = status_json(&r).await;
+    // The history grows with each probe, oldest first, one entry a probe.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = status_json(&r).await;
+        if s["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["history"].as_array().unwrap().len() >= 2)
+        {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history does not grow: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for p in first["probes"].as_array().unwrap() {
+        assert_eq!(
+            p["history"].as_array().unwrap().len() as u64,
+            p["probes"].as_u64().unwrap(),
+            "{p}"
+        );
+    }
+    let probes = status["probes"].as_array().unwrap();
+    for p in probes {
+        let history = p["history"].as_array().unwrap();
+        let times: Vec<SystemTime> = history
+            .iter()
+            .map(|e| humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap())
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first: {p}");
+        let last = history.last().unwrap();
+        assert_eq!(last["reason"], p["reason"], "{p}");
+        if p["state"] == "failed" {
+            // The demo's failures fail every time: the streak began with the first probe.
+            let since = p["failing_since"].as_str().unwrap_or_else(|| panic!("{p}"));
+            assert_eq!(since, history[0]["at"].as_str().unwrap(), "{p}");
+        } else {
+            assert!(p.get("failing_since").is_none(), "{p}");
+        }
+    }
+
+    // The page: rows in severity order, the counts by reason at the top, the strips.
+    let (code, page) = get(&r.url("/")).await;
+    assert_eq!(code, 200);
+    let order: Vec<u8> = page
+        .split("<tr data-mailbox=\"")
+        .skip(1)
+        .map(|tr| {
+            let mailbox = tr.split('"').next().unwrap();
+            let protocol = tr
+                .split("data-protocol=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let row = probes
+                .iter()
+                .find(|p| p["mailbox"] == mailbox && p["protocol"] == protocol)
+                .unwrap();
+            severity(row)
+        })
+        .collect();
+    assert_eq!(order.len(), probes.len());
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    assert!(
+        order.contains(&0) && order.contains(&1) && order.contains(&2),
+        "{order:?}"
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for p in probes.iter().filter(|p| p["state"] == "failed") {
+        *counts
+            .entry(p["reason"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(counts.len() >= 4);
+    for (reason, n) in &counts {
+        assert!(
+            page.contains(&format!("id=\"count-reason-{reason}\" title="))
+                && page.contains(&format!("<b>{n}</b> {reason}</span>")),
+            "no count {n} for {reason}"
+        );
+    }
+    assert!(!page.contains("count-reason-ok"));
+    assert!(page.contains("class=\"tick permanent\" title=\""));
+    assert!(page.contains("class=\"tick ok\" title=\""));
+    assert!(page.contains("failing since "));
+    r.stop().await;
+}
