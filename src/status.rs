@@ -230,6 +230,26 @@ pub struct CredentialStatus {
     pub certificate_expiry: Option<SystemTime>,
     /// Set while the newest refresh token could not be written to `state_dir`.
     pub save_error: Option<String>,
+    /// The last failed token request (kept after later successes; compare with
+    /// `token_last_success`).
+    pub last_error: Option<TokenFailure>,
+}
+
+/// A failed token request: the contract's reason and when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TokenFailure {
+    pub reason: Reason,
+    /// RFC 3339 UTC.
+    #[serde(serialize_with = "ser_time_req")]
+    pub at: SystemTime,
+}
+
+impl CredentialStatus {
+    /// The last token request failed (no success since): the credential does not work now.
+    pub fn failing(&self) -> Option<TokenFailure> {
+        self.last_error
+            .filter(|e| self.token_last_success.is_none_or(|ok| e.at >= ok))
+    }
 }
 
 /// A kept transcript: the row's most recent one, from its probe number `probe`.
@@ -513,6 +533,17 @@ impl Board {
         c.token_expiry = expiry;
         c.token_last_success = last_success;
         c.save_error = save_error;
+        true
+    }
+
+    /// A credential's last failed token request; `false` when the credential is no
+    /// longer configured.
+    pub fn token_failure(&self, name: &str, last_error: Option<TokenFailure>) -> bool {
+        let mut inner = self.lock();
+        let Some(c) = inner.credentials.get_mut(name) else {
+            return false;
+        };
+        c.last_error = last_error;
         true
     }
 

@@ -73,8 +73,41 @@ fn expiry_cell(now: SystemTime, t: Option<SystemTime>) -> String {
         None => "<td class=\"muted\">-</td>".into(),
         Some(t) => {
             let (text, class) = until(now, t);
+            let class = class_attr(class);
             format!(
-                "<td class=\"{class}\" title=\"{}\">{}</td>",
+                "<td{class} title=\"{}\">{}</td>",
+                escape(&rfc3339(t)),
+                escape(&text)
+            )
+        }
+    }
+}
+
+fn class_attr(class: &str) -> String {
+    if class.is_empty() {
+        String::new()
+    } else {
+        format!(" class=\"{class}\"")
+    }
+}
+
+/// An access token's expiry: a token close to the end of its normal lifetime (an hour at
+/// Microsoft and Google) is fine, the next probe renews it; only one past its expiry, which
+/// means no probe renewed it, is marked.
+fn access_token_cell(now: SystemTime, t: Option<SystemTime>) -> String {
+    match t {
+        None => "<td class=\"muted\">-</td>".into(),
+        Some(t) => {
+            let (text, class) = match t.duration_since(now) {
+                Err(_) => ("expired".to_string(), "warn"),
+                Ok(d) if d < Duration::from_secs(3600) => {
+                    (format!("in {} min", d.as_secs() / 60), "")
+                }
+                Ok(d) => (format!("in {} h", d.as_secs() / 3600), ""),
+            };
+            format!(
+                "<td{} title=\"{}\">{}</td>",
+                class_attr(class),
                 escape(&rfc3339(t)),
                 escape(&text)
             )
@@ -176,34 +209,8 @@ pub fn render(s: &Snapshot) -> String {
     }
     h.push_str("</tbody></table>");
 
-    h.push_str(
-        "<h2>Credentials</h2><table id=\"credentials\"><thead><tr><th>credential</th><th>grant</th>\
-         <th>access token expires</th><th>last token</th><th>client secret expires</th>\
-         <th>certificate expires</th><th>refresh token on disk</th></tr></thead><tbody>",
-    );
-    for c in &s.credentials {
-        let _ = write!(
-            h,
-            "<tr data-credential=\"{name}\"><td>{name}</td><td>{grant}</td>{te}{tl}{se}{ce}<td{sc}>{save}</td></tr>",
-            name = escape(&c.name),
-            grant = escape(&c.grant),
-            te = expiry_cell(now, c.token_expiry),
-            tl = time_cell(now, c.token_last_success),
-            se = expiry_cell(now, c.client_secret_expiry),
-            ce = expiry_cell(now, c.certificate_expiry),
-            sc = if c.save_error.is_some() {
-                " class=\"bad\""
-            } else {
-                ""
-            },
-            save = match &c.save_error {
-                Some(e) => format!("NOT SAVED: {}", escape(e)),
-                None if c.grant == "refresh_token" => "saved".into(),
-                None => "-".into(),
-            },
-        );
-    }
-    h.push_str("</tbody></table></main></body></html>\n");
+    credentials(&mut h, now, &s.credentials);
+    h.push_str("</main></body></html>\n");
     h
 }
 
@@ -266,6 +273,53 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
         None => h.push_str("<td class=\"muted\">-</td>"),
     }
     h.push_str("</tr>");
+}
+
+/// The Credentials table. Client secrets and certificates are coloured as the alerts fire
+/// (warning under 14 days, critical under 2); access tokens only when expired.
+fn credentials(h: &mut String, now: SystemTime, creds: &[crate::status::CredentialStatus]) {
+    h.push_str(
+        "<h2>Credentials</h2><table id=\"credentials\"><thead><tr><th>credential</th><th>grant</th>\
+         <th>access token expires</th><th>last token</th><th>last token error</th>\
+         <th>client secret expires</th><th>certificate expires</th><th>refresh token on disk</th>\
+         </tr></thead><tbody>",
+    );
+    for c in creds {
+        let failing = c.failing();
+        let last_error = match c.last_error {
+            None => "<td class=\"muted\">none</td>".to_string(),
+            Some(e) => format!(
+                "<td class=\"{}\" title=\"{}\"><span class=\"reason\">{}</span><br>{}</td>",
+                if failing.is_some() { "bad" } else { "muted" },
+                escape(&rfc3339(e.at)),
+                e.reason.as_str(),
+                escape(&ago(now, e.at)),
+            ),
+        };
+        use crate::reason::Reason;
+        let (save_class, save) = match (&c.save_error, failing.map(|f| f.reason)) {
+            (Some(e), _) => ("bad", format!("NOT SAVED: {}", escape(e))),
+            (None, _) if c.grant != "refresh_token" => ("muted", "-".into()),
+            (None, Some(Reason::TokenInvalidGrant)) => (
+                "bad",
+                "rejected by the token endpoint (expired or revoked)".into(),
+            ),
+            (None, Some(Reason::TokenMissing)) => ("bad", "none stored".into()),
+            (None, _) => ("", "saved".into()),
+        };
+        let _ = write!(
+            h,
+            "<tr data-credential=\"{name}\"><td>{name}</td><td>{grant}</td>{te}{tl}{last_error}{se}{ce}<td{sc}>{save}</td></tr>",
+            name = escape(&c.name),
+            grant = escape(&c.grant),
+            te = access_token_cell(now, c.token_expiry),
+            tl = time_cell(now, c.token_last_success),
+            se = expiry_cell(now, c.client_secret_expiry),
+            ce = expiry_cell(now, c.certificate_expiry),
+            sc = class_attr(save_class),
+        );
+    }
+    h.push_str("</tbody></table>");
 }
 
 /// The failing rows' reasons with their counts, most frequent first.
@@ -336,6 +390,101 @@ fn history_strip(h: &mut String, p: &ProbeStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::reason::Reason;
+    use crate::status::{CredentialStatus, TokenFailure};
+
+    /// The Credentials row of `name` in the rendered table.
+    fn credential_row(creds: &[CredentialStatus], now: SystemTime, name: &str) -> String {
+        let mut h = String::new();
+        credentials(&mut h, now, creds);
+        let start = h.find(&format!("<tr data-credential=\"{name}\">")).unwrap();
+        h[start..].split("</tr>").next().unwrap().to_string()
+    }
+
+    #[test]
+    fn credentials_are_coloured_by_kind() {
+        let now = SystemTime::now();
+        let min = |m: u64| now + Duration::from_secs(60 * m);
+        let day = |d: u64| now + Duration::from_secs(86_400 * d);
+        let creds = vec![
+            CredentialStatus {
+                name: "fresh-token".into(),
+                grant: "client_credentials".into(),
+                token_expiry: Some(min(57)),
+                token_last_success: Some(now),
+                client_secret_expiry: Some(day(10)),
+                certificate_expiry: Some(day(30)),
+                ..Default::default()
+            },
+            CredentialStatus {
+                name: "ending".into(),
+                grant: "client_credentials".into(),
+                token_expiry: Some(now - Duration::from_secs(5)),
+                client_secret_expiry: Some(min(60 * 24 + 30)),
+                ..Default::default()
+            },
+        ];
+        let fresh = credential_row(&creds, now, "fresh-token");
+        // A token with 57 minutes left is fine; a secret 10 days from expiry warns.
+        let token_cell = fresh.split("<td").nth(3).unwrap();
+        assert!(
+            token_cell.starts_with(" title=\"") && token_cell.ends_with(">in 57 min</td>"),
+            "{fresh}"
+        );
+        assert!(!fresh.contains("class=\"bad\""), "{fresh}");
+        assert!(fresh.contains("class=\"warn\" title=\""), "{fresh}");
+        assert!(fresh.contains(">in 10 days</td>") || fresh.contains(">in 9 days</td>"));
+        assert!(fresh.contains(">in 30 days</td>") || fresh.contains(">in 29 days</td>"));
+        assert_eq!(fresh.matches("class=\"warn\"").count(), 1, "{fresh}");
+        let ending = credential_row(&creds, now, "ending");
+        assert!(
+            ending.contains("class=\"warn\"") && ending.contains(">expired</td>"),
+            "{ending}"
+        );
+        assert!(
+            ending.contains("class=\"bad\"") && ending.contains(">in 24 h</td>"),
+            "{ending}"
+        );
+    }
+
+    #[test]
+    fn a_revoked_refresh_token_is_not_saved_and_its_error_shows() {
+        let now = SystemTime::now();
+        let earlier = now - Duration::from_secs(600);
+        let revoked = CredentialStatus {
+            name: "former-user".into(),
+            grant: "refresh_token".into(),
+            token_last_success: Some(earlier),
+            last_error: Some(TokenFailure {
+                reason: Reason::TokenInvalidGrant,
+                at: now,
+            }),
+            ..Default::default()
+        };
+        let mut recovered = revoked.clone();
+        recovered.name = "recovered".into();
+        recovered.last_error = Some(TokenFailure {
+            reason: Reason::TokenNetworkError,
+            at: earlier - Duration::from_secs(60),
+        });
+        let creds = vec![revoked, recovered];
+        let row = credential_row(&creds, now, "former-user");
+        assert!(!row.contains(">saved<"), "{row}");
+        assert!(row.contains("rejected by the token endpoint"), "{row}");
+        assert!(row.contains("<td class=\"bad\" title=\""), "{row}");
+        assert!(
+            row.contains("token_invalid_grant</span><br>0 s ago"),
+            "{row}"
+        );
+        let row = credential_row(&creds, now, "recovered");
+        assert!(row.contains(">saved<"), "{row}");
+        assert!(row.contains("<td class=\"muted\" title=\""), "{row}");
+        assert!(
+            row.contains("token_network_error</span><br>11 min ago"),
+            "{row}"
+        );
+    }
 
     #[test]
     fn escape_neutralises_markup() {

@@ -9,6 +9,7 @@ use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
 use super::token_file::read_token_file_async;
+use crate::reason::Reason;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -156,6 +157,8 @@ struct Entry {
 struct Stats {
     expires_at: Option<SystemTime>,
     last_success: Option<SystemTime>,
+    /// The last failed token request's reason and when it failed.
+    last_error: Option<(Reason, SystemTime)>,
 }
 
 /// Credential name, scope set, and the subject for grants that get one token per mailbox
@@ -370,6 +373,14 @@ impl TokenService {
             .and_then(|s| s.last_success)
     }
 
+    /// The last failed token request of `credential` (kept after later successes): its
+    /// reason and when it failed. Requests held back by the backoff are not counted.
+    pub fn last_error(&self, credential: &str) -> Option<(Reason, SystemTime)> {
+        lock(&self.inner.stats)
+            .get(credential)
+            .and_then(|s| s.last_error)
+    }
+
     /// Whether the newest refresh token of `credential` is safely on disk.
     pub fn save_status(&self, credential: &str) -> SaveStatus {
         self.inner.store.status(credential)
@@ -487,6 +498,10 @@ impl TokenService {
                 if reaches_network(&e) {
                     self.observer().request(&cred.name, kind, elapsed, Err(&e));
                 }
+                lock(&self.inner.stats)
+                    .entry(cred.name.clone())
+                    .or_default()
+                    .last_error = Some((crate::classify::token::reason(&e), SystemTime::now()));
                 Err(e)
             }
         }

@@ -1047,5 +1047,49 @@ async fn status_history_failing_since_order_and_counts() {
     assert!(page.contains("class=\"tick permanent\" title=\""));
     assert!(page.contains("class=\"tick ok\" title=\""));
     assert!(page.contains("failing since "));
+
+    // Credentials: the last token error with its time, the revoked refresh token not
+    // "saved", colours by kind.
+    let creds = status["credentials"].as_array().unwrap();
+    let cred = |name: &str| creds.iter().find(|c| c["name"] == name).unwrap();
+    let former = cred("former-user");
+    assert_eq!(
+        former["last_error"]["reason"], "token_invalid_grant",
+        "{former}"
+    );
+    humantime::parse_rfc3339(former["last_error"]["at"].as_str().unwrap()).unwrap();
+    assert!(cred("helpdesk-user")["last_error"].is_null());
+    let row = |name: &str| {
+        let start = page
+            .find(&format!("<tr data-credential=\"{name}\">"))
+            .unwrap_or_else(|| panic!("no credential row {name}"));
+        page[start..].split("</tr>").next().unwrap().to_string()
+    };
+    let former = row("former-user");
+    assert!(former.contains("token_invalid_grant</span>"), "{former}");
+    assert!(
+        former.contains("rejected by the token endpoint"),
+        "{former}"
+    );
+    assert!(!former.contains(">saved<"), "{former}");
+    let helpdesk = row("helpdesk-user");
+    assert!(helpdesk.contains(">saved<"), "{helpdesk}");
+    assert!(
+        helpdesk.contains("<td class=\"muted\">none</td>"),
+        "{helpdesk}"
+    );
+    // An access token just obtained (an hour's lifetime) is not painted; the demo's client
+    // secret, 10 days from expiry, warns as the alert does.
+    let monitor = row("contoso-monitor");
+    let cells: Vec<&str> = monitor.split("<td").collect();
+    assert!(
+        cells[3].starts_with(" title=\"") && cells[3].contains(">in "),
+        "{monitor}"
+    );
+    assert!(
+        cells[6].starts_with(" class=\"warn\"") && cells[6].contains(" days</td>"),
+        "{monitor}"
+    );
+    assert!(!monitor.contains("class=\"bad\""), "{monitor}");
     r.stop().await;
 }
