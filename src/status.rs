@@ -616,11 +616,40 @@ impl Board {
                 .values()
                 .map(|r| {
                     let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
-                    ProbeStatus::new(r, kept)
+                    let mut p = ProbeStatus::new(r, kept);
+                    p.fix_command = p
+                        .reason
+                        .and_then(|reason| fix_command(reason, &inner.config.file, &p.credential));
+                    p
                 })
                 .collect(),
             credentials: inner.credentials.values().cloned().collect(),
         }
+    }
+}
+
+/// The command that fixes `reason` for `credential`, if a command does.
+pub fn fix_command(reason: Reason, config_file: &str, credential: &str) -> Option<String> {
+    match reason {
+        Reason::TokenMissing | Reason::TokenInvalidGrant => Some(format!(
+            "mail-oauth-exporter login --config {} --credential {}",
+            shell_quote(config_file),
+            shell_quote(credential)
+        )),
+        _ => None,
+    }
+}
+
+/// `s` as one POSIX shell word: as is when it holds only characters no shell treats
+/// specially, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@%+=,".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -691,6 +720,11 @@ pub struct ProbeStatus {
     pub probes: u64,
     /// Where the last redacted transcript is served; absent when none was recorded or kept.
     pub transcript_url: Option<String>,
+    /// The command that fixes this failure, when one exists (`mail-oauth-exporter login
+    /// --config FILE --credential NAME` for a refresh token that is missing or was
+    /// rejected), with the running config's path and the credential's name, quoted for a
+    /// POSIX shell where needed.
+    pub fix_command: Option<String>,
     /// The last probes (at most [`crate::history::HISTORY_LEN`]), oldest first.
     pub history: Vec<HistoryEntry>,
     /// When the current run of failed probes began (RFC 3339); absent unless failing.
@@ -754,6 +788,7 @@ impl ProbeStatus {
             tls_version: last.and_then(|l| l.tls_version.as_deref().map(String::from)),
             probes: row.probes,
             transcript_url: transcript_kept.then(|| transcript_url(&t.mailbox, t.protocol)),
+            fix_command: None,
             history: row
                 .history
                 .iter()
@@ -902,6 +937,24 @@ mod tests {
         board.set_targets(vec![]);
         assert_eq!(board.lock().transcripts.failure_bytes, 0);
         assert!(board.lock().transcripts.kept.is_empty());
+    }
+
+    #[test]
+    fn fix_commands_name_the_config_and_credential_quoted() {
+        assert_eq!(
+            fix_command(
+                Reason::TokenInvalidGrant,
+                "/etc/moe/config.yaml",
+                "former-user"
+            )
+            .unwrap(),
+            "mail-oauth-exporter login --config /etc/moe/config.yaml --credential former-user"
+        );
+        assert_eq!(
+            fix_command(Reason::TokenMissing, "/etc/my dir/it's.yaml", "a;b").unwrap(),
+            "mail-oauth-exporter login --config '/etc/my dir/it'\\''s.yaml' --credential 'a;b'"
+        );
+        assert_eq!(fix_command(Reason::AuthRejected, "/c.yaml", "x"), None);
     }
 
     #[test]

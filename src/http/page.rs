@@ -148,6 +148,7 @@ h2 { font-size: 15px; margin: 8px 0; }
 .tick { display: inline-block; width: 4px; height: 14px; border-radius: 1px; background: var(--ok); }
 .tick.transient { background: #d4a72c; } .tick.permanent { background: var(--bad); }
 .since { font-size: 12px; color: var(--bad); }
+.fix code { display: inline-block; background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 2px 6px; font-size: 12px; margin: 2px 0; word-break: break-all; user-select: all; }
 "#;
 
 /// Renders the whole page.
@@ -246,6 +247,9 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
         );
         if let Some(hint) = p.hint.filter(|h| !h.is_empty()) {
             let _ = write!(h, "<div class=\"hint\">Fix: {}</div>", escape(hint));
+        }
+        if let Some(cmd) = &p.fix_command {
+            let _ = write!(h, "<div class=\"fix\"><code>{}</code></div>", escape(cmd));
         }
         if let Some(d) = &p.detail {
             let _ = write!(h, "<div class=\"detail\">{}</div>", escape(d));

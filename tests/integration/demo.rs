@@ -1091,5 +1091,17 @@ async fn status_history_failing_since_order_and_counts() {
         "{monitor}"
     );
     assert!(!monitor.contains("class=\"bad\""), "{monitor}");
+
+    // The fix as a command, with this config's path and the credential's name.
+    let config = r.demo.config_path.display().to_string();
+    let former = probes
+        .iter()
+        .find(|p| p["credential"] == "former-user")
+        .unwrap();
+    let command = format!("mail-oauth-exporter login --config {config} --credential former-user");
+    assert_eq!(former["fix_command"], command.as_str(), "{former}");
+    assert!(page.contains(&format!("<code>{command}</code>")));
+    let ok = probes.iter().find(|p| p["state"] == "ok").unwrap();
+    assert!(ok["fix_command"].is_null(), "{ok}");
     r.stop().await;
 }
