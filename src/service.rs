@@ -131,6 +131,7 @@ impl Execute<Payload> for Prober {
                 metrics.set_token_state(&cred.name, expiry, last_success);
             }
             board.token_failure(&cred.name, token_failure(&engine.tokens, &cred.name));
+            board.token_exchange(&cred.name, engine.tokens.last_exchange(&cred.name));
             log_result(&job, &result);
             let duration = result.duration;
             // The board refuses the result of a row a reload removed meanwhile: then it

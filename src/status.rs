@@ -233,7 +233,13 @@ pub struct CredentialStatus {
     /// The last failed token request (kept after later successes; compare with
     /// `token_last_success`).
     pub last_error: Option<TokenFailure>,
+    /// Where the last token exchange (redacted) is served; absent before one was made.
+    pub transcript_url: Option<String>,
 }
+
+/// A credential's last token exchange: when it ended, and what was sent and received,
+/// redacted.
+pub type TokenExchange = (SystemTime, Arc<str>);
 
 /// A failed token request: the contract's reason and when it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -374,6 +380,9 @@ struct Inner {
     next_id: u64,
     transcripts: Transcripts,
     credentials: BTreeMap<String, CredentialStatus>,
+    /// Per configured credential, its last redacted token exchange and when it ended
+    /// (at most `token::http::MAX_EXCHANGE_BYTES` each).
+    exchanges: BTreeMap<String, TokenExchange>,
     config: ConfigStatus,
     /// Once every configured probe has run, readiness stays (a reload adding mailboxes
     /// must not take a running exporter out of its Service).
@@ -512,6 +521,10 @@ impl Board {
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        let inner = &mut *inner;
+        inner
+            .exchanges
+            .retain(|name, _| inner.credentials.contains_key(name));
         old.into_keys()
             .filter(|name| !inner.credentials.contains_key(name))
             .collect()
@@ -534,6 +547,31 @@ impl Board {
         c.token_last_success = last_success;
         c.save_error = save_error;
         true
+    }
+
+    /// A credential's last token exchange (redacted); `false` when the credential is no
+    /// longer configured.
+    pub fn token_exchange(&self, name: &str, exchange: Option<TokenExchange>) -> bool {
+        let mut inner = self.lock();
+        if !inner.credentials.contains_key(name) {
+            return false;
+        }
+        match exchange {
+            Some(e) => inner.exchanges.insert(name.to_string(), e),
+            None => inner.exchanges.remove(name),
+        };
+        true
+    }
+
+    /// A credential's status and its last token exchange, redacted, with when it ended;
+    /// `None` when the credential is not configured.
+    pub fn token_transcript(
+        &self,
+        name: &str,
+    ) -> Option<(CredentialStatus, Option<TokenExchange>)> {
+        let inner = self.lock();
+        let c = inner.credentials.get(name)?.clone();
+        Some((c, inner.exchanges.get(name).cloned()))
     }
 
     /// A credential's last failed token request; `false` when the credential is no
@@ -617,13 +655,30 @@ impl Board {
                 .map(|r| {
                     let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
                     let mut p = ProbeStatus::new(r, kept);
+                    // A row that failed before connecting links its token exchange.
+                    if p.transcript_url.is_none()
+                        && p.stage == Some("token")
+                        && inner.exchanges.contains_key(&p.credential)
+                    {
+                        p.transcript_url = Some(credential_transcript_url(&p.credential));
+                    }
                     p.fix_command = p
                         .reason
                         .and_then(|reason| fix_command(reason, &inner.config.file, &p.credential));
                     p
                 })
                 .collect(),
-            credentials: inner.credentials.values().cloned().collect(),
+            credentials: inner
+                .credentials
+                .values()
+                .map(|c| CredentialStatus {
+                    transcript_url: inner
+                        .exchanges
+                        .contains_key(&c.name)
+                        .then(|| credential_transcript_url(&c.name)),
+                    ..c.clone()
+                })
+                .collect(),
         }
     }
 }
@@ -804,6 +859,14 @@ pub fn transcript_url(mailbox: &str, protocol: Protocol) -> String {
     let q = form_urlencoded::Serializer::new(String::new())
         .append_pair("mailbox", mailbox)
         .append_pair("protocol", protocol.as_str())
+        .finish();
+    format!("/transcript?{q}")
+}
+
+/// `/transcript?credential=..`, percent-encoded: the credential's last token exchange.
+pub fn credential_transcript_url(credential: &str) -> String {
+    let q = form_urlencoded::Serializer::new(String::new())
+        .append_pair("credential", credential)
         .finish();
     format!("/transcript?{q}")
 }

@@ -144,11 +144,11 @@ h2 { font-size: 15px; margin: 8px 0; }
 .reasons { display: flex; gap: 6px; flex-wrap: wrap; margin: -6px 0 16px; }
 .reasons span { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 1px 9px; font-size: 12px; }
 .reasons span.permanent { border-color: #ffcecb; color: var(--bad); } .reasons span.transient { border-color: #f5d990; color: var(--warn); }
-.strip { display: flex; gap: 1px; align-items: flex-end; height: 16px; }
-.tick { display: inline-block; width: 4px; height: 14px; border-radius: 1px; background: var(--ok); }
+.strip { display: flex; gap: 1px; align-items: flex-end; height: 16px; min-width: 192px; }
+.tick { display: inline-block; width: 3px; height: 14px; border-radius: 1px; background: var(--ok); }
 .tick.transient { background: #d4a72c; } .tick.permanent { background: var(--bad); }
 .since { font-size: 12px; color: var(--bad); }
-.fix code { display: inline-block; background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 2px 6px; font-size: 12px; margin: 2px 0; word-break: break-all; user-select: all; }
+.fix code { display: inline-block; background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 2px 6px; font-size: 12px; margin: 2px 0; overflow-wrap: anywhere; user-select: all; }
 "#;
 
 /// Renders the whole page.
@@ -272,7 +272,12 @@ fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
     history_strip(h, p);
     match &p.transcript_url {
         Some(u) => {
-            let _ = write!(h, "<td><a href=\"{}\">transcript</a></td>", escape(u));
+            let label = if u.starts_with("/transcript?credential=") {
+                "token exchange"
+            } else {
+                "transcript"
+            };
+            let _ = write!(h, "<td><a href=\"{}\">{label}</a></td>", escape(u));
         }
         None => h.push_str("<td class=\"muted\">-</td>"),
     }
@@ -286,7 +291,7 @@ fn credentials(h: &mut String, now: SystemTime, creds: &[crate::status::Credenti
         "<h2>Credentials</h2><table id=\"credentials\"><thead><tr><th>credential</th><th>grant</th>\
          <th>access token expires</th><th>last token</th><th>last token error</th>\
          <th>client secret expires</th><th>certificate expires</th><th>refresh token on disk</th>\
-         </tr></thead><tbody>",
+         <th>transcript</th></tr></thead><tbody>",
     );
     for c in creds {
         let failing = c.failing();
@@ -299,6 +304,10 @@ fn credentials(h: &mut String, now: SystemTime, creds: &[crate::status::Credenti
                 e.reason.as_str(),
                 escape(&ago(now, e.at)),
             ),
+        };
+        let exchange = match &c.transcript_url {
+            Some(u) => format!("<td><a href=\"{}\">token exchange</a></td>", escape(u)),
+            None => "<td class=\"muted\">-</td>".into(),
         };
         use crate::reason::Reason;
         let (save_class, save) = match (&c.save_error, failing.map(|f| f.reason)) {
@@ -313,7 +322,7 @@ fn credentials(h: &mut String, now: SystemTime, creds: &[crate::status::Credenti
         };
         let _ = write!(
             h,
-            "<tr data-credential=\"{name}\"><td>{name}</td><td>{grant}</td>{te}{tl}{last_error}{se}{ce}<td{sc}>{save}</td></tr>",
+            "<tr data-credential=\"{name}\"><td>{name}</td><td>{grant}</td>{te}{tl}{last_error}{se}{ce}<td{sc}>{save}</td>{exchange}</tr>",
             name = escape(&c.name),
             grant = escape(&c.grant),
             te = access_token_cell(now, c.token_expiry),

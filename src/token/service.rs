@@ -159,6 +159,8 @@ struct Stats {
     last_success: Option<SystemTime>,
     /// The last failed token request's reason and when it failed.
     last_error: Option<(Reason, SystemTime)>,
+    /// What the last fetch that reached the endpoint exchanged with it, redacted, and when.
+    exchange: Option<(SystemTime, Arc<str>)>,
 }
 
 /// Credential name, scope set, and the subject for grants that get one token per mailbox
@@ -381,6 +383,14 @@ impl TokenService {
             .and_then(|s| s.last_error)
     }
 
+    /// What `credential`'s last token fetch that sent a request exchanged with the token
+    /// endpoint (redacted, see [`super::http::recording`]), and when it ended.
+    pub fn last_exchange(&self, credential: &str) -> Option<(SystemTime, Arc<str>)> {
+        lock(&self.inner.stats)
+            .get(credential)
+            .and_then(|s| s.exchange.clone())
+    }
+
     /// Whether the newest refresh token of `credential` is safely on disk.
     pub fn save_status(&self, credential: &str) -> SaveStatus {
         self.inner.store.status(credential)
@@ -441,7 +451,7 @@ impl TokenService {
             });
         };
         let started = Instant::now();
-        let result = match kind {
+        let (result, exchange) = super::http::recording(async { match kind {
             GrantKind::RefreshToken => self.refresh(cred, deadline).await,
             GrantKind::JwtBearer => {
                 let (Grant::ServiceAccount { key_file }, Some(subject)) = (&cred.grant, subject)
@@ -465,8 +475,15 @@ impl TokenService {
                     Err(_) => Err(no_reply_within(started, "the token endpoint")),
                 }
             }
-        };
+        }})
+        .await;
         let elapsed = started.elapsed();
+        if !exchange.is_empty() {
+            lock(&self.inner.stats)
+                .entry(cred.name.clone())
+                .or_default()
+                .exchange = Some((SystemTime::now(), Arc::from(exchange)));
+        }
         match result {
             Ok((granted, rotated, save_error)) => {
                 let obtained_at = SystemTime::now();

@@ -1103,5 +1103,46 @@ async fn status_history_failing_since_order_and_counts() {
     assert!(page.contains(&format!("<code>{command}</code>")));
     let ok = probes.iter().find(|p| p["state"] == "ok").unwrap();
     assert!(ok["fix_command"].is_null(), "{ok}");
+
+    // A row that failed at the token stage links what was exchanged with the token
+    // endpoint: the request and the reply, no secret value.
+    let url = former["transcript_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{former}"));
+    assert_eq!(url, "/transcript?credential=former-user");
+    assert!(page.contains(&format!("<a href=\"{url}\">token exchange</a>")));
+    let (code, exchange) = get(&r.url(url)).await;
+    assert_eq!(code, 200);
+    let token_url = format!("> POST {}", r.demo.endpoint.authority());
+    assert!(exchange.contains(&token_url), "{exchange}");
+    assert!(
+        exchange.contains("> grant_type=refresh_token\n"),
+        "{exchange}"
+    );
+    assert!(
+        exchange.contains("> refresh_token=<redacted>\n"),
+        "{exchange}"
+    );
+    assert!(exchange.contains("< HTTP 400\n"), "{exchange}");
+    assert!(exchange.contains("invalid_grant"), "{exchange}");
+    let secrets = crate::secrets::secrets_of(&r.demo);
+    crate::secrets::assert_clean("token exchange", &exchange, &secrets);
+    crate::secrets::Windows::new(&secrets).assert_clean("token exchange", &exchange);
+    // A client credentials exchange that worked: its client secret and access token blanked.
+    let (code, exchange) = get(&r.url("/transcript?credential=contoso-monitor")).await;
+    assert_eq!(code, 200);
+    assert!(
+        exchange.contains("> client_secret=<redacted>\n"),
+        "{exchange}"
+    );
+    assert!(exchange.contains("< HTTP 200\n"), "{exchange}");
+    assert!(
+        exchange.contains("\"access_token\":\"<redacted>\""),
+        "{exchange}"
+    );
+    let secrets = crate::secrets::secrets_of(&r.demo);
+    crate::secrets::assert_clean("token exchange", &exchange, &secrets);
+    crate::secrets::Windows::new(&secrets).assert_clean("token exchange", &exchange);
+    assert_eq!(get(&r.url("/transcript?credential=nope")).await.0, 404);
     r.stop().await;
 }
