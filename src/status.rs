@@ -664,6 +664,13 @@ impl Board {
                     }
                     p.fix_command = p
                         .reason
+                        .filter(|_| {
+                            // `login` bootstraps delegated (refresh token) credentials only.
+                            inner
+                                .credentials
+                                .get(&p.credential)
+                                .is_some_and(|c| c.grant == "refresh_token")
+                        })
                         .and_then(|reason| fix_command(reason, &inner.config.file, &p.credential));
                     p
                 })
@@ -683,7 +690,8 @@ impl Board {
     }
 }
 
-/// The command that fixes `reason` for `credential`, if a command does.
+/// The command that fixes `reason` for `credential` (a delegated one: `login` makes a
+/// refresh token), if a command does.
 pub fn fix_command(reason: Reason, config_file: &str, credential: &str) -> Option<String> {
     match reason {
         Reason::TokenMissing | Reason::TokenInvalidGrant => Some(format!(

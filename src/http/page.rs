@@ -144,8 +144,8 @@ h2 { font-size: 15px; margin: 8px 0; }
 .reasons { display: flex; gap: 6px; flex-wrap: wrap; margin: -6px 0 16px; }
 .reasons span { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 1px 9px; font-size: 12px; }
 .reasons span.permanent { border-color: #ffcecb; color: var(--bad); } .reasons span.transient { border-color: #f5d990; color: var(--warn); }
-.strip { display: flex; gap: 1px; align-items: flex-end; height: 16px; min-width: 192px; }
-.tick { display: inline-block; width: 3px; height: 14px; border-radius: 1px; background: var(--ok); }
+.strip { display: flex; gap: 1px; align-items: flex-end; height: 16px; min-width: 144px; }
+.tick { display: inline-block; width: 2px; height: 14px; border-radius: 1px; background: var(--ok); }
 .tick.transient { background: #d4a72c; } .tick.permanent { background: var(--bad); }
 .since { font-size: 12px; color: var(--bad); }
 .fix code { display: inline-block; background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 2px 6px; font-size: 12px; margin: 2px 0; overflow-wrap: anywhere; user-select: all; }

@@ -122,7 +122,7 @@ async fn status_page_renders_in_chromium_and_matches_the_metrics() {
         profile.path(),
         &[
             &format!("--screenshot={}", shot.display()),
-            "--window-size=1280,900",
+            "--window-size=1280,4200",
             &r.url("/"),
         ],
     )

@@ -1103,6 +1103,13 @@ async fn status_history_failing_since_order_and_counts() {
     assert!(page.contains(&format!("<code>{command}</code>")));
     let ok = probes.iter().find(|p| p["state"] == "ok").unwrap();
     assert!(ok["fix_command"].is_null(), "{ok}");
+    // A service account's rejected grant is not fixed by `login`.
+    let departed = probes
+        .iter()
+        .find(|p| p["credential"] == "workspace" && p["state"] == "failed")
+        .unwrap();
+    assert_eq!(departed["reason"], "token_invalid_grant");
+    assert!(departed["fix_command"].is_null(), "{departed}");
 
     // A row that failed at the token stage links what was exchanged with the token
     // endpoint: the request and the reply, no secret value.
