@@ -8,6 +8,7 @@ pub mod config;
 pub mod emulator;
 pub mod fsread;
 pub mod graph;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod probe;

@@ -10,7 +10,9 @@ use crate::probe::{self, TlsClient};
 use crate::reason::Reason;
 use crate::scheduler::{Execute, Job, Scheduler};
 use crate::shard::Shard;
-use crate::status::{Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo};
+use crate::status::{
+    Board, ConfigStatus, CredentialStatus, Key, ProbeResult, TargetInfo, TokenFailure,
+};
 use crate::token::{
     Credential, CredentialExpiryKind, Grant, TokenBudget, TokenService, TokenServiceOptions,
 };
@@ -130,6 +132,8 @@ impl Execute<Payload> for Prober {
             if board.token_state(&cred.name, expiry, last_success, save.save_error) {
                 metrics.set_token_state(&cred.name, expiry, last_success);
             }
+            board.token_failure(&cred.name, token_failure(&engine.tokens, &cred.name));
+            board.token_exchange(&cred.name, engine.tokens.last_exchange(&cred.name));
             log_result(&job, &result);
             let duration = result.duration;
             // The board refuses the result of a row a reload removed meanwhile: then it
@@ -593,6 +597,13 @@ fn jobs(config: &Config) -> Vec<Job<Payload>> {
     jobs
 }
 
+/// The board's form of the token service's last failed request.
+fn token_failure(tokens: &TokenService, credential: &str) -> Option<TokenFailure> {
+    tokens
+        .last_error(credential)
+        .map(|(reason, at)| TokenFailure { reason, at })
+}
+
 fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus {
     let mut st = CredentialStatus {
         name: c.name.clone(),
@@ -603,6 +614,7 @@ fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus 
         token_expiry: tokens.token_expiry(&c.name),
         token_last_success: tokens.last_success(&c.name),
         save_error: tokens.save_status(&c.name).save_error,
+        last_error: token_failure(tokens, &c.name),
         ..Default::default()
     };
     for e in tokens.credential_expiries(c) {

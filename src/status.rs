@@ -8,11 +8,13 @@
 //! copies the list of pointers under the lock and renders without it.
 //!
 //! Memory per row is what the page and the metrics need: the target's names, the last
-//! result (reason, detail, times, phases), a few failure counters, and at most one
+//! result (reason, detail, times, phases), a few failure counters, the last 48 probes
+//! (a fixed 244-byte ring, see [`crate::history`]), and at most one
 //! transcript, bounded board-wide (see [`SUCCESS_TRANSCRIPTS`] and
 //! [`FAILURE_TRANSCRIPT_BYTES`]).
 
 use crate::Protocol;
+use crate::history::History;
 use crate::probe::{Phase, Phases};
 use crate::reason::Reason;
 use serde::Serialize;
@@ -89,6 +91,10 @@ pub struct Row {
     pub tls_not_after: Option<i64>,
     /// Failed probes by reason, the most recently failed reason first.
     failures: Arc<[(Reason, u64)]>,
+    /// The last probes' reasons and times (244 bytes, fixed).
+    pub history: History,
+    /// When the current run of failed probes began; `None` while the row logs in.
+    pub failing_since: Option<SystemTime>,
 }
 
 /// The most recent probe of a row.
@@ -165,6 +171,8 @@ impl Row {
             auth_duration: None,
             tls_not_after: None,
             failures: Arc::from(Vec::new()),
+            history: History::default(),
+            failing_since: None,
         }
     }
 
@@ -222,6 +230,32 @@ pub struct CredentialStatus {
     pub certificate_expiry: Option<SystemTime>,
     /// Set while the newest refresh token could not be written to `state_dir`.
     pub save_error: Option<String>,
+    /// The last failed token request (kept after later successes; compare with
+    /// `token_last_success`).
+    pub last_error: Option<TokenFailure>,
+    /// Where the last token exchange (redacted) is served; absent before one was made.
+    pub transcript_url: Option<String>,
+}
+
+/// A credential's last token exchange: when it ended, and what was sent and received,
+/// redacted.
+pub type TokenExchange = (SystemTime, Arc<str>);
+
+/// A failed token request: the contract's reason and when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TokenFailure {
+    pub reason: Reason,
+    /// RFC 3339 UTC.
+    #[serde(serialize_with = "ser_time_req")]
+    pub at: SystemTime,
+}
+
+impl CredentialStatus {
+    /// The last token request failed (no success since): the credential does not work now.
+    pub fn failing(&self) -> Option<TokenFailure> {
+        self.last_error
+            .filter(|e| self.token_last_success.is_none_or(|ok| e.at >= ok))
+    }
 }
 
 /// A kept transcript: the row's most recent one, from its probe number `probe`.
@@ -346,6 +380,9 @@ struct Inner {
     next_id: u64,
     transcripts: Transcripts,
     credentials: BTreeMap<String, CredentialStatus>,
+    /// Per configured credential, its last redacted token exchange and when it ended
+    /// (at most `token::http::MAX_EXCHANGE_BYTES` each).
+    exchanges: BTreeMap<String, TokenExchange>,
     config: ConfigStatus,
     /// Once every configured probe has run, readiness stays (a reload adding mailboxes
     /// must not take a running exporter out of its Service).
@@ -438,7 +475,10 @@ impl Board {
             inner.pending -= 1;
         }
         let probes = old.probes + 1;
+        let (history, failing_since) = next_history(old, &result);
         let row = Row {
+            history,
+            failing_since,
             info: old.info.clone(),
             probes,
             last_success: if ok {
@@ -483,6 +523,10 @@ impl Board {
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        let inner = &mut *inner;
+        inner
+            .exchanges
+            .retain(|name, _| inner.credentials.contains_key(name));
         old.into_keys()
             .filter(|name| !inner.credentials.contains_key(name))
             .collect()
@@ -504,6 +548,42 @@ impl Board {
         c.token_expiry = expiry;
         c.token_last_success = last_success;
         c.save_error = save_error;
+        true
+    }
+
+    /// A credential's last token exchange (redacted); `false` when the credential is no
+    /// longer configured.
+    pub fn token_exchange(&self, name: &str, exchange: Option<TokenExchange>) -> bool {
+        let mut inner = self.lock();
+        if !inner.credentials.contains_key(name) {
+            return false;
+        }
+        match exchange {
+            Some(e) => inner.exchanges.insert(name.to_string(), e),
+            None => inner.exchanges.remove(name),
+        };
+        true
+    }
+
+    /// A credential's status and its last token exchange, redacted, with when it ended;
+    /// `None` when the credential is not configured.
+    pub fn token_transcript(
+        &self,
+        name: &str,
+    ) -> Option<(CredentialStatus, Option<TokenExchange>)> {
+        let inner = self.lock();
+        let c = inner.credentials.get(name)?.clone();
+        Some((c, inner.exchanges.get(name).cloned()))
+    }
+
+    /// A credential's last failed token request; `false` when the credential is no
+    /// longer configured.
+    pub fn token_failure(&self, name: &str, last_error: Option<TokenFailure>) -> bool {
+        let mut inner = self.lock();
+        let Some(c) = inner.credentials.get_mut(name) else {
+            return false;
+        };
+        c.last_error = last_error;
         true
     }
 
@@ -591,13 +671,78 @@ impl Board {
                 .values()
                 .map(|r| {
                     let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
-                    ProbeStatus::new(r, kept)
+                    let mut p = ProbeStatus::new(r, kept);
+                    // A row that failed before connecting links its token exchange.
+                    if p.transcript_url.is_none()
+                        && p.stage == Some("token")
+                        && inner.exchanges.contains_key(&p.credential)
+                    {
+                        p.transcript_url = Some(credential_transcript_url(&p.credential));
+                    }
+                    p.fix_command = p
+                        .reason
+                        .filter(|_| {
+                            // `login` bootstraps delegated (refresh token) credentials only.
+                            inner
+                                .credentials
+                                .get(&p.credential)
+                                .is_some_and(|c| c.grant == "refresh_token")
+                        })
+                        .and_then(|reason| fix_command(reason, &inner.config.file, &p.credential));
+                    p
                 })
                 .collect(),
-            credentials: inner.credentials.values().cloned().collect(),
+            credentials: inner
+                .credentials
+                .values()
+                .map(|c| CredentialStatus {
+                    transcript_url: inner
+                        .exchanges
+                        .contains_key(&c.name)
+                        .then(|| credential_transcript_url(&c.name)),
+                    ..c.clone()
+                })
+                .collect(),
             graph: inner.graph.values().cloned().collect(),
         }
     }
+}
+
+/// The command that fixes `reason` for `credential` (a delegated one: `login` makes a
+/// refresh token), if a command does.
+pub fn fix_command(reason: Reason, config_file: &str, credential: &str) -> Option<String> {
+    match reason {
+        Reason::TokenMissing | Reason::TokenInvalidGrant => Some(format!(
+            "mail-oauth-exporter login --config {} --credential {}",
+            shell_quote(config_file),
+            shell_quote(credential)
+        )),
+        _ => None,
+    }
+}
+
+/// `s` as one POSIX shell word: as is when it holds only characters no shell treats
+/// specially, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@%+=,".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The history and failure streak start after `result`.
+fn next_history(old: &Row, result: &ProbeResult) -> (History, Option<SystemTime>) {
+    let mut history = old.history.clone();
+    history.push(result.finished_at, result.reason);
+    let failing_since = match result.reason {
+        Reason::Ok => None,
+        _ => Some(old.failing_since.unwrap_or(result.finished_at)),
+    };
+    (history, failing_since)
 }
 
 fn row_info(target: TargetInfo, id: u64) -> Arc<RowInfo> {
@@ -659,6 +804,38 @@ pub struct ProbeStatus {
     pub probes: u64,
     /// Where the last redacted transcript is served; absent when none was recorded or kept.
     pub transcript_url: Option<String>,
+    /// The command that fixes this failure, when one exists (`mail-oauth-exporter login
+    /// --config FILE --credential NAME` for a refresh token that is missing or was
+    /// rejected), with the running config's path and the credential's name, quoted for a
+    /// POSIX shell where needed.
+    pub fix_command: Option<String>,
+    /// The last probes (at most [`crate::history::HISTORY_LEN`]), oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// When the current run of failed probes began (RFC 3339); absent unless failing.
+    #[serde(serialize_with = "ser_time", skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<SystemTime>,
+}
+
+/// One probe of a row's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// When the probe finished: RFC 3339 UTC, whole seconds.
+    #[serde(serialize_with = "ser_time_req")]
+    pub at: SystemTime,
+    pub reason: Reason,
+}
+
+impl ProbeStatus {
+    /// Page order: permanent failures, transient ones, logins that work, rows not probed
+    /// yet (what someone opening the page looks for first).
+    pub fn severity(&self) -> u8 {
+        match (self.state, self.transient) {
+            ("failed", Some(false)) => 0,
+            ("failed", _) => 1,
+            ("ok", _) => 2,
+            _ => 3,
+        }
+    }
 }
 
 impl ProbeStatus {
@@ -695,6 +872,13 @@ impl ProbeStatus {
             tls_version: last.and_then(|l| l.tls_version.as_deref().map(String::from)),
             probes: row.probes,
             transcript_url: transcript_kept.then(|| transcript_url(&t.mailbox, t.protocol)),
+            fix_command: None,
+            history: row
+                .history
+                .iter()
+                .map(|(at, reason)| HistoryEntry { at, reason })
+                .collect(),
+            failing_since: row.failing_since,
         }
     }
 }
@@ -704,6 +888,14 @@ pub fn transcript_url(mailbox: &str, protocol: Protocol) -> String {
     let q = form_urlencoded::Serializer::new(String::new())
         .append_pair("mailbox", mailbox)
         .append_pair("protocol", protocol.as_str())
+        .finish();
+    format!("/transcript?{q}")
+}
+
+/// `/transcript?credential=..`, percent-encoded: the credential's last token exchange.
+pub fn credential_transcript_url(credential: &str) -> String {
+    let q = form_urlencoded::Serializer::new(String::new())
+        .append_pair("credential", credential)
         .finish();
     format!("/transcript?{q}")
 }
@@ -718,6 +910,10 @@ fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok,
         Some(t) if *t >= UNIX_EPOCH => s.serialize_str(&rfc3339(*t)),
         _ => s.serialize_none(),
     }
+}
+
+fn ser_time_req<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
 }
 
 fn ser_unix<S: serde::Serializer>(t: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
@@ -833,6 +1029,66 @@ mod tests {
         board.set_targets(vec![]);
         assert_eq!(board.lock().transcripts.failure_bytes, 0);
         assert!(board.lock().transcripts.kept.is_empty());
+    }
+
+    #[test]
+    fn fix_commands_name_the_config_and_credential_quoted() {
+        assert_eq!(
+            fix_command(
+                Reason::TokenInvalidGrant,
+                "/etc/moe/config.yaml",
+                "former-user"
+            )
+            .unwrap(),
+            "mail-oauth-exporter login --config /etc/moe/config.yaml --credential former-user"
+        );
+        assert_eq!(
+            fix_command(Reason::TokenMissing, "/etc/my dir/it's.yaml", "a;b").unwrap(),
+            "mail-oauth-exporter login --config '/etc/my dir/it'\\''s.yaml' --credential 'a;b'"
+        );
+        assert_eq!(fix_command(Reason::AuthRejected, "/c.yaml", "x"), None);
+    }
+
+    #[test]
+    fn history_and_failing_since_follow_the_results() {
+        let board = Board::new();
+        board.set_targets(vec![target("a")]);
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let push = |s: u64, reason: Reason| {
+            let mut r = result(reason, "");
+            r.finished_at = at(s);
+            board.record(&key("a"), r);
+        };
+        push(0, Reason::Ok);
+        push(60, Reason::AuthRejected);
+        push(120, Reason::TokenInvalidGrant);
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.failing_since, Some(at(60)));
+        let h: Vec<_> = row.history.iter().map(|e| (e.at, e.reason)).collect();
+        assert_eq!(
+            h,
+            [
+                (at(0), Reason::Ok),
+                (at(60), Reason::AuthRejected),
+                (at(120), Reason::TokenInvalidGrant)
+            ]
+        );
+        assert_eq!(row.severity(), 0);
+        push(180, Reason::Ok);
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.failing_since, None);
+        assert_eq!(row.severity(), 2);
+        let json = serde_json::to_value(row).unwrap();
+        assert!(json.get("failing_since").is_none(), "{json}");
+        assert_eq!(json["history"][3]["at"], "2027-01-15T08:03:00Z");
+        for s in 0..100 {
+            push(240 + s, Reason::ConnectTimeout);
+        }
+        let row = &board.snapshot().probes[0];
+        assert_eq!(row.history.len(), crate::history::HISTORY_LEN);
+        assert_eq!(row.failing_since, Some(at(240)));
+        assert_eq!(row.severity(), 1);
     }
 
     #[test]

@@ -369,7 +369,36 @@ fn metrics(service: &Service, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
+/// `/transcript?credential=NAME`: the credential's last token exchange, redacted.
+fn token_transcript(service: &Service, name: &str) -> Response<Body> {
+    let Some((c, exchange)) = service.board().token_transcript(name) else {
+        return text(StatusCode::NOT_FOUND, PLAIN, "no such credential\n");
+    };
+    let mut body = format!(
+        "# credential {} ({} grant): the last token request\n",
+        c.name, c.grant
+    );
+    match exchange {
+        None => body.push_str("# no token request made yet\n"),
+        Some((at, t)) => {
+            body.push_str(&format!(
+                "# ended {}{}\n",
+                crate::status::rfc3339(at),
+                match c.failing() {
+                    Some(f) => format!(": {}", f.reason),
+                    None => String::new(),
+                }
+            ));
+            body.push_str(&t);
+        }
+    }
+    text(StatusCode::OK, PLAIN, body)
+}
+
 fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
+    if let Some(name) = query_param(req, "credential") {
+        return token_transcript(service, &name);
+    }
     let (Some(mailbox), Some(protocol)) = (
         query_param(req, "mailbox"),
         query_param(req, "protocol").and_then(|p| p.parse::<Protocol>().ok()),
@@ -377,7 +406,7 @@ fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
         return text(
             StatusCode::BAD_REQUEST,
             PLAIN,
-            "usage: /transcript?mailbox=NAME&protocol=imap|pop3|smtp\n",
+            "usage: /transcript?mailbox=NAME&protocol=imap|pop3|smtp or /transcript?credential=NAME\n",
         );
     };
     match service.board().transcript(&(mailbox, protocol)) {

@@ -10,6 +10,61 @@ use std::time::Duration;
 
 /// Replies larger than this are cut off: a token reply is a few KiB.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// The most bytes of the exchange one token fetch records (a refresh that falls back to
+/// an older stored token makes two requests; each record is ~1 KiB).
+pub const MAX_EXCHANGE_BYTES: usize = 8 << 10;
+
+tokio::task_local! {
+    /// Where [`HttpClient::send`] records the redacted exchange, while the token service
+    /// runs one fetch inside [`recording`] (requests made elsewhere, `login`'s, record
+    /// nothing).
+    static EXCHANGE: Arc<Mutex<String>>;
+}
+
+/// Runs `f` and returns its output with what its token requests exchanged, redacted: per
+/// request the method and URL, the form's keys (values of sensitive ones `<redacted>`),
+/// the reply's status and a redacted excerpt of its body. Empty when no request was sent.
+pub async fn recording<F: std::future::Future>(f: F) -> (F::Output, String) {
+    let cell = Arc::new(Mutex::new(String::new()));
+    let out = EXCHANGE.scope(cell.clone(), f).await;
+    let text = std::mem::take(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()));
+    (out, text)
+}
+
+/// Adds `lines`, through `redactor`, to the exchange being recorded, within
+/// [`MAX_EXCHANGE_BYTES`].
+fn record(redactor: &Redactor, lines: &str) {
+    let _ = EXCHANGE.try_with(|cell| {
+        let mut t = cell.lock().unwrap_or_else(|e| e.into_inner());
+        let text = redactor.redact(lines);
+        let room = MAX_EXCHANGE_BYTES.saturating_sub(t.len());
+        if text.len() <= room {
+            t.push_str(&text);
+        } else if room > 0 {
+            let mut end = room;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            t.push_str(&text[..end]);
+            t.push_str("\n# ... cut\n");
+        }
+    });
+}
+
+/// The request as recorded: method, URL, one line per form field, sensitive values
+/// `<redacted>` by name (and every value again through the request's redactor).
+fn request_record(method: &http::Method, uri: &http::Uri, body: &[u8]) -> String {
+    let mut out = format!("> {method} {uri}\n");
+    for (k, v) in form_urlencoded::parse(body) {
+        let v = if crate::redact::is_sensitive(&k) {
+            crate::secret::REDACTED
+        } else {
+            &v
+        };
+        out.push_str(&format!("> {}={}\n", bounded(&k, 64), bounded(v, 256)));
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpClientError {
@@ -109,6 +164,7 @@ impl HttpClient {
         let (parts, body) = request.into_parts();
         let mut redactor = Redactor::new();
         redactor.add_form_secrets(&body);
+        let sent = request_record(&parts.method, &parts.uri, &body);
         let mut req = self
             .inner
             .request(parts.method, parts.uri.to_string())
@@ -116,7 +172,14 @@ impl HttpClient {
         for (name, value) in parts.headers.iter() {
             req = req.header(name, value);
         }
-        let mut response = req.send().await.map_err(transport)?;
+        let mut response = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = transport(e);
+                record(&redactor, &format!("{sent}< no reply: {e}\n\n"));
+                return Err(e);
+            }
+        };
         let status = response.status();
         let retry_after = response
             .headers()
@@ -134,17 +197,32 @@ impl HttpClient {
             builder = builder.header(name, value);
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(TransportError::TooLarge);
+        let read = async {
+            while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(TransportError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
             }
-            body.extend_from_slice(&chunk);
+            Ok(())
+        };
+        if let Err(e) = read.await {
+            record(
+                &redactor,
+                &format!("{sent}< HTTP {}, reply not read: {e}\n\n", status.as_u16()),
+            );
+            return Err(e);
         }
         let body = if status.is_success() || body.is_empty() {
             body
         } else {
             redactor.redact_bytes(&body).into_bytes()
         };
+        // `excerpt` blanks every token, secret and assertion field of a success reply.
+        record(
+            &redactor,
+            &format!("{sent}< HTTP {}\n< {}\n\n", status.as_u16(), excerpt(&body)),
+        );
         builder
             .body(body)
             .map_err(|e| TransportError::Request(e.to_string()))

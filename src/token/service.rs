@@ -9,6 +9,7 @@ use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
 use super::token_file::read_token_file_async;
+use crate::reason::Reason;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -148,6 +149,10 @@ struct Entry {
 struct Stats {
     expires_at: Option<SystemTime>,
     last_success: Option<SystemTime>,
+    /// The last failed token request's reason and when it failed.
+    last_error: Option<(Reason, SystemTime)>,
+    /// What the last fetch that reached the endpoint exchanged with it, redacted, and when.
+    exchange: Option<(SystemTime, Arc<str>)>,
 }
 
 /// Credential name, scope set, and the subject for grants that get one token per mailbox
@@ -362,6 +367,22 @@ impl TokenService {
             .and_then(|s| s.last_success)
     }
 
+    /// The last failed token request of `credential` (kept after later successes): its
+    /// reason and when it failed. Requests held back by the backoff are not counted.
+    pub fn last_error(&self, credential: &str) -> Option<(Reason, SystemTime)> {
+        lock(&self.inner.stats)
+            .get(credential)
+            .and_then(|s| s.last_error)
+    }
+
+    /// What `credential`'s last token fetch that sent a request exchanged with the token
+    /// endpoint (redacted, see [`super::http::recording`]), and when it ended.
+    pub fn last_exchange(&self, credential: &str) -> Option<(SystemTime, Arc<str>)> {
+        lock(&self.inner.stats)
+            .get(credential)
+            .and_then(|s| s.exchange.clone())
+    }
+
     /// Whether the newest refresh token of `credential` is safely on disk.
     pub fn save_status(&self, credential: &str) -> SaveStatus {
         self.inner.store.status(credential)
@@ -422,7 +443,7 @@ impl TokenService {
             });
         };
         let started = Instant::now();
-        let result = match kind {
+        let (result, exchange) = super::http::recording(async { match kind {
             GrantKind::RefreshToken => self.refresh(cred, deadline).await,
             GrantKind::JwtBearer => {
                 let (Grant::ServiceAccount { key_file }, Some(subject)) = (&cred.grant, subject)
@@ -446,8 +467,15 @@ impl TokenService {
                     Err(_) => Err(no_reply_within(started, "the token endpoint")),
                 }
             }
-        };
+        }})
+        .await;
         let elapsed = started.elapsed();
+        if !exchange.is_empty() {
+            lock(&self.inner.stats)
+                .entry(cred.name.clone())
+                .or_default()
+                .exchange = Some((SystemTime::now(), Arc::from(exchange)));
+        }
         match result {
             Ok((granted, rotated, save_error)) => {
                 let obtained_at = SystemTime::now();
@@ -479,6 +507,10 @@ impl TokenService {
                 if reaches_network(&e) {
                     self.observer().request(&cred.name, kind, elapsed, Err(&e));
                 }
+                lock(&self.inner.stats)
+                    .entry(cred.name.clone())
+                    .or_default()
+                    .last_error = Some((crate::classify::token::reason(&e), SystemTime::now()));
                 Err(e)
             }
         }

@@ -100,6 +100,21 @@ async fn status_page_renders_in_chromium_and_matches_the_metrics() {
         dom.contains("Fix: enable SMTP AUTH"),
         "no fix hint for smtp_auth_disabled"
     );
+    // The history strip, the failure streak, the counts by reason, the fix as a command,
+    // the token exchange of a row that failed before connecting, the last token error.
+    assert!(
+        dom.contains("<span class=\"tick permanent\" title=\""),
+        "no history ticks"
+    );
+    assert!(
+        dom.contains("<span class=\"tick ok\" title=\""),
+        "no history ticks"
+    );
+    assert!(dom.contains("failing since "));
+    assert!(dom.contains("id=\"count-reason-token_invalid_grant\""));
+    assert!(dom.contains("<code>mail-oauth-exporter login --config "));
+    assert!(dom.contains("<a href=\"/transcript?credential=former-user\">token exchange</a>"));
+    assert!(dom.contains("token_invalid_grant</span><br>"));
 
     // It renders: a screenshot of the page is a real, non-trivial PNG.
     let shot = profile.path().join("page.png");
@@ -107,7 +122,7 @@ async fn status_page_renders_in_chromium_and_matches_the_metrics() {
         profile.path(),
         &[
             &format!("--screenshot={}", shot.display()),
-            "--window-size=1280,900",
+            "--window-size=1280,4200",
             &r.url("/"),
         ],
     )
@@ -118,6 +133,11 @@ async fn status_page_renders_in_chromium_and_matches_the_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
     let png = std::fs::read(&shot).expect("screenshot written");
+    // Kept for a look: target/tmp/status-page.png.
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png"),
+        &png,
+    );
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
     assert_eq!(width, 1280);

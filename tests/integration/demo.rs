@@ -930,3 +930,227 @@ async fn shards_cover_the_fleet_exactly_once() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("INDEX must be below COUNT"));
 }
+
+/// Fetches `/api/v1/status` as JSON.
+async fn status_json(r: &Running) -> serde_json::Value {
+    let (code, body) = get(&r.url("/api/v1/status")).await;
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The page order: permanent failures, transient ones, ok, not probed yet.
+fn severity(row: &serde_json::Value) -> u8 {
+    match (row["state"].as_str().unwrap(), row["transient"].as_bool()) {
+        ("failed", Some(false)) => 0,
+        ("failed", _) => 1,
+        ("ok", _) => 2,
+        _ => 3,
+    }
+}
+
+#[tokio::test]
+async fn status_history_failing_since_order_and_counts() {
+    // Probes every 5 s (the least allowed), so a second result comes soon.
+    let r = Running::start(|t| {
+        t.replace("interval: 15s", "interval: 5s")
+            .replace("timeout: 10s", "timeout: 4s")
+    })
+    .await;
+    wait_ok(&r.url("/readyz"), Duration::from_secs(30)).await;
+    let first = status_json(&r).await;
+    // The history grows with each probe, oldest first, one entry a probe.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = status_json(&r).await;
+        if s["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["history"].as_array().unwrap().len() >= 2)
+        {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history does not grow: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for p in first["probes"].as_array().unwrap() {
+        assert_eq!(
+            p["history"].as_array().unwrap().len() as u64,
+            p["probes"].as_u64().unwrap(),
+            "{p}"
+        );
+    }
+    let probes = status["probes"].as_array().unwrap();
+    for p in probes {
+        let history = p["history"].as_array().unwrap();
+        let times: Vec<SystemTime> = history
+            .iter()
+            .map(|e| humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap())
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first: {p}");
+        let last = history.last().unwrap();
+        assert_eq!(last["reason"], p["reason"], "{p}");
+        if p["state"] == "failed" {
+            // The demo's failures fail every time: the streak began with the first probe.
+            let since = p["failing_since"].as_str().unwrap_or_else(|| panic!("{p}"));
+            assert_eq!(since, history[0]["at"].as_str().unwrap(), "{p}");
+        } else {
+            assert!(p.get("failing_since").is_none(), "{p}");
+        }
+    }
+
+    // The page: rows in severity order, the counts by reason at the top, the strips.
+    let (code, page) = get(&r.url("/")).await;
+    assert_eq!(code, 200);
+    let order: Vec<u8> = page
+        .split("<tr data-mailbox=\"")
+        .skip(1)
+        .map(|tr| {
+            let mailbox = tr.split('"').next().unwrap();
+            let protocol = tr
+                .split("data-protocol=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let row = probes
+                .iter()
+                .find(|p| p["mailbox"] == mailbox && p["protocol"] == protocol)
+                .unwrap();
+            severity(row)
+        })
+        .collect();
+    assert_eq!(order.len(), probes.len());
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    assert!(
+        order.contains(&0) && order.contains(&1) && order.contains(&2),
+        "{order:?}"
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for p in probes.iter().filter(|p| p["state"] == "failed") {
+        *counts
+            .entry(p["reason"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(counts.len() >= 4);
+    for (reason, n) in &counts {
+        assert!(
+            page.contains(&format!("id=\"count-reason-{reason}\" title="))
+                && page.contains(&format!("<b>{n}</b> {reason}</span>")),
+            "no count {n} for {reason}"
+        );
+    }
+    assert!(!page.contains("count-reason-ok"));
+    assert!(page.contains("class=\"tick permanent\" title=\""));
+    assert!(page.contains("class=\"tick ok\" title=\""));
+    assert!(page.contains("failing since "));
+
+    // Credentials: the last token error with its time, the revoked refresh token not
+    // "saved", colours by kind.
+    let creds = status["credentials"].as_array().unwrap();
+    let cred = |name: &str| creds.iter().find(|c| c["name"] == name).unwrap();
+    let former = cred("former-user");
+    assert_eq!(
+        former["last_error"]["reason"], "token_invalid_grant",
+        "{former}"
+    );
+    humantime::parse_rfc3339(former["last_error"]["at"].as_str().unwrap()).unwrap();
+    assert!(cred("helpdesk-user")["last_error"].is_null());
+    let row = |name: &str| {
+        let start = page
+            .find(&format!("<tr data-credential=\"{name}\">"))
+            .unwrap_or_else(|| panic!("no credential row {name}"));
+        page[start..].split("</tr>").next().unwrap().to_string()
+    };
+    let former = row("former-user");
+    assert!(former.contains("token_invalid_grant</span>"), "{former}");
+    assert!(
+        former.contains("rejected by the token endpoint"),
+        "{former}"
+    );
+    assert!(!former.contains(">saved<"), "{former}");
+    let helpdesk = row("helpdesk-user");
+    assert!(helpdesk.contains(">saved<"), "{helpdesk}");
+    assert!(
+        helpdesk.contains("<td class=\"muted\">none</td>"),
+        "{helpdesk}"
+    );
+    // An access token just obtained (an hour's lifetime) is not painted; the demo's client
+    // secret, 10 days from expiry, warns as the alert does.
+    let monitor = row("contoso-monitor");
+    let cells: Vec<&str> = monitor.split("<td").collect();
+    assert!(
+        cells[3].starts_with(" title=\"") && cells[3].contains(">in "),
+        "{monitor}"
+    );
+    assert!(
+        cells[6].starts_with(" class=\"warn\"") && cells[6].contains(" days</td>"),
+        "{monitor}"
+    );
+    assert!(!monitor.contains("class=\"bad\""), "{monitor}");
+
+    // The fix as a command, with this config's path and the credential's name.
+    let config = r.demo.config_path.display().to_string();
+    let former = probes
+        .iter()
+        .find(|p| p["credential"] == "former-user")
+        .unwrap();
+    let command = format!("mail-oauth-exporter login --config {config} --credential former-user");
+    assert_eq!(former["fix_command"], command.as_str(), "{former}");
+    assert!(page.contains(&format!("<code>{command}</code>")));
+    let ok = probes.iter().find(|p| p["state"] == "ok").unwrap();
+    assert!(ok["fix_command"].is_null(), "{ok}");
+    // A service account's rejected grant is not fixed by `login`.
+    let departed = probes
+        .iter()
+        .find(|p| p["credential"] == "workspace" && p["state"] == "failed")
+        .unwrap();
+    assert_eq!(departed["reason"], "token_invalid_grant");
+    assert!(departed["fix_command"].is_null(), "{departed}");
+
+    // A row that failed at the token stage links what was exchanged with the token
+    // endpoint: the request and the reply, no secret value.
+    let url = former["transcript_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{former}"));
+    assert_eq!(url, "/transcript?credential=former-user");
+    assert!(page.contains(&format!("<a href=\"{url}\">token exchange</a>")));
+    let (code, exchange) = get(&r.url(url)).await;
+    assert_eq!(code, 200);
+    let token_url = format!("> POST {}", r.demo.endpoint.authority());
+    assert!(exchange.contains(&token_url), "{exchange}");
+    assert!(
+        exchange.contains("> grant_type=refresh_token\n"),
+        "{exchange}"
+    );
+    assert!(
+        exchange.contains("> refresh_token=<redacted>\n"),
+        "{exchange}"
+    );
+    assert!(exchange.contains("< HTTP 400\n"), "{exchange}");
+    assert!(exchange.contains("invalid_grant"), "{exchange}");
+    let secrets = crate::secrets::secrets_of(&r.demo);
+    crate::secrets::assert_clean("token exchange", &exchange, &secrets);
+    crate::secrets::Windows::new(&secrets).assert_clean("token exchange", &exchange);
+    // A client credentials exchange that worked: its client secret and access token blanked.
+    let (code, exchange) = get(&r.url("/transcript?credential=contoso-monitor")).await;
+    assert_eq!(code, 200);
+    assert!(
+        exchange.contains("> client_secret=<redacted>\n"),
+        "{exchange}"
+    );
+    assert!(exchange.contains("< HTTP 200\n"), "{exchange}");
+    assert!(
+        exchange.contains("\"access_token\":\"<redacted>\""),
+        "{exchange}"
+    );
+    let secrets = crate::secrets::secrets_of(&r.demo);
+    crate::secrets::assert_clean("token exchange", &exchange, &secrets);
+    crate::secrets::Windows::new(&secrets).assert_clean("token exchange", &exchange);
+    assert_eq!(get(&r.url("/transcript?credential=nope")).await.0, 404);
+    r.stop().await;
+}
