@@ -597,11 +597,13 @@ fn jobs(config: &Config) -> Vec<Job<Payload>> {
     jobs
 }
 
-/// The board's form of the token service's last failed request.
+/// The board's form of the token service's last failed request: classified here, at the
+/// status boundary.
 fn token_failure(tokens: &TokenService, credential: &str) -> Option<TokenFailure> {
-    tokens
-        .last_error(credential)
-        .map(|(reason, at)| TokenFailure { reason, at })
+    tokens.last_error(credential).map(|(e, at)| TokenFailure {
+        reason: crate::classify::token::reason(&e),
+        at,
+    })
 }
 
 fn credential_status(c: &Credential, tokens: &TokenService) -> CredentialStatus {

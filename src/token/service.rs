@@ -9,7 +9,6 @@ use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
 use super::token_file::read_token_file_async;
-use crate::reason::Reason;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -149,8 +148,9 @@ struct Entry {
 struct Stats {
     expires_at: Option<SystemTime>,
     last_success: Option<SystemTime>,
-    /// The last failed token request's reason and when it failed.
-    last_error: Option<(Reason, SystemTime)>,
+    /// The last failed token request (unclassified: the reason is decided at the
+    /// status boundary) and when it failed.
+    last_error: Option<(TokenError, SystemTime)>,
     /// What the last fetch that reached the endpoint exchanged with it, redacted, and when.
     exchange: Option<(SystemTime, Arc<str>)>,
 }
@@ -367,12 +367,13 @@ impl TokenService {
             .and_then(|s| s.last_success)
     }
 
-    /// The last failed token request of `credential` (kept after later successes): its
-    /// reason and when it failed. Requests held back by the backoff are not counted.
-    pub fn last_error(&self, credential: &str) -> Option<(Reason, SystemTime)> {
+    /// The last failed token request of `credential` (kept after later successes): the
+    /// error, unclassified, and when it failed. Requests held back by the backoff are not
+    /// counted.
+    pub fn last_error(&self, credential: &str) -> Option<(TokenError, SystemTime)> {
         lock(&self.inner.stats)
             .get(credential)
-            .and_then(|s| s.last_error)
+            .and_then(|s| s.last_error.clone())
     }
 
     /// What `credential`'s last token fetch that sent a request exchanged with the token
@@ -510,7 +511,7 @@ impl TokenService {
                 lock(&self.inner.stats)
                     .entry(cred.name.clone())
                     .or_default()
-                    .last_error = Some((crate::classify::token::reason(&e), SystemTime::now()));
+                    .last_error = Some((e.clone(), SystemTime::now()));
                 Err(e)
             }
         }
