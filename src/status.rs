@@ -695,12 +695,23 @@ impl Board {
             credentials: inner
                 .credentials
                 .values()
-                .map(|c| CredentialStatus {
-                    transcript_url: inner
-                        .exchanges
-                        .contains_key(&c.name)
-                        .then(|| credential_transcript_url(&c.name)),
-                    ..c.clone()
+                .map(|c| {
+                    // A date the config declares wins; without one, the end date Microsoft
+                    // Graph holds for the secret (or certificate) in use is the expiry.
+                    let graph = inner.graph.get(&c.name);
+                    CredentialStatus {
+                        transcript_url: inner
+                            .exchanges
+                            .contains_key(&c.name)
+                            .then(|| credential_transcript_url(&c.name)),
+                        client_secret_expiry: c
+                            .client_secret_expiry
+                            .or_else(|| graph.and_then(|g| g.client_secret_end)),
+                        certificate_expiry: c
+                            .certificate_expiry
+                            .or_else(|| graph.and_then(|g| g.certificate_end)),
+                        ..c.clone()
+                    }
                 })
                 .collect(),
             graph: inner.graph.values().cloned().collect(),

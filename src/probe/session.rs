@@ -236,7 +236,10 @@ impl<'a> Session<'a> {
         };
         let (_, conn) = tls.get_ref();
         self.tls_not_after = conn.peer_certificates().and_then(earliest_not_after);
-        self.tls_version = conn.protocol_version().map(|v| format!("{v:?}"));
+        // rustls names versions `TLSv1_3`; operators read `TLSv1.3` (as openssl prints it).
+        self.tls_version = conn
+            .protocol_version()
+            .map(|v| format!("{v:?}").replace('_', "."));
         let note = format!(
             "TLS established ({})",
             self.tls_version.as_deref().unwrap_or("?")
