@@ -74,5 +74,24 @@ pub async fn run(path: &Path, scope: Scope, out: &mut dyn Write) -> Result<Confi
             .map(|m| m.endpoints.len())
             .sum::<usize>()
     )?;
+    if scope == Scope::Full {
+        // Not an error (`run` starts, and `login` may come later), but every probe of such
+        // a credential would say `token_missing` until then: say it now, with the command.
+        let store = crate::token::RefreshTokenStore::new(&config.state_dir);
+        for c in config.credentials.values() {
+            if c.grant == crate::token::Grant::RefreshToken
+                && store
+                    .candidates(&c.name)
+                    .is_ok_and(|found| found.is_empty())
+            {
+                writeln!(
+                    out,
+                    "note: credential {name} has no refresh token yet; until `mail-oauth-exporter login --config {file} --credential {name}` is run, its probes report token_missing",
+                    name = c.name,
+                    file = path.display(),
+                )?;
+            }
+        }
+    }
     Ok(config)
 }

@@ -1079,3 +1079,36 @@ async fn a_failed_token_request_logs_one_short_warn_line_and_probe_no_backoff() 
         );
     }
 }
+
+/// `check` on a delegated credential that was never bootstrapped passes (`run` starts)
+/// but says so, with the `login` command; once a refresh token is stored, it says nothing.
+#[tokio::test]
+async fn check_notes_a_delegated_credential_without_a_refresh_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = d.join("secret");
+    std::fs::write(&secret, "s3cr3t\n").unwrap();
+    let state = d.join("state");
+    let config = file_config(d, &secret, None, &state);
+    let (code, out) = check(&config).await;
+    assert_eq!(code, 0, "{out}");
+    let note = format!(
+        "note: credential user has no refresh token yet; until `mail-oauth-exporter login --config {} --credential user` is run",
+        config.display()
+    );
+    assert!(out.contains(&note), "{out}");
+    assert!(
+        !out.contains("credential app"),
+        "only delegated credentials: {out}"
+    );
+    mail_oauth_exporter::token::RefreshTokenStore::new(&state)
+        .save(
+            "user",
+            &mail_oauth_exporter::secret::Secret::new("0.AAAA-stored-refresh-token"),
+        )
+        .await
+        .unwrap();
+    let (code, out) = check(&config).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("note:"), "{out}");
+}
