@@ -36,21 +36,7 @@ pub async fn run(
     match result {
         Ok(()) => {}
         Err(LoginError::Token(e)) => {
-            let c = classify::token_failure(&e);
-            let r = c.reason;
-            writeln!(
-                out,
-                "login      FAILED: {r} (stage {}, {})",
-                r.stage().as_str(),
-                if r.is_transient() {
-                    "transient"
-                } else {
-                    "permanent"
-                }
-            )?;
-            writeln!(out, "reason     {r}")?;
-            writeln!(out, "detail     {}", c.detail)?;
-            writeln!(out, "fix        {}", r.hint())?;
+            super::probe::print_result(out, "login", &classify::token_failure(&e))?;
             writeln!(out, "nothing stored for `{credential}`")?;
             return Ok(false);
         }

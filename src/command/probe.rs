@@ -133,7 +133,7 @@ pub async fn run_with(
         all_ok &= c.reason == Reason::Ok;
         match output {
             Output::Text => {
-                print_result(out, &c)?;
+                print_result(out, "result", &c)?;
                 if let Some(report) = &report {
                     print_report(out, report)?;
                 }
@@ -212,15 +212,21 @@ pub(crate) fn token_service(config: &Config) -> Result<TokenService, CommandErro
     TokenService::new(options).map_err(|e| CommandError::Usage(format!("token client: {e}")))
 }
 
-fn print_result(out: &mut dyn Write, c: &Classified) -> std::io::Result<()> {
+/// Prints a classified outcome as `probe` and `login` show it: `{label}` (padded to the
+/// column), `OK` or `FAILED: reason (stage, transience)`, then reason, detail and fix.
+pub(crate) fn print_result(
+    out: &mut dyn Write,
+    label: &str,
+    c: &Classified,
+) -> std::io::Result<()> {
     if c.reason == Reason::Ok {
-        writeln!(out, "result     OK")?;
+        writeln!(out, "{label:<10} OK")?;
         return writeln!(out, "reason     {}", c.reason);
     }
     let r = c.reason;
     writeln!(
         out,
-        "result     FAILED: {r} (stage {}, {})",
+        "{label:<10} FAILED: {r} (stage {}, {})",
         r.stage().as_str(),
         if r.is_transient() {
             "transient"
