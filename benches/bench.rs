@@ -460,7 +460,13 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
     // About 100 probes a second, whatever the size (at most 300 s, so that the largest
     // fleet is ready within 5 minutes): the interval grows with the fleet, as it would in
     // an installation.
-    let interval = Duration::from_secs((rows as u64 / 100).clamp(30, 300));
+    let interval = std::env::var("BENCH_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or_else(
+            || Duration::from_secs((rows as u64 / 100).clamp(30, 300)),
+            Duration::from_secs,
+        );
     let config = service_config(
         n,
         &Protocol::ALL,
@@ -668,7 +674,7 @@ fn render_compare(rows: usize, emu: &Emulator, tls: &TlsClient, table: &mut Tabl
     for i in 0..n {
         for p in Protocol::ALL {
             board.record(
-                &(format!("mb{i}"), p),
+                &mail_oauth_exporter::status::Key::new(&format!("mb{i}"), p),
                 ProbeResult {
                     reason: Reason::Ok,
                     detail: String::new(),
@@ -1182,7 +1188,13 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![10, 1000, 10_000, 30_000]);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mail-oauth-exporter"));
+    // BENCH_BIN runs the service through another program (a script that starts it under
+    // heaptrack, say); BENCH_INTERVAL (seconds) replaces the service part's interval, for
+    // a quicker steady state while looking into memory.
+    let bin = std::env::var_os("BENCH_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_mail-oauth-exporter")),
+        PathBuf::from,
+    );
     // BENCH_PARTS=render,service runs only those parts (login, saturation, whole, listener,
     // blackbox, render, service, accuracy).
     let parts = std::env::var("BENCH_PARTS").ok();

@@ -768,7 +768,7 @@ mod tests {
                 .collect(),
         );
         for n in names {
-            let key: Key = (n.to_string(), Protocol::Imap);
+            let key = Key::new(n, Protocol::Imap);
             board.record(&key, result(Reason::Throttled, false));
             board.record(&key, result(Reason::Ok, true));
         }
@@ -831,8 +831,8 @@ mod tests {
             target("a", Protocol::Smtp),
             target("gone", Protocol::Imap),
         ]);
-        let a: Key = ("a".into(), Protocol::Smtp);
-        let gone: Key = ("gone".into(), Protocol::Imap);
+        let a = Key::new("a", Protocol::Smtp);
+        let gone = Key::new("gone", Protocol::Imap);
         for reason in [
             Reason::Ok,
             Reason::SmtpAuthDisabled,
@@ -891,7 +891,7 @@ mod tests {
     fn a_row_never_has_more_than_15_series() {
         let board = Board::new();
         board.set_targets(vec![target("a", Protocol::Imap)]);
-        let key: Key = ("a".into(), Protocol::Imap);
+        let key = Key::new("a", Protocol::Imap);
         let count = |board: &Board| {
             let body = render(board, Format::Prometheus);
             samples(&body)
@@ -946,7 +946,10 @@ mod tests {
                 .collect(),
         );
         for i in 0..n {
-            board.record(&(format!("m{i}"), Protocol::Pop3), result(Reason::Ok, true));
+            board.record(
+                &Key::new(&format!("m{i}"), Protocol::Pop3),
+                result(Reason::Ok, true),
+            );
         }
         let m = Metrics::new();
         let mut e = m.exposition(board.rows(), Format::OpenMetrics, false);
@@ -996,7 +999,7 @@ mod tests {
         let board = Board::new();
         board.set_targets(vec![target("a", Protocol::Imap)]);
         board.record(
-            &("a".into(), Protocol::Imap),
+            &Key::new("a", Protocol::Imap),
             result(Reason::Throttled, true),
         );
         let t = String::from_utf8(m.render(&board.rows(), Format::Prometheus, false)).unwrap();

@@ -1,34 +1,64 @@
 //! The scheduler: runs every mailbox × protocol on its interval.
 //!
-//! One task per mailbox and protocol, so there is never more than one connection per
-//! mailbox and protocol (Exchange allows three concurrent SMTP connections per mailbox;
-//! a monitor must never be the cause of `432 4.3.2`). Slots are fixed at
-//! `first + n × interval` and never drift; each run starts a little after its slot
-//! (jitter) and a run that overlaps its next slot skips it rather than bursting. A global
-//! semaphore bounds the probes running at once. First runs are spread over the interval
-//! by a stable hash of the mailbox and protocol, so a start does not log in everywhere at
-//! the same second and a restart keeps the same rhythm.
+//! Never more than one connection per mailbox and protocol (Exchange allows three
+//! concurrent SMTP connections per mailbox; a monitor must never be the cause of
+//! `432 4.3.2`). Slots are fixed at `first + n × interval` and never drift; each run
+//! starts a little after its slot (jitter) and a run that overlaps its next slot skips it
+//! rather than bursting. A global semaphore bounds the probes running at once. First runs
+//! are spread over the interval by a stable hash of the mailbox and protocol, so a start
+//! does not log in everywhere at the same second and a restart keeps the same rhythm.
+//!
+//! One driver task holds every job in a timer queue (a binary heap of start times) and
+//! spawns a task per run only when the run is due: an idle job costs a map entry and a
+//! heap entry (~170 bytes), not a parked task with its own timer and channel (~1.4 KiB at
+//! 30,000 jobs, issue 12).
 //!
 //! What a run does is the [`Execute`] implementation's business (the service probes and
 //! records; tests count calls), and all waiting goes through `tokio::time`.
 
 use crate::Protocol;
 use crate::config::Schedule;
-use crate::status::Key;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+/// A mailbox and one of its protocols: the unit the scheduler probes, and a row of the
+/// status board and of `/metrics` (`mailbox`, `protocol` labels).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// The mailbox's name in the config (`mailboxes:` key), shared by every copy.
+    pub mailbox: Arc<str>,
+    pub protocol: Protocol,
+}
+
+impl Key {
+    pub fn new(mailbox: &str, protocol: Protocol) -> Key {
+        Key {
+            mailbox: Arc::from(mailbox),
+            protocol,
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    /// `mailbox/protocol`, as logs and the transcript URL name a row.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.mailbox, self.protocol.as_str())
+    }
+}
 
 /// One scheduled probe: what to run and how often.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job<T> {
-    pub mailbox: String,
-    pub protocol: Protocol,
+    pub key: Key,
     pub interval: Duration,
     /// What the executor needs (the service puts the mailbox and credential here).
     pub payload: T,
@@ -36,7 +66,7 @@ pub struct Job<T> {
 
 impl<T> Job<T> {
     pub fn key(&self) -> Key {
-        (self.mailbox.clone(), self.protocol)
+        self.key.clone()
     }
 }
 
@@ -84,86 +114,82 @@ fn jitter(mailbox: &str, protocol: Protocol, n: u64, max: Duration) -> Duration 
     portion(max, key_hash(mailbox, protocol, n.wrapping_add(1)))
 }
 
-struct Shared<T> {
-    executor: Arc<dyn Execute<T>>,
-    permits: Arc<Semaphore>,
-    stop: watch::Receiver<bool>,
-}
-
-/// Owns the per-job tasks.
+/// Owns the driver task, which owns the jobs and their runs.
 pub struct Scheduler<T> {
     executor: Arc<dyn Execute<T>>,
     permits: Arc<Semaphore>,
     max_concurrent: usize,
-    stop_tx: watch::Sender<bool>,
-    jobs: HashMap<Key, watch::Sender<Arc<Job<T>>>>,
-    tasks: JoinSet<()>,
-    /// Held during a run: a key removed and re-added by two quick reloads gets a new task,
-    /// which must still wait for the old one's connection to end.
-    running: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+    /// `Some(grace)` once shutdown began.
+    stop_tx: watch::Sender<Option<Duration>>,
+    commands: Option<mpsc::UnboundedSender<Apply<T>>>,
+    driver: Option<JoinHandle<usize>>,
+    len: usize,
+}
+
+/// A new set of jobs for the driver.
+struct Apply<T> {
+    jobs: HashMap<Key, Job<T>>,
+    jitter: Duration,
+    startup_spread: Option<Duration>,
+    at: Instant,
 }
 
 impl<T: Send + Sync + 'static> Scheduler<T> {
     pub fn new(executor: Arc<dyn Execute<T>>, max_concurrent: usize) -> Scheduler<T> {
-        let (stop_tx, _) = watch::channel(false);
+        let (stop_tx, _) = watch::channel(None);
         Scheduler {
             executor,
             permits: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
             stop_tx,
-            jobs: HashMap::new(),
-            tasks: JoinSet::new(),
-            running: HashMap::new(),
+            commands: None,
+            driver: None,
+            len: 0,
         }
     }
 
     /// Number of scheduled jobs.
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.len == 0
     }
 
     /// Makes the schedule exactly `jobs`. Unchanged jobs keep their slots; changed ones
     /// take the new settings from their next run; removed ones stop (a run in flight
-    /// finishes, and its result is dropped by the board).
+    /// finishes, and its result is dropped by the board). Must be called inside a Tokio
+    /// runtime (the first call starts the driver task).
     pub fn apply(&mut self, jobs: Vec<Job<T>>, schedule: &Schedule)
     where
         T: PartialEq,
     {
         self.resize(schedule.max_concurrent_probes);
-        let mut wanted: HashMap<Key, Job<T>> = jobs.into_iter().map(|j| (j.key(), j)).collect();
-        // Dropping a sender ends its task at its next wait.
-        self.jobs.retain(|key, _| wanted.contains_key(key));
-        for (key, tx) in &self.jobs {
-            if let Some(job) = wanted.remove(key)
-                && **tx.borrow() != job
-            {
-                let _ = tx.send(Arc::new(job));
-            }
-        }
-        let now = Instant::now();
-        for (key, job) in wanted {
-            let spread = schedule.startup_spread.unwrap_or(job.interval);
-            let first = now + first_offset(&job.mailbox, job.protocol, spread);
-            let (tx, rx) = watch::channel(Arc::new(job));
-            let lock = self.running.entry(key.clone()).or_default().clone();
-            let shared = Shared {
+        let jobs: HashMap<Key, Job<T>> = jobs.into_iter().map(|j| (j.key(), j)).collect();
+        self.len = jobs.len();
+        let apply = Apply {
+            jobs,
+            jitter: schedule.jitter,
+            startup_spread: schedule.startup_spread,
+            at: Instant::now(),
+        };
+        let commands = self.commands.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let driver = Driver {
                 executor: self.executor.clone(),
                 permits: self.permits.clone(),
                 stop: self.stop_tx.subscribe(),
+                entries: HashMap::new(),
+                queue: BinaryHeap::new(),
+                runs: JoinSet::new(),
+                in_flight: HashMap::new(),
             };
-            self.tasks
-                .spawn(job_loop(rx, shared, lock, first, schedule.jitter));
-            self.jobs.insert(key, tx);
-        }
-        // Forget run locks nobody holds any more.
-        let jobs = &self.jobs;
-        self.running
-            .retain(|key, lock| jobs.contains_key(key) || Arc::strong_count(lock) > 1);
-        while self.tasks.try_join_next().is_some() {}
+            self.driver = Some(tokio::spawn(driver.drive(rx)));
+            tx
+        });
+        // The driver ends only after shutdown, which takes `self`.
+        let _ = commands.send(apply);
     }
 
     fn resize(&mut self, max: usize) {
@@ -185,75 +211,306 @@ impl<T: Send + Sync + 'static> Scheduler<T> {
     /// Stops starting runs, then waits up to `grace` for the runs in flight. Returns how
     /// many were still running when the grace period ended (they are cancelled).
     pub async fn shutdown(mut self, grace: Duration) -> usize {
-        let _ = self.stop_tx.send(true);
-        self.jobs.clear();
+        let _ = self.stop_tx.send(Some(grace));
+        match self.driver.take() {
+            Some(driver) => driver.await.unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+impl<T> Drop for Scheduler<T> {
+    /// Dropped without `shutdown`: runs in flight are cancelled with the driver.
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
+}
+
+/// One job in the driver's hands.
+struct Entry<T> {
+    /// The latest settings; a run uses the job it started with.
+    job: Arc<Job<T>>,
+    /// The current slot (`first + n × interval`); the run starts at slot + jitter.
+    slot: Instant,
+    n: u64,
+    max_jitter: Duration,
+    /// Bumped when the job is removed and added again while a run is in flight, so the
+    /// queue's older entry for it is ignored.
+    generation: u64,
+    /// Set while a run of this key is in flight: the next one waits for it.
+    running: Option<Arc<AtomicBool>>,
+    /// Removed from the config while a run was in flight: forgotten when it ends.
+    removed: bool,
+    /// A re-added job came due while the old run was still in flight: start when it ends.
+    due_while_running: bool,
+}
+
+impl<T> Entry<T> {
+    fn start(&self) -> Instant {
+        self.slot
+            + jitter(
+                &self.job.key.mailbox,
+                self.job.key.protocol,
+                self.n,
+                self.max_jitter,
+            )
+    }
+}
+
+/// What woke the driver.
+enum Event<T> {
+    Stop(Duration),
+    Apply(Apply<T>),
+    Finished(tokio::task::Id),
+    Due,
+}
+
+/// What a finished run hands back to the driver.
+struct Ran {
+    key: Key,
+    generation: u64,
+    interval: Duration,
+}
+
+struct Driver<T> {
+    executor: Arc<dyn Execute<T>>,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<Option<Duration>>,
+    entries: HashMap<Key, Entry<T>>,
+    /// Start times, earliest first; an item whose generation no longer matches its entry
+    /// (or whose entry is gone) is skipped when it comes up.
+    queue: BinaryHeap<Reverse<(Instant, u64, Key)>>,
+    runs: JoinSet<()>,
+    /// Which job each run task belongs to, so that a run that panicked still frees its
+    /// job for the next slot.
+    in_flight: HashMap<tokio::task::Id, Ran>,
+}
+
+impl<T: Send + Sync + PartialEq + 'static> Driver<T> {
+    /// Returns how many runs were cut short at shutdown.
+    async fn drive(mut self, mut commands: mpsc::UnboundedReceiver<Apply<T>>) -> usize {
+        let grace = loop {
+            let next = self.next_start();
+            // The branches only say what happened: the handling below needs all of `self`.
+            let event = tokio::select! {
+                biased;
+                stop = self.stop.wait_for(Option::is_some) => {
+                    Event::Stop(stop.ok().and_then(|s| *s).unwrap_or_default())
+                }
+                command = commands.recv() => match command {
+                    Some(apply) => Event::Apply(apply),
+                    // The scheduler was dropped.
+                    None => Event::Stop(Duration::ZERO),
+                },
+                Some(done) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
+                    Event::Finished(match &done {
+                        Ok((id, ())) => *id,
+                        Err(e) => e.id(),
+                    })
+                }
+                () = sleep_until(next), if next.is_some() => Event::Due,
+            };
+            match event {
+                Event::Stop(grace) => break grace,
+                Event::Apply(apply) => self.apply(apply),
+                Event::Finished(id) => {
+                    if let Some(ran) = self.in_flight.remove(&id) {
+                        self.finished(ran);
+                    }
+                }
+                Event::Due => self.start_due(),
+            }
+        };
+        self.entries.clear();
+        self.queue.clear();
         let deadline = Instant::now() + grace;
         loop {
-            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+            match tokio::time::timeout_at(deadline, self.runs.join_next()).await {
                 Ok(Some(_)) => continue,
                 Ok(None) => return 0,
                 Err(_) => {
-                    let left = self.tasks.len();
-                    self.tasks.abort_all();
-                    while self.tasks.join_next().await.is_some() {}
+                    let left = self.runs.len();
+                    self.runs.abort_all();
+                    while self.runs.join_next().await.is_some() {}
                     return left;
                 }
             }
         }
     }
-}
 
-async fn job_loop<T: Send + Sync + 'static>(
-    mut rx: watch::Receiver<Arc<Job<T>>>,
-    mut shared: Shared<T>,
-    lock: Arc<tokio::sync::Mutex<()>>,
-    first: Instant,
-    max_jitter: Duration,
-) {
-    let mut slot = first;
-    let mut n: u64 = 0;
-    loop {
-        let job = rx.borrow_and_update().clone();
-        let start = slot + jitter(&job.mailbox, job.protocol, n, max_jitter);
-        tokio::select! {
-            _ = tokio::time::sleep_until(start) => {}
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    return; // removed from the config
+    /// The earliest start still wanted, dropping stale queue items on the way.
+    fn next_start(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, generation, key))) = self.queue.peek() {
+            match self.entries.get(key) {
+                Some(e) if e.generation == *generation && !e.removed => return Some(*at),
+                _ => {
+                    self.queue.pop();
                 }
-                continue; // new settings; same slot
             }
-            _ = shared.stop.wait_for(|s| *s) => return,
         }
-        let permit = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shared.stop.wait_for(|s| *s) => return,
+        None
+    }
+
+    fn apply(&mut self, apply: Apply<T>) {
+        let Apply {
+            mut jobs,
+            jitter,
+            startup_spread,
+            at,
+        } = apply;
+        // Removed jobs: forgotten now, or when their run in flight ends.
+        self.entries.retain(|key, e| {
+            if jobs.contains_key(key) {
+                return true;
+            }
+            match &e.running {
+                Some(cancel) => {
+                    // A run still waiting for a permit does not start.
+                    cancel.store(true, Ordering::Relaxed);
+                    e.removed = true;
+                    true
+                }
+                None => false,
+            }
+        });
+        for e in self.entries.values_mut() {
+            if let Some(job) = jobs.remove(&e.job.key) {
+                if e.removed {
+                    // Added back while its old run is in flight: a fresh schedule, whose
+                    // first run still waits for the old connection to end.
+                    e.removed = false;
+                    e.generation += 1;
+                    e.slot = first_slot(&job, startup_spread, at);
+                    e.n = 0;
+                    e.max_jitter = jitter;
+                    e.due_while_running = false;
+                    e.job = Arc::new(job);
+                    self.queue
+                        .push(Reverse((e.start(), e.generation, e.job.key.clone())));
+                } else if *e.job != job {
+                    // New settings from the next run on; the slot stays.
+                    e.job = Arc::new(job);
+                }
+            }
+        }
+        for (key, job) in jobs {
+            let e = Entry {
+                slot: first_slot(&job, startup_spread, at),
+                job: Arc::new(job),
+                n: 0,
+                max_jitter: jitter,
+                generation: 0,
+                running: None,
+                removed: false,
+                due_while_running: false,
+            };
+            self.queue.push(Reverse((e.start(), 0, key.clone())));
+            self.entries.insert(key, e);
+        }
+    }
+
+    /// Starts every job whose start time has come.
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _, _))) = self.queue.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, generation, key))) = self.queue.pop() else {
+                break;
+            };
+            let Some(e) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            if e.generation != generation || e.removed {
+                continue;
+            }
+            if e.running.is_some() {
+                e.due_while_running = true;
+            } else {
+                self.spawn_run(&key);
+            }
+        }
+    }
+
+    fn spawn_run(&mut self, key: &Key) {
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
         };
-        // A removal noticed while waiting for a permit: do not start.
-        if rx.has_changed().is_err() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        e.running = Some(cancel.clone());
+        e.due_while_running = false;
+        let job = e.job.clone();
+        let ran = Ran {
+            key: key.clone(),
+            generation: e.generation,
+            interval: job.interval,
+        };
+        let executor = self.executor.clone();
+        let permits = self.permits.clone();
+        let mut stop = self.stop.clone();
+        let handle = self.runs.spawn(async move {
+            let permit = tokio::select! {
+                p = permits.acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.wait_for(Option::is_some) => return,
+            };
+            // Removed from the config while waiting for a permit: do not start.
+            if cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            executor.execute(job).await;
+            drop(permit);
+        });
+        self.in_flight.insert(handle.id(), ran);
+    }
+
+    /// A run ended (or panicked): free its job and queue its next slot.
+    fn finished(&mut self, ran: Ran) {
+        let Some(e) = self.entries.get_mut(&ran.key) else {
+            return;
+        };
+        e.running = None;
+        if e.removed {
+            self.entries.remove(&ran.key);
             return;
         }
-        let job = rx.borrow_and_update().clone();
-        {
-            let _running = lock.lock().await;
-            shared.executor.execute(job.clone()).await;
+        if e.generation != ran.generation {
+            // Re-added during the run: its own first slot is queued already.
+            if e.due_while_running {
+                self.spawn_run(&ran.key);
+            }
+            return;
         }
-        drop(permit);
         // Next slot strictly after now: a run that took longer than the interval (or
         // waited long for a permit) skips the slots it overlapped instead of bursting.
-        let interval = job.interval.max(Duration::from_millis(1));
+        let interval = ran.interval.max(Duration::from_millis(1));
         let now = Instant::now();
-        slot += interval;
-        n += 1;
-        if slot <= now {
-            let behind = now - slot;
+        e.slot += interval;
+        e.n += 1;
+        if e.slot <= now {
+            let behind = now - e.slot;
             let skip = (behind.as_nanos() / interval.as_nanos()) as u32 + 1;
-            slot += interval * skip;
-            n += u64::from(skip);
+            e.slot += interval * skip;
+            e.n += u64::from(skip);
         }
+        self.queue.push(Reverse((e.start(), e.generation, ran.key)));
+    }
+}
+
+fn first_slot<T>(job: &Job<T>, startup_spread: Option<Duration>, at: Instant) -> Instant {
+    let spread = startup_spread.unwrap_or(job.interval);
+    at + first_offset(&job.key.mailbox, job.key.protocol, spread)
+}
+
+/// Sleeps until `at`; never called with `None` (the select guard prevents it).
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -306,7 +563,7 @@ mod tests {
                 me.runs
                     .lock()
                     .unwrap()
-                    .push((job.mailbox.clone(), job.protocol, at));
+                    .push((job.key.mailbox.to_string(), job.key.protocol, at));
                 let n = me.now_running.fetch_add(1, Ordering::SeqCst) + 1;
                 me.max_running.fetch_max(n, Ordering::SeqCst);
                 {
@@ -328,8 +585,7 @@ mod tests {
 
     fn job(name: &str, protocol: Protocol, interval: Duration) -> Job<()> {
         Job {
-            mailbox: name.to_string(),
-            protocol,
+            key: Key::new(name, protocol),
             interval,
             payload: (),
         }
@@ -443,6 +699,64 @@ mod tests {
         );
         assert!(rec.runs_of("new").len() >= 5);
         assert_eq!(s.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_removed_and_added_back_during_its_run_waits_for_that_run() {
+        // Runs take 20 s; the job is removed and added back (two quick reloads) while one
+        // is in flight, and its new first slot comes before that run ends.
+        let rec = Recorder::new(Duration::from_secs(20));
+        let mut s = Scheduler::new(Arc::new(rec.clone()) as Arc<dyn Execute<()>>, 10);
+        let mut sch = schedule(10, Duration::ZERO);
+        sch.startup_spread = Some(Duration::from_millis(1));
+        let a = || vec![job("a", Protocol::Imap, Duration::from_secs(60))];
+        s.apply(a(), &sch);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rec.now_running.load(Ordering::SeqCst), 1);
+        s.apply(Vec::new(), &sch);
+        assert_eq!(s.len(), 0);
+        s.apply(a(), &sch);
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert_eq!(
+            rec.max_per_key.load(Ordering::SeqCst),
+            1,
+            "two connections at once"
+        );
+        let runs = rec.runs_of("a");
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        // The re-added job's first run started when the old one ended, not before.
+        assert!(runs[1] >= runs[0] + Duration::from_secs(20), "{runs:?}");
+
+        // Removed while waiting for a permit: it never starts.
+        let rec = Recorder::new(Duration::from_secs(30));
+        let mut s = Scheduler::new(Arc::new(rec.clone()) as Arc<dyn Execute<()>>, 1);
+        let sch = {
+            let mut sch = schedule(1, Duration::ZERO);
+            sch.startup_spread = Some(Duration::from_millis(1));
+            sch
+        };
+        s.apply(
+            vec![
+                job("first", Protocol::Imap, Duration::from_secs(600)),
+                job("second", Protocol::Imap, Duration::from_secs(600)),
+            ],
+            &sch,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rec.now_running.load(Ordering::SeqCst), 1);
+        let running = rec.runs.lock().unwrap()[0].0.clone();
+        let waiting = if running == "first" {
+            "second"
+        } else {
+            "first"
+        };
+        s.apply(
+            vec![job(&running, Protocol::Imap, Duration::from_secs(600))],
+            &sch,
+        );
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(rec.runs_of(waiting).is_empty(), "a removed job ran");
+        assert_eq!(rec.runs_of(&running).len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

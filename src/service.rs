@@ -27,9 +27,18 @@ use std::time::{Duration, SystemTime};
 /// What a scheduled job carries: everything one probe needs, shared, compared on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
+    /// Shared with the running [`Config`] (one copy per mailbox, whatever its protocols).
     pub mailbox: Arc<Mailbox>,
-    pub endpoint: Endpoint,
+    /// Which of `mailbox.endpoints` this job probes.
+    pub endpoint: usize,
     pub credential: Arc<Credential>,
+}
+
+impl Payload {
+    /// The endpoint this job probes.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.mailbox.endpoints[self.endpoint]
+    }
 }
 
 /// The parts rebuilt only when `tls.ca_file` or `state_dir` change: rebuilding the token
@@ -101,7 +110,7 @@ impl Execute<Payload> for Prober {
                     }
                 }
                 Ok(token) => {
-                    let mut spec = p.mailbox.probe_spec(&p.endpoint);
+                    let mut spec = p.mailbox.probe_spec(p.endpoint());
                     spec.timeout = budget
                         .deadline
                         .saturating_duration_since(tokio::time::Instant::now());
@@ -141,7 +150,7 @@ impl Execute<Payload> for Prober {
             if board.record(&job.key(), result)
                 && let Some(d) = duration
             {
-                metrics.observe_probe_duration(job.protocol, d);
+                metrics.observe_probe_duration(job.key.protocol, d);
             }
         })
     }
@@ -154,8 +163,8 @@ fn log_result(job: &Job<Payload>, r: &ProbeResult) {
         .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0);
     if r.reason == Reason::Ok {
         tracing::info!(
-            mailbox = %job.mailbox,
-            protocol = %job.protocol,
+            mailbox = %job.key.mailbox,
+            protocol = %job.key.protocol,
             reason = %r.reason,
             duration_ms = ms,
             "probe succeeded"
@@ -164,8 +173,8 @@ fn log_result(job: &Job<Payload>, r: &ProbeResult) {
         // The one WARN line of a failed probe, a token failure included (the token service
         // logs those at DEBUG): the detail trimmed, in full at DEBUG.
         tracing::warn!(
-            mailbox = %job.mailbox,
-            protocol = %job.protocol,
+            mailbox = %job.key.mailbox,
+            protocol = %job.key.protocol,
             credential = %job.payload.credential.name,
             reason = %r.reason,
             detail = %crate::token::error::bounded(&r.detail, crate::token::error::LOG_DETAIL_MAX),
@@ -174,8 +183,8 @@ fn log_result(job: &Job<Payload>, r: &ProbeResult) {
         );
         if r.detail.len() > crate::token::error::LOG_DETAIL_MAX {
             tracing::debug!(
-                mailbox = %job.mailbox,
-                protocol = %job.protocol,
+                mailbox = %job.key.mailbox,
+                protocol = %job.key.protocol,
                 detail = %r.detail,
                 "probe failed (full detail)"
             );
@@ -380,10 +389,10 @@ impl Service {
                 let mb = &j.payload.mailbox;
                 TargetInfo {
                     mailbox: mb.name.clone(),
-                    protocol: j.protocol,
+                    protocol: j.key.protocol,
                     credential: mb.credential.clone(),
                     address: mb.address.clone(),
-                    target: mb.probe_spec(&j.payload.endpoint).target.to_string(),
+                    target: mb.probe_spec(j.payload.endpoint()).target.to_string(),
                     interval: mb.interval,
                 }
             })
@@ -432,7 +441,10 @@ impl Service {
         let mut runs = self.graph_tasks.lock().unwrap_or_else(|e| e.into_inner());
         runs.retain(|name, run| {
             let keep = run.engine == engine_id
-                && config.credentials.get(name).is_some_and(|c| *c == run.cred);
+                && config
+                    .credentials
+                    .get(name)
+                    .is_some_and(|c| **c == run.cred);
             if !keep {
                 run.task.abort();
                 self.metrics.remove_graph(name);
@@ -457,7 +469,7 @@ impl Service {
             };
             let task = GraphTask {
                 client,
-                cred: c.clone(),
+                cred: Credential::clone(c),
                 metrics: self.metrics.clone(),
                 board: self.board.clone(),
             }
@@ -465,7 +477,7 @@ impl Service {
             runs.insert(
                 c.name.clone(),
                 GraphRun {
-                    cred: c.clone(),
+                    cred: Credential::clone(c),
                     engine: engine_id,
                     task,
                 },
@@ -513,7 +525,7 @@ impl Service {
         self.config()
             .mailboxes
             .values()
-            .flat_map(|m| m.endpoints.iter().map(|e| (m.name.clone(), e.protocol)))
+            .flat_map(|m| m.endpoints.iter().map(|e| Key::new(&m.name, e.protocol)))
             .collect()
     }
 }
@@ -576,19 +588,16 @@ pub async fn rehearse(config: &Config, run_for: Duration) -> Result<(), ConfigEr
 fn jobs(config: &Config) -> Vec<Job<Payload>> {
     let mut jobs = Vec::new();
     for mb in config.mailboxes.values() {
-        let mailbox = Arc::new(mb.clone());
-        let Some(cred) = config.credentials.get(&mb.credential) else {
+        let Some(credential) = config.credentials.get(&mb.credential) else {
             continue; // the validator guarantees it exists
         };
-        let credential = Arc::new(cred.clone());
-        for e in &mb.endpoints {
+        for (index, e) in mb.endpoints.iter().enumerate() {
             jobs.push(Job {
-                mailbox: mb.name.clone(),
-                protocol: e.protocol,
+                key: Key::new(&mb.name, e.protocol),
                 interval: mb.interval,
                 payload: Payload {
-                    mailbox: mailbox.clone(),
-                    endpoint: e.clone(),
+                    mailbox: mb.clone(),
+                    endpoint: index,
                     credential: credential.clone(),
                 },
             });

@@ -22,8 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A mailbox and one of its protocols: the unit the scheduler probes.
-pub type Key = (String, Protocol);
+pub use crate::scheduler::Key;
 
 /// The contract's cardinality bound: the most series one row has on `/metrics`.
 pub const MAX_SERIES_PER_ROW: usize = 15;
@@ -415,7 +414,7 @@ impl Board {
         let inner = &mut *guard;
         let wanted: BTreeMap<Key, TargetInfo> = targets
             .into_iter()
-            .map(|t| ((t.mailbox.clone(), t.protocol), t))
+            .map(|t| (Key::new(&t.mailbox, t.protocol), t))
             .collect();
         inner.rows.retain(|key, row| {
             let keep = wanted.contains_key(key);
@@ -965,7 +964,7 @@ mod tests {
     }
 
     fn key(m: &str) -> Key {
-        (m.to_string(), Protocol::Imap)
+        Key::new(m, Protocol::Imap)
     }
 
     fn kept(board: &Board, m: &str) -> Option<String> {

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9925";
@@ -149,8 +150,10 @@ pub struct Config {
     pub schedule: Schedule,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
-    pub credentials: BTreeMap<String, Credential>,
-    pub mailboxes: BTreeMap<String, Mailbox>,
+    /// Shared (`Arc`) with the scheduler's jobs: 10,000 mailboxes on one credential hold
+    /// one copy of it, not 10,000.
+    pub credentials: BTreeMap<String, Arc<Credential>>,
+    pub mailboxes: BTreeMap<String, Arc<Mailbox>>,
 }
 
 impl Config {
@@ -502,7 +505,7 @@ impl Validator<'_> {
                 jitter: schedule.jitter,
             };
             let mb = self.mailbox(&name, m, &kinds, &defaults)?;
-            mailboxes.insert(name, mb);
+            mailboxes.insert(name, Arc::new(mb));
         }
         // The first runs are spread over `startup_spread`: longer than an interval, and a
         // mailbox's first result could come later than its interval promises.
@@ -527,7 +530,7 @@ impl Validator<'_> {
                 None => {
                     let mut protocols: Vec<Protocol> = mailboxes
                         .values()
-                        .filter(|m: &&Mailbox| &m.credential == name)
+                        .filter(|m| &m.credential == name)
                         .flat_map(|m| m.endpoints.iter().map(|e| e.protocol))
                         .collect();
                     protocols.sort();
@@ -542,7 +545,10 @@ impl Validator<'_> {
             schedule,
             state_dir,
             ca_file,
-            credentials,
+            credentials: credentials
+                .into_iter()
+                .map(|(name, c)| (name, Arc::new(c)))
+                .collect(),
             mailboxes,
         })
     }

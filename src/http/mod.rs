@@ -409,7 +409,10 @@ fn transcript(service: &Service, req: &Request<Incoming>) -> Response<Body> {
             "usage: /transcript?mailbox=NAME&protocol=imap|pop3|smtp or /transcript?credential=NAME\n",
         );
     };
-    match service.board().transcript(&(mailbox, protocol)) {
+    match service
+        .board()
+        .transcript(&crate::status::Key::new(&mailbox, protocol))
+    {
         None => text(
             StatusCode::NOT_FOUND,
             PLAIN,

@@ -891,10 +891,13 @@ async fn run_binary_reloads_on_sighup_and_exits_on_sigterm() {
 /// each only its own; a bad shard is a usage error (exit 2).
 #[tokio::test]
 async fn shards_cover_the_fleet_exactly_once() {
+    use mail_oauth_exporter::scheduler::Key;
     use mail_oauth_exporter::shard::Shard;
     let demo = Demo::start().await.unwrap();
-    let all: std::collections::BTreeSet<_> =
-        expected().into_iter().map(|(m, p, _)| (m, p)).collect();
+    let all: std::collections::BTreeSet<_> = expected()
+        .into_iter()
+        .map(|(m, p, _)| Key::new(&m, p))
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     let mut services = Vec::new();
     for index in 0..3 {
@@ -903,7 +906,7 @@ async fn shards_cover_the_fleet_exactly_once() {
         let keys = service.keys();
         for k in &keys {
             assert!(seen.insert(k.clone()), "{k:?} probed by two replicas");
-            assert!(shard.owns(&k.0));
+            assert!(shard.owns(&k.mailbox));
         }
         // The board (and so /metrics and the page) holds only this replica's rows.
         let rows = service.board().snapshot().probes.len();
