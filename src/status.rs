@@ -671,7 +671,7 @@ impl Board {
                 .values()
                 .map(|r| {
                     let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
-                    let mut p = ProbeStatus::new(r, kept);
+                    let mut p = RowStatus::new(r, kept);
                     // A row that failed before connecting links its token exchange.
                     if p.transcript_url.is_none()
                         && p.stage == Some("token")
@@ -777,16 +777,20 @@ pub struct Snapshot {
     #[serde(serialize_with = "ser_time")]
     pub generated_at: Option<SystemTime>,
     pub config: ConfigStatus,
-    pub probes: Vec<ProbeStatus>,
+    /// One entry per row, in mailbox and protocol order (the key is `probes`, as
+    /// docs/ documents it).
+    pub probes: Vec<RowStatus>,
     pub credentials: Vec<CredentialStatus>,
     /// Microsoft Graph: per credential with `graph:`, service health, open incidents and
     /// secret end dates.
     pub graph: Vec<crate::graph::GraphStatus>,
 }
 
-/// One row: a mailbox and protocol.
+/// One row (a mailbox and protocol) as `/api/v1/status` and the status page show it: its
+/// target, its last probe's result, its counters and history. Built from a [`Row`] when a
+/// snapshot is taken; a view of the row, not a probe's outcome (that is [`ProbeResult`]).
 #[derive(Debug, Clone, Serialize)]
-pub struct ProbeStatus {
+pub struct RowStatus {
     pub mailbox: String,
     pub protocol: Protocol,
     pub credential: String,
@@ -836,7 +840,7 @@ pub struct HistoryEntry {
     pub reason: Reason,
 }
 
-impl ProbeStatus {
+impl RowStatus {
     /// Page order: permanent failures, transient ones, logins that work, rows not probed
     /// yet (what someone opening the page looks for first).
     pub fn severity(&self) -> u8 {
@@ -847,14 +851,12 @@ impl ProbeStatus {
             _ => 3,
         }
     }
-}
 
-impl ProbeStatus {
-    fn new(row: &Row, transcript_kept: bool) -> ProbeStatus {
+    fn new(row: &Row, transcript_kept: bool) -> RowStatus {
         let last = row.last.as_ref();
         let reason = last.map(|l| l.reason);
         let t = &row.info.target;
-        ProbeStatus {
+        RowStatus {
             mailbox: t.mailbox.clone(),
             protocol: t.protocol,
             credential: t.credential.clone(),
