@@ -15,8 +15,9 @@
 
 use crate::Protocol;
 use crate::history::History;
-use crate::probe::{Phase, Phases};
+use crate::probe::{Phase, Phases, ProbeReport};
 use crate::reason::Reason;
+use crate::token::TokenError;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -51,19 +52,66 @@ pub struct TargetInfo {
     pub interval: Duration,
 }
 
-/// One finished probe, as the prober hands it over. The detail and transcript are
-/// already redacted (the prober redacts as it records).
+/// One finished probe, classified: what the board records for a row, what the `probe`
+/// command prints, what a probe's reason is read from. Built by [`ProbeResult::from_report`]
+/// (a login was tried) or [`ProbeResult::from_token_error`] (the token step failed), the
+/// two places where a probe's outcome meets `crate::classify`. The detail and transcript
+/// are already redacted (the prober redacts as it records).
 #[derive(Debug, Clone)]
 pub struct ProbeResult {
+    /// The contract's reason; [`Reason::Ok`] when the login and post-auth check worked.
     pub reason: Reason,
+    /// The human detail behind a failure (server reply, challenge JSON, AADSTS code),
+    /// redacted; empty on success.
     pub detail: String,
     pub finished_at: SystemTime,
+    /// Connect start to the server's reply to the auth step (the contract's
+    /// `mail_oauth_probe_duration_seconds`); `None` when the auth step was not reached.
     pub duration: Option<Duration>,
     pub phases: Phases,
+    /// Earliest notAfter (unix seconds) of the chain the server presented.
     pub tls_not_after: Option<i64>,
+    /// `TLSv1.3`, `TLSv1.2`; `None` when no TLS session was made.
     pub tls_version: Option<String>,
     /// `None` when no connection was made (the token step failed).
     pub transcript: Option<String>,
+}
+
+impl ProbeResult {
+    /// A login that was tried, finished now: its outcome classified (`crate::classify`),
+    /// its timings, TLS facts and transcript as the prober recorded them.
+    pub fn from_report(report: &ProbeReport) -> ProbeResult {
+        let (reason, detail) = match &report.outcome {
+            Ok(()) => (Reason::Ok, String::new()),
+            Err(e) => (crate::classify::probe::reason(e), e.detail()),
+        };
+        ProbeResult {
+            reason,
+            detail,
+            finished_at: SystemTime::now(),
+            duration: report.duration,
+            phases: report.phases,
+            tls_not_after: report.tls_not_after,
+            tls_version: report.tls_version.clone(),
+            transcript: Some(report.transcript.render()),
+        }
+    }
+
+    /// A probe whose token request failed, finished now: the token's reason and detail
+    /// (`crate::classify::token`); no login was attempted, so no timings, no TLS facts
+    /// and no transcript.
+    pub fn from_token_error(e: &TokenError) -> ProbeResult {
+        ProbeResult {
+            reason: crate::classify::token::reason(e),
+            detail: crate::classify::token::detail(e),
+            finished_at: SystemTime::now(),
+            duration: None,
+            phases: Phases::default(),
+            tls_not_after: None,
+            tls_version: None,
+            transcript: None,
+        }
+    }
 }
 
 /// A row's fixed part; replaced only when a reload changes its target.
@@ -1102,6 +1150,52 @@ mod tests {
         assert_eq!(row.history.len(), crate::history::HISTORY_LEN);
         assert_eq!(row.failing_since, Some(at(240)));
         assert_eq!(row.severity(), 1);
+    }
+
+    #[test]
+    fn results_classify_a_report_and_a_token_error() {
+        use crate::probe::transcript::Direction;
+        use crate::probe::{ProbeError, Transcript};
+        let mut transcript = Transcript::default();
+        let redactor = crate::redact::Redactor::new();
+        let refusal = "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)";
+        transcript.push(Duration::ZERO, Direction::Server, refusal, &redactor);
+        let mut phases = Phases::default();
+        phases.add(Phase::Auth, Duration::from_millis(190));
+        let mut report = ProbeReport {
+            outcome: Err(ProbeError::Refused {
+                phase: Phase::Auth,
+                reply: refusal.into(),
+                challenge: None,
+            }),
+            phases,
+            duration: Some(Duration::from_millis(280)),
+            total: Duration::from_millis(300),
+            transcript,
+            tls_not_after: Some(1_790_812_800),
+            tls_version: Some("TLSv1.3".into()),
+        };
+        let r = ProbeResult::from_report(&report);
+        assert_eq!(r.reason, Reason::AuthRejected);
+        assert_eq!(r.detail, refusal);
+        assert_eq!(r.duration, Some(Duration::from_millis(280)));
+        assert_eq!(r.phases.get(Phase::Auth), Some(Duration::from_millis(190)));
+        assert_eq!(r.tls_not_after, Some(1_790_812_800));
+        assert_eq!(r.tls_version.as_deref(), Some("TLSv1.3"));
+        assert!(r.transcript.unwrap().contains(refusal));
+        report.outcome = Ok(());
+        let r = ProbeResult::from_report(&report);
+        assert_eq!((r.reason, r.detail.as_str()), (Reason::Ok, ""));
+
+        let e = TokenError::Missing {
+            credential: "former-user".into(),
+        };
+        let r = ProbeResult::from_token_error(&e);
+        assert_eq!(r.reason, Reason::TokenMissing);
+        assert_eq!(r.detail, crate::classify::token::detail(&e));
+        assert!(r.detail.contains("former-user"), "{}", r.detail);
+        assert!(r.transcript.is_none() && r.duration.is_none());
+        assert_eq!(r.phases, Phases::default());
     }
 
     #[test]
