@@ -873,15 +873,17 @@ mod collector {
                 if let Some(t) = r.tls_not_after {
                     fams[8].push(metric(r, None, t as f64, false));
                 }
-                let Some(l) = &r.last else { continue };
+                let (Some(reason), Some(last_run)) = (r.last_reason(), r.last_run()) else {
+                    continue;
+                };
                 fams[0].push(metric(
                     r,
                     None,
-                    f64::from(u8::from(l.reason == Reason::Ok)),
+                    f64::from(u8::from(reason == Reason::Ok)),
                     false,
                 ));
-                fams[1].push(metric(r, Some(("reason", l.reason.as_str())), 1.0, false));
-                for (phase, us) in l.phase_micros() {
+                fams[1].push(metric(r, Some(("reason", reason.as_str())), 1.0, false));
+                for (phase, us) in r.phase_micros() {
                     fams[5].push(metric(
                         r,
                         Some(("phase", phase.as_str())),
@@ -889,7 +891,7 @@ mod collector {
                         false,
                     ));
                 }
-                fams[6].push(metric(r, None, unix(l.finished_at), false));
+                fams[6].push(metric(r, None, unix(last_run), false));
             }
             FAMILIES
                 .iter()
