@@ -7,6 +7,10 @@
 //! Rows are immutable behind an `Arc`: a result replaces its row's pointer, and a scrape
 //! copies the list of pointers under the lock and renders without it.
 //!
+//! A probe arrives as a [`ProbeResult`], classified; the row keeps a compact copy of its
+//! last one (private, read through [`Row`]'s methods and [`Board::transcript`]), and
+//! [`RowStatus`] is the view of a whole row that `/api/v1/status` and the page show.
+//!
 //! Memory per row is what the page and the metrics need: the target's names, the last
 //! result (reason, detail, times, phases), a few failure counters, the last 48 probes
 //! (a fixed 244-byte ring, see [`crate::history`]), and at most one
@@ -64,6 +68,7 @@ pub struct ProbeResult {
     /// The human detail behind a failure (server reply, challenge JSON, AADSTS code),
     /// redacted; empty on success.
     pub detail: String,
+    /// When the probe ended (wall clock): the row's `last_run`.
     pub finished_at: SystemTime,
     /// Connect start to the server's reply to the auth step (the contract's
     /// `mail_oauth_probe_duration_seconds`); `None` when the auth step was not reached.
