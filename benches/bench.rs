@@ -122,9 +122,8 @@ fn cpu_per_login(emu: &Emulator, tls: &TlsClient, table: &mut Table) {
             let mut ok = 0;
             for _ in 0..n {
                 let r = probe::run(&s, tls, &token).await;
-                ok += usize::from(
-                    mail_oauth_exporter::classify::probe_outcome(&r.outcome).reason == Reason::Ok,
-                );
+                // An error's reason is never `ok` (tests/integration/proptests.rs).
+                ok += usize::from(r.outcome.is_ok());
             }
             ok
         });
@@ -880,15 +879,17 @@ mod collector {
                 if let Some(t) = r.tls_not_after {
                     fams[8].push(metric(r, None, t as f64, false));
                 }
-                let Some(l) = &r.last else { continue };
+                let (Some(reason), Some(last_run)) = (r.last_reason(), r.last_run()) else {
+                    continue;
+                };
                 fams[0].push(metric(
                     r,
                     None,
-                    f64::from(u8::from(l.reason == Reason::Ok)),
+                    f64::from(u8::from(reason == Reason::Ok)),
                     false,
                 ));
-                fams[1].push(metric(r, Some(("reason", l.reason.as_str())), 1.0, false));
-                for (phase, us) in l.phase_micros() {
+                fams[1].push(metric(r, Some(("reason", reason.as_str())), 1.0, false));
+                for (phase, us) in r.phase_micros() {
                     fams[5].push(metric(
                         r,
                         Some(("phase", phase.as_str())),
@@ -896,7 +897,7 @@ mod collector {
                         false,
                     ));
                 }
-                fams[6].push(metric(r, None, unix(l.finished_at), false));
+                fams[6].push(metric(r, None, unix(last_run), false));
             }
             FAMILIES
                 .iter()

@@ -247,11 +247,12 @@ impl GraphClient {
     /// `GET {base}{path_and_query}` with the app token; the JSON reply of a 200.
     pub async fn get(&self, path_and_query: &str) -> Result<serde_json::Value, GraphError> {
         let token = self.access_token().await.map_err(|e| {
-            let c = crate::classify::token_failure(&e);
+            let reason = crate::classify::token::reason(&e);
+            let detail = crate::classify::token::detail(&e);
             GraphError {
                 status: None,
                 retry_after: None,
-                message: one_line(&format!("Graph token: {}: {}", c.reason.as_str(), c.detail)),
+                message: one_line(&format!("Graph token: {}: {detail}", reason.as_str())),
             }
         })?;
         let redactor = Redactor::new().with(&token);

@@ -574,19 +574,13 @@ fn row_families() -> [Family; ROW_FAMILIES] {
 /// have only `mail_oauth_probes_total` (0), so `rate()` and absence alerts see them.
 fn render_row(out: &mut Out, f: &mut Family, family: usize, r: &Row) {
     let labels = &r.info.labels;
-    match (family, &r.last) {
-        (0, Some(l)) => out.sample(
-            f,
-            labels,
-            None,
-            Value::U64(u64::from(l.reason == Reason::Ok)),
-        ),
-        (1, Some(l)) => out.sample(
-            f,
-            labels,
-            Some(("reason", l.reason.as_str())),
-            Value::U64(1),
-        ),
+    match (family, r.last_reason()) {
+        (0, Some(reason)) => {
+            out.sample(f, labels, None, Value::U64(u64::from(reason == Reason::Ok)))
+        }
+        (1, Some(reason)) => {
+            out.sample(f, labels, Some(("reason", reason.as_str())), Value::U64(1))
+        }
         (2, _) => out.sample(f, labels, None, Value::U64(r.probes)),
         (3, _) => {
             for (reason, n) in r.failures_shown() {
@@ -598,8 +592,8 @@ fn render_row(out: &mut Out, f: &mut Family, family: usize, r: &Row) {
                 out.sample(f, labels, None, Value::Micros(micros(d)));
             }
         }
-        (5, Some(l)) => {
-            for (phase, us) in l.phase_micros() {
+        (5, _) => {
+            for (phase, us) in r.phase_micros() {
                 out.sample(
                     f,
                     labels,
@@ -608,12 +602,11 @@ fn render_row(out: &mut Out, f: &mut Family, family: usize, r: &Row) {
                 );
             }
         }
-        (6, Some(l)) => out.sample(
-            f,
-            labels,
-            None,
-            Value::UnixMillis(unix_millis(l.finished_at)),
-        ),
+        (6, _) => {
+            if let Some(t) = r.last_run() {
+                out.sample(f, labels, None, Value::UnixMillis(unix_millis(t)));
+            }
+        }
         (7, _) => {
             if let Some(t) = r.last_success {
                 out.sample(f, labels, None, Value::UnixMillis(unix_millis(t)));

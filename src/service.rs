@@ -2,7 +2,6 @@
 //! the scheduler; turns a config into scheduled jobs and reloads it without losing the
 //! old one when the new one is bad.
 
-use crate::classify;
 use crate::config::{Config, ConfigError, Endpoint, Mailbox};
 use crate::graph::{GraphClient, GraphTask};
 use crate::metrics::Metrics;
@@ -96,40 +95,19 @@ impl Execute<Payload> for Prober {
             // The mailbox is the subject of per-mailbox grants (service accounts).
             let subject = Some(p.mailbox.address.as_str());
             let result = match engine.tokens.access_token_as(cred, subject, budget).await {
-                Err(e) => {
-                    let c = classify::token_failure(&e);
-                    ProbeResult {
-                        reason: c.reason,
-                        detail: c.detail,
-                        finished_at: SystemTime::now(),
-                        duration: None,
-                        phases: Default::default(),
-                        tls_not_after: None,
-                        tls_version: None,
-                        transcript: None,
-                    }
-                }
+                Err(e) => ProbeResult::from_token_error(&e),
                 Ok(token) => {
                     let mut spec = p.mailbox.probe_spec(p.endpoint());
                     spec.timeout = budget
                         .deadline
                         .saturating_duration_since(tokio::time::Instant::now());
                     let report = probe::run(&spec, &engine.tls, &token.value).await;
-                    let c = classify::probe_outcome(&report.outcome);
-                    if c.reason == Reason::AuthTokenExpired {
+                    let result = ProbeResult::from_report(&report);
+                    if result.reason == Reason::AuthTokenExpired {
                         // The server knows better than our clock: fetch a new one next time.
                         engine.tokens.invalidate_as(cred, subject).await;
                     }
-                    ProbeResult {
-                        reason: c.reason,
-                        detail: c.detail,
-                        finished_at: SystemTime::now(),
-                        duration: report.duration,
-                        phases: report.phases,
-                        tls_not_after: report.tls_not_after,
-                        tls_version: report.tls_version,
-                        transcript: Some(report.transcript.render()),
-                    }
+                    result
                 }
             };
             let save = engine.tokens.save_status(&cred.name);

@@ -7,6 +7,10 @@
 //! Rows are immutable behind an `Arc`: a result replaces its row's pointer, and a scrape
 //! copies the list of pointers under the lock and renders without it.
 //!
+//! A probe arrives as a [`ProbeResult`], classified; the row keeps a compact copy of its
+//! last one (private, read through [`Row`]'s methods and [`Board::transcript`]), and
+//! [`RowStatus`] is the view of a whole row that `/api/v1/status` and the page show.
+//!
 //! Memory per row is what the page and the metrics need: the target's names, the last
 //! result (reason, detail, times, phases), a few failure counters, the last 48 probes
 //! (a fixed 244-byte ring, see [`crate::history`]), and at most one
@@ -15,8 +19,9 @@
 
 use crate::Protocol;
 use crate::history::History;
-use crate::probe::{Phase, Phases};
+use crate::probe::{Phase, Phases, ProbeReport};
 use crate::reason::Reason;
+use crate::token::TokenError;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -50,19 +55,67 @@ pub struct TargetInfo {
     pub interval: Duration,
 }
 
-/// One finished probe, as the prober hands it over. The detail and transcript are
-/// already redacted (the prober redacts as it records).
+/// One finished probe, classified: what the board records for a row, what the `probe`
+/// command prints, what a probe's reason is read from. Built by [`ProbeResult::from_report`]
+/// (a login was tried) or [`ProbeResult::from_token_error`] (the token step failed), the
+/// two places where a probe's outcome meets `crate::classify`. The detail and transcript
+/// are already redacted (the prober redacts as it records).
 #[derive(Debug, Clone)]
 pub struct ProbeResult {
+    /// The contract's reason; [`Reason::Ok`] when the login and post-auth check worked.
     pub reason: Reason,
+    /// The human detail behind a failure (server reply, challenge JSON, AADSTS code),
+    /// redacted; empty on success.
     pub detail: String,
+    /// When the probe ended (wall clock): the row's `last_run`.
     pub finished_at: SystemTime,
+    /// Connect start to the server's reply to the auth step (the contract's
+    /// `mail_oauth_probe_duration_seconds`); `None` when the auth step was not reached.
     pub duration: Option<Duration>,
     pub phases: Phases,
+    /// Earliest notAfter (unix seconds) of the chain the server presented.
     pub tls_not_after: Option<i64>,
+    /// `TLSv1.3`, `TLSv1.2`; `None` when no TLS session was made.
     pub tls_version: Option<String>,
     /// `None` when no connection was made (the token step failed).
     pub transcript: Option<String>,
+}
+
+impl ProbeResult {
+    /// A login that was tried, finished now: its outcome classified (`crate::classify`),
+    /// its timings, TLS facts and transcript as the prober recorded them.
+    pub fn from_report(report: &ProbeReport) -> ProbeResult {
+        let (reason, detail) = match &report.outcome {
+            Ok(()) => (Reason::Ok, String::new()),
+            Err(e) => (crate::classify::probe::reason(e), e.detail()),
+        };
+        ProbeResult {
+            reason,
+            detail,
+            finished_at: SystemTime::now(),
+            duration: report.duration,
+            phases: report.phases,
+            tls_not_after: report.tls_not_after,
+            tls_version: report.tls_version.clone(),
+            transcript: Some(report.transcript.render()),
+        }
+    }
+
+    /// A probe whose token request failed, finished now: the token's reason and detail
+    /// (`crate::classify::token`); no login was attempted, so no timings, no TLS facts
+    /// and no transcript.
+    pub fn from_token_error(e: &TokenError) -> ProbeResult {
+        ProbeResult {
+            reason: crate::classify::token::reason(e),
+            detail: crate::classify::token::detail(e),
+            finished_at: SystemTime::now(),
+            duration: None,
+            phases: Phases::default(),
+            tls_not_after: None,
+            tls_version: None,
+            transcript: None,
+        }
+    }
 }
 
 /// A row's fixed part; replaced only when a reload changes its target.
@@ -81,7 +134,9 @@ pub struct Row {
     pub info: Arc<RowInfo>,
     /// Probes finished (`mail_oauth_probes_total`).
     pub probes: u64,
-    pub last: Option<LastProbe>,
+    /// The last probe's result, compacted; read through [`Row::last_reason`],
+    /// [`Row::last_run`], [`Row::phase_micros`] and [`Board::transcript`].
+    last: Option<CompactResult>,
     pub last_success: Option<SystemTime>,
     /// Connect start to the auth reply, of the most recent probe that reached the auth step.
     pub auth_duration: Option<Duration>,
@@ -96,34 +151,50 @@ pub struct Row {
     pub failing_since: Option<SystemTime>,
 }
 
-/// The most recent probe of a row.
+/// The board's copy of a row's last [`ProbeResult`], in fewer bytes: boxed strings,
+/// phases in microseconds, the transcript kept apart (in [`Transcripts`], bounded
+/// board-wide) and the notAfter in the row (kept across probes that do not reach TLS).
 #[derive(Debug, Clone)]
-pub struct LastProbe {
-    pub reason: Reason,
+struct CompactResult {
+    reason: Reason,
     /// Redacted; empty on success.
-    pub detail: Box<str>,
-    pub finished_at: SystemTime,
+    detail: Box<str>,
+    finished_at: SystemTime,
     /// Connect start to the auth reply; `None` when the auth step was not reached.
-    pub duration: Option<Duration>,
+    duration: Option<Duration>,
     phases: CompactPhases,
-    pub tls_version: Option<Box<str>>,
+    tls_version: Option<Box<str>>,
     /// False when no connection was made (the token step failed).
-    pub connected: bool,
+    connected: bool,
 }
 
-impl LastProbe {
-    /// The phases this probe reached.
-    pub fn phases(&self) -> Phases {
-        self.phases.expand()
+impl CompactResult {
+    /// The compact copy of `result`, and its transcript, which the board keeps apart.
+    fn split(result: ProbeResult) -> (CompactResult, Option<String>) {
+        let compact = CompactResult {
+            reason: result.reason,
+            detail: result.detail.into_boxed_str(),
+            finished_at: result.finished_at,
+            duration: result.duration,
+            phases: CompactPhases::new(&result.phases),
+            tls_version: result.tls_version.map(String::into_boxed_str),
+            connected: result.transcript.is_some(),
+        };
+        (compact, result.transcript)
     }
 
-    /// Each reached phase in microseconds, in [`Phase::ALL`] order.
-    pub fn phase_micros(&self) -> impl Iterator<Item = (Phase, u32)> + '_ {
-        Phase::ALL
-            .iter()
-            .zip(self.phases.0)
-            .filter(|(_, us)| *us != CompactPhases::ABSENT)
-            .map(|(p, us)| (*p, us))
+    /// The result again, with the row's notAfter and the transcript the board kept.
+    fn expand(&self, tls_not_after: Option<i64>, transcript: Option<String>) -> ProbeResult {
+        ProbeResult {
+            reason: self.reason,
+            detail: self.detail.to_string(),
+            finished_at: self.finished_at,
+            duration: self.duration,
+            phases: self.phases.expand(),
+            tls_not_after,
+            tls_version: self.tls_version.as_deref().map(String::from),
+            transcript,
+        }
     }
 }
 
@@ -173,6 +244,30 @@ impl Row {
             history: History::default(),
             failing_since: None,
         }
+    }
+
+    /// The last probe's reason; `None` until the row's first probe finished.
+    pub fn last_reason(&self) -> Option<Reason> {
+        self.last.as_ref().map(|l| l.reason)
+    }
+
+    /// When the last probe finished; `None` until the row's first probe finished.
+    pub fn last_run(&self) -> Option<SystemTime> {
+        self.last.as_ref().map(|l| l.finished_at)
+    }
+
+    /// Each phase the last probe reached, in microseconds, in [`Phase::ALL`] order (none
+    /// before the first probe).
+    pub fn phase_micros(&self) -> impl Iterator<Item = (Phase, u32)> + '_ {
+        let us = self
+            .last
+            .as_ref()
+            .map_or([CompactPhases::ABSENT; 7], |l| l.phases.0);
+        Phase::ALL
+            .iter()
+            .zip(us)
+            .filter(|(_, us)| *us != CompactPhases::ABSENT)
+            .map(|(p, us)| (*p, us))
     }
 
     /// The series this row has on `/metrics` besides its failure counters.
@@ -475,32 +570,26 @@ impl Board {
         }
         let probes = old.probes + 1;
         let (history, failing_since) = next_history(old, &result);
+        let tls_not_after = result.tls_not_after.or(old.tls_not_after);
+        let (last, transcript) = CompactResult::split(result);
         let row = Row {
             history,
             failing_since,
             info: old.info.clone(),
             probes,
             last_success: if ok {
-                Some(result.finished_at)
+                Some(last.finished_at)
             } else {
                 old.last_success
             },
-            auth_duration: result.duration.or(old.auth_duration),
-            tls_not_after: result.tls_not_after.or(old.tls_not_after),
+            auth_duration: last.duration.or(old.auth_duration),
+            tls_not_after,
             failures,
-            last: Some(LastProbe {
-                reason: result.reason,
-                detail: result.detail.into_boxed_str(),
-                finished_at: result.finished_at,
-                duration: result.duration,
-                phases: CompactPhases::new(&result.phases),
-                tls_version: result.tls_version.map(String::into_boxed_str),
-                connected: result.transcript.is_some(),
-            }),
+            last: Some(last),
         };
         let id = row.info.id;
         *slot = Arc::new(row);
-        match result.transcript {
+        match transcript {
             Some(t) => inner.transcripts.put(id, probes, !ok, t),
             None => inner.transcripts.remove(id),
         }
@@ -617,17 +706,9 @@ impl Board {
     pub fn transcript(&self, key: &Key) -> Option<(TargetInfo, Option<ProbeResult>)> {
         let inner = self.lock();
         let row = inner.rows.get(key)?;
-        let last = row.last.as_ref().map(|l| ProbeResult {
-            reason: l.reason,
-            detail: l.detail.to_string(),
-            finished_at: l.finished_at,
-            duration: l.duration,
-            phases: l.phases(),
-            tls_not_after: row.tls_not_after,
-            tls_version: l.tls_version.as_deref().map(String::from),
-            transcript: l
-                .connected
-                .then(|| match inner.transcripts.get(row.info.id, row.probes) {
+        let last = row.last.as_ref().map(|l| {
+            let transcript = l.connected.then(|| {
+                match inner.transcripts.get(row.info.id, row.probes) {
                     Some(t) => t.to_string(),
                     None => format!(
                         "# transcript not kept: the board keeps the latest {SUCCESS_TRANSCRIPTS} \
@@ -635,7 +716,9 @@ impl Board {
                          `mail-oauth-exporter probe` shows a fresh one\n",
                         FAILURE_TRANSCRIPT_BYTES >> 20
                     ),
-                }),
+                }
+            });
+            l.expand(row.tls_not_after, transcript)
         });
         Some((row.info.target.clone(), last))
     }
@@ -670,7 +753,7 @@ impl Board {
                 .values()
                 .map(|r| {
                     let kept = inner.transcripts.get(r.info.id, r.probes).is_some();
-                    let mut p = ProbeStatus::new(r, kept);
+                    let mut p = RowStatus::new(r, kept);
                     // A row that failed before connecting links its token exchange.
                     if p.transcript_url.is_none()
                         && p.stage == Some("token")
@@ -776,16 +859,20 @@ pub struct Snapshot {
     #[serde(serialize_with = "ser_time")]
     pub generated_at: Option<SystemTime>,
     pub config: ConfigStatus,
-    pub probes: Vec<ProbeStatus>,
+    /// One entry per row, in mailbox and protocol order (the key is `probes`, as
+    /// docs/ documents it).
+    pub probes: Vec<RowStatus>,
     pub credentials: Vec<CredentialStatus>,
     /// Microsoft Graph: per credential with `graph:`, service health, open incidents and
     /// secret end dates.
     pub graph: Vec<crate::graph::GraphStatus>,
 }
 
-/// One row: a mailbox and protocol.
+/// One row (a mailbox and protocol) as `/api/v1/status` and the status page show it: its
+/// target, its last probe's result, its counters and history. Built from a [`Row`] when a
+/// snapshot is taken; a view of the row, not a probe's outcome (that is [`ProbeResult`]).
 #[derive(Debug, Clone, Serialize)]
-pub struct ProbeStatus {
+pub struct RowStatus {
     pub mailbox: String,
     pub protocol: Protocol,
     pub credential: String,
@@ -835,7 +922,7 @@ pub struct HistoryEntry {
     pub reason: Reason,
 }
 
-impl ProbeStatus {
+impl RowStatus {
     /// Page order: permanent failures, transient ones, logins that work, rows not probed
     /// yet (what someone opening the page looks for first).
     pub fn severity(&self) -> u8 {
@@ -846,14 +933,12 @@ impl ProbeStatus {
             _ => 3,
         }
     }
-}
 
-impl ProbeStatus {
-    fn new(row: &Row, transcript_kept: bool) -> ProbeStatus {
+    fn new(row: &Row, transcript_kept: bool) -> RowStatus {
         let last = row.last.as_ref();
         let reason = last.map(|l| l.reason);
         let t = &row.info.target;
-        ProbeStatus {
+        RowStatus {
             mailbox: t.mailbox.clone(),
             protocol: t.protocol,
             credential: t.credential.clone(),
@@ -877,7 +962,7 @@ impl ProbeStatus {
             last_run: last.map(|l| l.finished_at),
             last_success: row.last_success,
             duration_seconds: last.and_then(|l| l.duration).map(|d| d.as_secs_f64()),
-            phases: last.map(|l| l.phases()),
+            phases: last.map(|l| l.phases.expand()),
             tls_not_after: row.tls_not_after,
             tls_version: last.and_then(|l| l.tls_version.as_deref().map(String::from)),
             probes: row.probes,
@@ -1099,6 +1184,87 @@ mod tests {
         assert_eq!(row.history.len(), crate::history::HISTORY_LEN);
         assert_eq!(row.failing_since, Some(at(240)));
         assert_eq!(row.severity(), 1);
+    }
+
+    const REFUSAL: &str = "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)";
+
+    /// A report of a login the server refused at the auth step, over TLS 1.3.
+    fn refused_report() -> ProbeReport {
+        use crate::probe::transcript::Direction;
+        use crate::probe::{ProbeError, Transcript};
+        let mut transcript = Transcript::default();
+        let redactor = crate::redact::Redactor::new();
+        transcript.push(Duration::ZERO, Direction::Server, REFUSAL, &redactor);
+        let mut phases = Phases::default();
+        phases.add(Phase::Connect, Duration::from_millis(21));
+        phases.add(Phase::Auth, Duration::from_millis(190));
+        ProbeReport {
+            outcome: Err(ProbeError::Refused {
+                phase: Phase::Auth,
+                reply: REFUSAL.into(),
+                challenge: None,
+            }),
+            phases,
+            duration: Some(Duration::from_millis(280)),
+            total: Duration::from_millis(300),
+            transcript,
+            tls_not_after: Some(1_790_812_800),
+            tls_version: Some("TLSv1.3".into()),
+        }
+    }
+
+    #[test]
+    fn results_classify_a_report_and_a_token_error() {
+        let mut report = refused_report();
+        let r = ProbeResult::from_report(&report);
+        assert_eq!(r.reason, Reason::AuthRejected);
+        assert_eq!(r.detail, REFUSAL);
+        assert_eq!(r.duration, Some(Duration::from_millis(280)));
+        assert_eq!(r.phases.get(Phase::Auth), Some(Duration::from_millis(190)));
+        assert_eq!(r.tls_not_after, Some(1_790_812_800));
+        assert_eq!(r.tls_version.as_deref(), Some("TLSv1.3"));
+        assert!(r.transcript.unwrap().contains(REFUSAL));
+        report.outcome = Ok(());
+        let r = ProbeResult::from_report(&report);
+        assert_eq!((r.reason, r.detail.as_str()), (Reason::Ok, ""));
+
+        let e = TokenError::Missing {
+            credential: "former-user".into(),
+        };
+        let r = ProbeResult::from_token_error(&e);
+        assert_eq!(r.reason, Reason::TokenMissing);
+        assert_eq!(r.detail, crate::classify::token::detail(&e));
+        assert!(r.detail.contains("former-user"), "{}", r.detail);
+        assert!(r.transcript.is_none() && r.duration.is_none());
+        assert_eq!(r.phases, Phases::default());
+    }
+
+    #[test]
+    fn the_board_gives_back_the_result_it_recorded() {
+        let board = Board::new();
+        board.set_targets(vec![target("a")]);
+        let row = &board.rows()[0];
+        assert_eq!((row.last_reason(), row.last_run()), (None, None));
+        assert_eq!(row.phase_micros().count(), 0);
+        let recorded = ProbeResult::from_report(&refused_report());
+        board.record(&key("a"), recorded.clone());
+        let row = &board.rows()[0];
+        assert_eq!(row.last_reason(), Some(Reason::AuthRejected));
+        assert_eq!(row.last_run(), Some(recorded.finished_at));
+        assert_eq!(
+            row.phase_micros().collect::<Vec<_>>(),
+            [(Phase::Connect, 21_000), (Phase::Auth, 190_000)]
+        );
+        let (_, last) = board.transcript(&key("a")).unwrap();
+        let last = last.unwrap();
+        assert_eq!(last.reason, recorded.reason);
+        assert_eq!(last.detail, REFUSAL);
+        assert_eq!(last.finished_at, recorded.finished_at);
+        assert_eq!(last.duration, recorded.duration);
+        assert_eq!(last.phases, recorded.phases);
+        assert_eq!(last.tls_not_after, recorded.tls_not_after);
+        assert_eq!(last.tls_version, recorded.tls_version);
+        assert_eq!(last.transcript, recorded.transcript);
     }
 
     #[test]

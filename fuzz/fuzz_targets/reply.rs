@@ -21,7 +21,6 @@ fuzz_target!(|data: &[u8]| {
         },
         ProbeError::Unexpected { phase, reply },
     ] {
-        let c = classify::probe_outcome(&Err(e));
-        assert_ne!(c.reason, Reason::Ok);
+        assert_ne!(classify::probe::reason(&e), Reason::Ok);
     }
 });

@@ -604,10 +604,9 @@ mod tests {
             reply: "A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)".into(),
             challenge: Some(r#"{"status":"400"}"#.into()),
         };
-        let c = crate::classify::probe_outcome(&Err(e));
-        assert_eq!(c.reason, Reason::AuthRejected);
+        assert_eq!(reason(&e), Reason::AuthRejected);
         assert_eq!(
-            c.detail,
+            e.detail(),
             r#"A01 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure) (challenge: {"status":"400"})"#
         );
     }

@@ -36,7 +36,8 @@ pub async fn run(
     match result {
         Ok(()) => {}
         Err(LoginError::Token(e)) => {
-            super::probe::print_result(out, "login", &classify::token_failure(&e))?;
+            let (reason, detail) = (classify::token::reason(&e), classify::token::detail(&e));
+            super::probe::print_result(out, "login", reason, &detail)?;
             writeln!(out, "nothing stored for `{credential}`")?;
             return Ok(false);
         }

@@ -33,11 +33,11 @@
 //! The exit code is the same in both formats: 0 when every protocol succeeded, 1 otherwise.
 
 use super::CommandError;
-use crate::classify::{self, Classified};
 use crate::config::Config;
 use crate::probe::{self, Phase, ProbeReport, TlsClient};
 use crate::protocol::Protocol;
 use crate::reason::Reason;
+use crate::status::ProbeResult;
 use crate::token::{TokenService, TokenServiceOptions};
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
@@ -116,31 +116,32 @@ pub async fn run_with(
         // The token request counts against the mailbox's `timeout`, as in `run`.
         let budget = crate::token::TokenBudget::new(mb.timeout, mb.interval);
         // No token, no login: the probe reports the token's reason.
-        let (c, report) = match tokens
+        let (result, report) = match tokens
             .access_token_as(credential, Some(mb.address.as_str()), budget)
             .await
         {
-            Err(e) => (classify::token_failure(&e), None),
+            Err(e) => (ProbeResult::from_token_error(&e), None),
             Ok(token) => {
                 let mut spec = spec.clone();
                 spec.timeout = budget
                     .deadline
                     .saturating_duration_since(tokio::time::Instant::now());
                 let report = probe::run(&spec, &tls, &token.value).await;
-                (classify::probe_outcome(&report.outcome), Some(report))
+                (ProbeResult::from_report(&report), Some(report))
             }
         };
-        all_ok &= c.reason == Reason::Ok;
+        all_ok &= result.reason == Reason::Ok;
         match output {
             Output::Text => {
-                print_result(out, "result", &c)?;
+                print_result(out, "result", result.reason, &result.detail)?;
                 if let Some(report) = &report {
                     print_report(out, report)?;
                 }
                 writeln!(out)?;
             }
             Output::Json => {
-                let mut o = json_result(mailbox, endpoint.protocol, &spec, &c, report.as_ref());
+                let mut o =
+                    json_result(mailbox, endpoint.protocol, &spec, &result, report.as_ref());
                 o["credential"] = mb.credential.clone().into();
                 objects.push(o);
             }
@@ -157,15 +158,17 @@ pub async fn run_with(
     Ok(all_ok)
 }
 
-/// One protocol's result as the JSON object of the module docs.
+/// One protocol's result as the JSON object of the module docs: the reason and detail
+/// from `result`, timings, TLS facts and transcript from `report` (`None` when the token
+/// step failed and no login was tried).
 pub fn json_result(
     mailbox: &str,
     protocol: Protocol,
     spec: &probe::ProbeSpec,
-    c: &Classified,
+    result: &ProbeResult,
     report: Option<&ProbeReport>,
 ) -> serde_json::Value {
-    let r = c.reason;
+    let r = result.reason;
     let phases: serde_json::Map<String, serde_json::Value> = Phase::ALL
         .iter()
         .map(|p| {
@@ -186,7 +189,7 @@ pub fn json_result(
         "reason": r.as_str(),
         "stage": (r != Reason::Ok).then(|| r.stage().as_str()),
         "transient": r.is_transient(),
-        "detail": c.detail,
+        "detail": result.detail,
         "hint": r.hint(),
         "phases": phases,
         "duration_seconds": report.and_then(|rep| rep.duration).map(|d| d.as_secs_f64()),
@@ -217,13 +220,13 @@ pub(crate) fn token_service(config: &Config) -> Result<TokenService, CommandErro
 pub(crate) fn print_result(
     out: &mut dyn Write,
     label: &str,
-    c: &Classified,
+    r: Reason,
+    detail: &str,
 ) -> std::io::Result<()> {
-    if c.reason == Reason::Ok {
+    if r == Reason::Ok {
         writeln!(out, "{label:<10} OK")?;
-        return writeln!(out, "reason     {}", c.reason);
+        return writeln!(out, "reason     {r}");
     }
-    let r = c.reason;
     writeln!(
         out,
         "{label:<10} FAILED: {r} (stage {}, {})",
@@ -235,7 +238,7 @@ pub(crate) fn print_result(
         }
     )?;
     writeln!(out, "reason     {r}")?;
-    writeln!(out, "detail     {}", c.detail)?;
+    writeln!(out, "detail     {detail}")?;
     writeln!(out, "fix        {}", r.hint())
 }
 

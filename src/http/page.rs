@@ -2,7 +2,7 @@
 //! reason, the fix, the server's words and a link to the redacted transcript. Plain HTML
 //! and CSS, no script: it works in any browser and behind any proxy.
 
-use crate::status::{ProbeStatus, Snapshot, rfc3339};
+use crate::status::{RowStatus, Snapshot, rfc3339};
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
@@ -204,7 +204,7 @@ pub fn render(s: &Snapshot) -> String {
     );
     // Failures first, permanent before transient: what someone opening this page is
     // looking for. A stable sort keeps mailbox order within each group.
-    let mut rows: Vec<&ProbeStatus> = s.probes.iter().collect();
+    let mut rows: Vec<&RowStatus> = s.probes.iter().collect();
     rows.sort_by_key(|p| p.severity());
     for p in rows {
         row(&mut h, now, p);
@@ -273,7 +273,7 @@ fn graph_section(h: &mut String, s: &Snapshot) {
     }
 }
 
-fn row(h: &mut String, now: SystemTime, p: &ProbeStatus) {
+fn row(h: &mut String, now: SystemTime, p: &RowStatus) {
     let reason = p.reason.map(|r| r.as_str()).unwrap_or("");
     let _ = write!(
         h,
@@ -394,7 +394,7 @@ fn credentials(h: &mut String, now: SystemTime, creds: &[crate::status::Credenti
 }
 
 /// The failing rows' reasons with their counts, most frequent first.
-fn reason_counts(h: &mut String, probes: &[ProbeStatus]) {
+fn reason_counts(h: &mut String, probes: &[RowStatus]) {
     let mut counts: std::collections::BTreeMap<crate::reason::Reason, usize> = Default::default();
     for r in probes.iter().filter(|p| p.state == "failed") {
         if let Some(reason) = r.reason {
@@ -424,7 +424,7 @@ fn reason_counts(h: &mut String, probes: &[ProbeStatus]) {
 }
 
 /// "failing since" with the streak's start, and how long ago that was.
-fn failing_since(h: &mut String, now: SystemTime, p: &ProbeStatus) {
+fn failing_since(h: &mut String, now: SystemTime, p: &RowStatus) {
     if let Some(t) = p.failing_since {
         let _ = write!(
             h,
@@ -436,7 +436,7 @@ fn failing_since(h: &mut String, now: SystemTime, p: &ProbeStatus) {
 }
 
 /// The last probes as coloured ticks, oldest left; hovering one shows its time and reason.
-fn history_strip(h: &mut String, p: &ProbeStatus) {
+fn history_strip(h: &mut String, p: &RowStatus) {
     if p.history.is_empty() {
         h.push_str("<td class=\"muted\">-</td>");
         return;

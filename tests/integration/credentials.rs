@@ -11,6 +11,7 @@ use mail_oauth_exporter::emulator::token_endpoint::{
 };
 use mail_oauth_exporter::emulator::{Emulator, EmulatorOptions, Proto, TlsKind};
 use mail_oauth_exporter::protocol::{Mechanism, TlsMode};
+use mail_oauth_exporter::status::ProbeResult;
 use mail_oauth_exporter::token::{
     ClientAuth, Credential, Grant, GrantKind, Provider, RecordingObserver, TokenBudget,
     TokenService, TokenServiceOptions,
@@ -187,14 +188,14 @@ async fn service_account_one_token_per_mailbox_bound_to_it() {
     };
     let r = probe::run(&spec(ALICE), &tls, &alice.value).await;
     assert_eq!(
-        classify::probe_outcome(&r.outcome).reason,
+        ProbeResult::from_report(&r).reason,
         Reason::Ok,
         "{}",
         r.transcript
     );
     let r = probe::run(&spec(BOB), &tls, &alice.value).await;
     assert_eq!(
-        classify::probe_outcome(&r.outcome).reason,
+        ProbeResult::from_report(&r).reason,
         Reason::AuthRejected,
         "{}",
         r.transcript

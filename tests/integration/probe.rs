@@ -2,11 +2,11 @@
 //! TLS mode and mechanism; the seed's dialogues; every behaviour's reason; hostile servers
 //! ending within the deadline.
 
-use mail_oauth_exporter::classify;
 use mail_oauth_exporter::emulator::{
     Behaviour, CertKind, Emulator, EmulatorOptions, Proto, ServerBehaviour, StaticTokens, TlsKind,
 };
 use mail_oauth_exporter::probe::{self, Limits, Phase, ProbeReport, ProbeSpec, Target, TlsClient};
+use mail_oauth_exporter::status::ProbeResult;
 use mail_oauth_exporter::{Mechanism, Protocol, Reason, Secret, TlsMode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +72,7 @@ async fn run(
 }
 
 fn reason(r: &ProbeReport) -> Reason {
-    classify::probe_outcome(&r.outcome).reason
+    ProbeResult::from_report(r).reason
 }
 
 fn assert_no_secret(r: &ProbeReport, secrets: &[&str]) {
@@ -215,7 +215,7 @@ async fn the_seeds_dialogues_are_reproduced() {
     ];
     for (p, mode, reply) in failures {
         let r = run(&emu, &tls, p, mode, user, "not-a-token-the-server-knows").await;
-        let c = classify::probe_outcome(&r.outcome);
+        let c = ProbeResult::from_report(&r);
         assert_eq!(c.reason, Reason::AuthRejected, "{p}: {}", r.transcript);
         assert_eq!(c.detail, reply, "{p}");
         assert!(r.duration.is_some(), "{p}: the auth reply was timed");
@@ -296,7 +296,7 @@ async fn each_behaviour_ends_in_its_reason() {
                 &Secret::new(TOKEN),
             )
             .await;
-            let c = classify::probe_outcome(&r.outcome);
+            let c = ProbeResult::from_report(&r);
             assert_eq!(
                 c.reason, *want,
                 "{behaviour:?} {p} {mech:?}: {}\n{}",
@@ -580,7 +580,7 @@ async fn field_replies_over_real_sockets() {
                 &Secret::new(TOKEN),
             )
             .await;
-            let c = classify::probe_outcome(&r.outcome);
+            let c = ProbeResult::from_report(&r);
             assert_eq!(
                 c.reason, f.reason,
                 "line {} ({}) {mech:?}: {}\n{}",

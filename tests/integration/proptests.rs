@@ -57,10 +57,9 @@ proptest! {
         challenge in proptest::option::of(any::<String>()),
     ) {
         let e = ProbeError::Refused { phase, reply, challenge };
-        let c = classify::probe_outcome(&Err(e.clone()));
-        prop_assert_ne!(c.reason, Reason::Ok);
-        prop_assert!(c.reason.stage() != Stage::Token, "{:?} -> {}", e, c.reason);
-        prop_assert_eq!(classify::probe::reason(&e), c.reason);
+        let r = classify::probe::reason(&e);
+        prop_assert_ne!(r, Reason::Ok);
+        prop_assert!(r.stage() != Stage::Token, "{:?} -> {}", e, r);
     }
 
     #[test]
@@ -77,9 +76,9 @@ proptest! {
             4 => ProbeError::StarttlsUnavailable { detail: reply },
             _ => ProbeError::Tls { certificate: false, message: reply },
         };
-        let c = classify::probe_outcome(&Err(e));
-        prop_assert_ne!(c.reason, Reason::Ok);
-        prop_assert!(Reason::ALL.contains(&c.reason));
+        let r = classify::probe::reason(&e);
+        prop_assert_ne!(r, Reason::Ok);
+        prop_assert!(Reason::ALL.contains(&r));
     }
 
     #[test]
@@ -101,13 +100,13 @@ proptest! {
             "error_description": description,
         })).unwrap();
         let e = TokenError::Endpoint { status, body: Box::new(body), retry_after: None };
-        let c = classify::token_failure(&e);
-        prop_assert_eq!(c.reason.stage(), Stage::Token);
+        let r = classify::token::reason(&e);
+        prop_assert_eq!(r.stage(), Stage::Token);
         if status == 429 {
-            prop_assert_eq!(c.reason, Reason::TokenThrottled);
+            prop_assert_eq!(r, Reason::TokenThrottled);
         }
         let http = TokenError::Http { status, excerpt: "x".into(), retry_after: None };
-        prop_assert_eq!(classify::token_failure(&http).reason.stage(), Stage::Token);
+        prop_assert_eq!(classify::token::reason(&http).stage(), Stage::Token);
     }
 
     #[test]
