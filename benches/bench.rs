@@ -410,6 +410,18 @@ impl Scraper {
         })
     }
 
+    fn post(&self, path: &str) -> Option<u16> {
+        self.rt.block_on(async {
+            let r = self
+                .client
+                .post(format!("{}{path}", self.base))
+                .send()
+                .await
+                .ok()?;
+            Some(r.status().as_u16())
+        })
+    }
+
     /// One scrape: time to the last byte, and the body as sent.
     fn scrape(&self, ask: Ask) -> (Duration, Vec<u8>) {
         self.rt.block_on(async {
@@ -513,6 +525,11 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
     }
     let rss = status_kib(pid, "VmRSS:");
     let hwm = status_kib(pid, "VmHWM:");
+    // A reload of the same file: what parsing the config costs on top of the steady state
+    // (serde_yaml holds the whole document's events while it parses).
+    let reloaded = s.post("/-/reload");
+    std::thread::sleep(Duration::from_secs(5));
+    let hwm_reload = status_kib(pid, "VmHWM:");
     let plain = String::from_utf8(results[1].2.clone()).unwrap();
     let samples = plain
         .lines()
@@ -534,6 +551,14 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
         format!("run, {label}: RSS at steady state (peak)"),
         format!("{} ({})", mib(rss), mib(hwm)),
         rss_target,
+    );
+    table.row(
+        format!("run, {label}: RSS peak once a reload of the same config has been applied"),
+        match reloaded {
+            Some(200) => mib(hwm_reload),
+            other => format!("reload failed: {other:?}"),
+        },
+        "",
     );
     table.row(
         format!("run, {label}: whole-process CPU per probe over 60 s ({probes:.0} probes)"),

@@ -180,6 +180,7 @@ impl<T: Send + Sync + 'static> Scheduler<T> {
                 executor: self.executor.clone(),
                 permits: self.permits.clone(),
                 stop: self.stop_tx.subscribe(),
+                jitter: Duration::ZERO,
                 entries: HashMap::new(),
                 queue: BinaryHeap::new(),
                 runs: JoinSet::new(),
@@ -235,7 +236,6 @@ struct Entry<T> {
     /// The current slot (`first + n × interval`); the run starts at slot + jitter.
     slot: Instant,
     n: u64,
-    max_jitter: Duration,
     /// Bumped when the job is removed and added again while a run is in flight, so the
     /// queue's older entry for it is ignored.
     generation: u64,
@@ -248,14 +248,11 @@ struct Entry<T> {
 }
 
 impl<T> Entry<T> {
-    fn start(&self) -> Instant {
-        self.slot
-            + jitter(
-                &self.job.key.mailbox,
-                self.job.key.protocol,
-                self.n,
-                self.max_jitter,
-            )
+    /// When the current slot's run starts: `max_jitter` is the schedule's, so a reload
+    /// that changes it applies to every job from its next run.
+    fn start(&self, max_jitter: Duration) -> Instant {
+        let key = &self.job.key;
+        self.slot + jitter(&key.mailbox, key.protocol, self.n, max_jitter)
     }
 }
 
@@ -278,6 +275,8 @@ struct Driver<T> {
     executor: Arc<dyn Execute<T>>,
     permits: Arc<Semaphore>,
     stop: watch::Receiver<Option<Duration>>,
+    /// `scheduler.jitter` of the schedule applied last.
+    jitter: Duration,
     entries: HashMap<Key, Entry<T>>,
     /// Start times, earliest first; an item whose generation no longer matches its entry
     /// (or whose entry is gone) is skipped when it comes up.
@@ -360,6 +359,7 @@ impl<T: Send + Sync + PartialEq + 'static> Driver<T> {
             startup_spread,
             at,
         } = apply;
+        self.jitter = jitter;
         // Removed jobs: forgotten now, or when their run in flight ends.
         self.entries.retain(|key, e| {
             if jobs.contains_key(key) {
@@ -384,11 +384,10 @@ impl<T: Send + Sync + PartialEq + 'static> Driver<T> {
                     e.generation += 1;
                     e.slot = first_slot(&job, startup_spread, at);
                     e.n = 0;
-                    e.max_jitter = jitter;
                     e.due_while_running = false;
                     e.job = Arc::new(job);
                     self.queue
-                        .push(Reverse((e.start(), e.generation, e.job.key.clone())));
+                        .push(Reverse((e.start(jitter), e.generation, e.job.key.clone())));
                 } else if *e.job != job {
                     // New settings from the next run on; the slot stays.
                     e.job = Arc::new(job);
@@ -400,13 +399,12 @@ impl<T: Send + Sync + PartialEq + 'static> Driver<T> {
                 slot: first_slot(&job, startup_spread, at),
                 job: Arc::new(job),
                 n: 0,
-                max_jitter: jitter,
                 generation: 0,
                 running: None,
                 removed: false,
                 due_while_running: false,
             };
-            self.queue.push(Reverse((e.start(), 0, key.clone())));
+            self.queue.push(Reverse((e.start(jitter), 0, key.clone())));
             self.entries.insert(key, e);
         }
     }
@@ -498,7 +496,8 @@ impl<T: Send + Sync + PartialEq + 'static> Driver<T> {
             e.slot += interval * skip;
             e.n += u64::from(skip);
         }
-        self.queue.push(Reverse((e.start(), e.generation, ran.key)));
+        self.queue
+            .push(Reverse((e.start(self.jitter), e.generation, ran.key)));
     }
 }
 

@@ -5,7 +5,7 @@
 //!    .dockerignore) go into a build directory standing for its WORKDIR, and its ARG, ENV
 //!    and RUN lines run there, verbatim, with `sh -c`. One thing differs, through cargo's
 //!    documented `CARGO_PROFILE_RELEASE_*` variables: the release profile is built without
-//!    optimisation and incrementally, so the suite pays a debug build's time on 2 cores,
+//!    optimisation or LTO, in 16 codegen units and incrementally, so the suite pays a debug build's time on 2 cores,
 //!    not an optimised build's (`MAIL_OAUTH_EXPORTER_IMAGE_RELEASE=1` builds exactly as
 //!    docker does). The build directory's `target/` is kept between runs (as a docker
 //!    cache mount would be) under the test's own target directory.
@@ -198,6 +198,7 @@ fn run_build_stage(stage: &Stage, workdir: &Path, build_args: &BTreeMap<&str, St
         env.insert("CARGO_PROFILE_RELEASE_DEBUG".into(), "false".into());
         env.insert("CARGO_PROFILE_RELEASE_INCREMENTAL".into(), "true".into());
         env.insert("CARGO_PROFILE_RELEASE_LTO".into(), "false".into());
+        env.insert("CARGO_PROFILE_RELEASE_CODEGEN_UNITS".into(), "16".into());
     }
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut workdir_name = None;
