@@ -314,7 +314,8 @@ fn service_config(
          scheduler:\n  startup_spread: {spread}s\n  max_concurrent_probes: 64\n\
          credentials:\n  file:\n    grant: token_file\n    token_file: {d}/token\nmailboxes:\n",
         d = d.display(),
-        t = secs.min(10),
+        // Within the interval with the scheduler's default jitter (1 s).
+        t = (secs - 1).min(10),
         // First runs spread over the whole interval: from the first minute on, probes
         // arrive at the steady rate.
         spread = secs,
@@ -343,6 +344,22 @@ fn service_config(
     path
 }
 
+/// Waits for `/readyz` 200; panics when the child exits first (a config the service
+/// refuses, printed on its stderr) or after `within`, rather than waiting forever.
+fn wait_ready(child: &mut Child, s: &Scraper, within: Duration) {
+    let started = Instant::now();
+    while s.status("/readyz") != Some(200) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the service exited before it was ready ({status}): run it by hand to see why");
+        }
+        assert!(
+            started.elapsed() < within,
+            "the service was not ready within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `run` as a child on a free port; stderr (the logs, at `log_level`) to /dev/null.
 fn spawn_service(bin: &Path, config: &Path, log_level: &str) -> (Child, u16) {
     spawn_service_with(bin, config, log_level, &[])
@@ -355,7 +372,19 @@ fn spawn_service_with(
     env: &[(&str, &str)],
 ) -> (Child, u16) {
     let port = free_port();
-    let child = Command::new(bin)
+    // BENCH_WRAP runs the service under a profiler, e.g.
+    // `BENCH_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`.
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = command
         .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--config"])
         .arg(config)
         .env("RUST_LOG", log_level)
@@ -489,15 +518,7 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
     let (mut child, port) = spawn_service(bin, &config, "warn");
     let pid = child.id();
     let s = Scraper::new(port);
-    let mut ready = false;
-    while started.elapsed() < Duration::from_secs(1800) {
-        if s.status("/readyz") == Some(200) {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert!(ready, "{n} mailboxes: not ready within 30 minutes");
+    wait_ready(&mut child, &s, Duration::from_secs(1800));
     let to_ready = started.elapsed();
     eprintln!("  ready after {to_ready:.0?}");
     std::thread::sleep(Duration::from_secs(30));
@@ -602,17 +623,20 @@ fn service_at(n: usize, emu: &Emulator, bin: &Path, dir: &Path, table: &mut Tabl
     let _ = child.wait();
 }
 
-/// Whole-process CPU per IMAP login: the service probing 10 mailboxes (IMAP only) every
-/// second for a minute, at the default log level, at `warn`, and on one runtime worker
+/// Whole-process CPU per IMAP login: the service probing 50 mailboxes (IMAP only) every
+/// 5 s (the interval's floor), 10 logins a second, for a minute, at the default log level, at `warn`, and on one runtime worker
 /// thread instead of one per core: what the process spends beside the client's own TLS
 /// and SASL work (scheduler and cross-thread wake-ups, token file, board, logs).
+const WHOLE_MAILBOXES: usize = 50;
+const WHOLE_INTERVAL: Duration = Duration::from_secs(5);
+
 fn whole_process_cpu(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) -> Option<f64> {
     let mut at_info = None;
     for (level, workers) in [("info", None), ("warn", None), ("info", Some("1"))] {
         let config = service_config(
-            10,
+            WHOLE_MAILBOXES,
             &[Protocol::Imap],
-            Duration::from_secs(1),
+            WHOLE_INTERVAL,
             emu,
             &dir.join(format!("whole-{level}-{}", workers.unwrap_or("all"))),
         );
@@ -623,9 +647,7 @@ fn whole_process_cpu(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) 
         let (mut child, port) = spawn_service_with(bin, &config, level, &env);
         let pid = child.id();
         let s = Scraper::new(port);
-        while s.status("/readyz") != Some(200) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_ready(&mut child, &s, Duration::from_secs(300));
         std::thread::sleep(Duration::from_secs(5));
         let p0 = probes_done(&gunzip(&s.scrape(Ask::Prometheus).1));
         let cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
@@ -639,13 +661,16 @@ fn whole_process_cpu(emu: &Emulator, bin: &Path, dir: &Path, table: &mut Table) 
         };
         table.row(
             format!(
-                "whole process CPU per IMAP login, `run` with 10 mailboxes every second, log level {level}{threads} ({probes:.0} logins)"
+                "whole process CPU per IMAP login, `run` with {WHOLE_MAILBOXES} mailboxes every {}s, log level {level}{threads} ({probes:.0} logins)",
+                WHOLE_INTERVAL.as_secs()
             ),
             format!("{per:.3} ms"),
             "",
         );
         table.row(
-            format!("run, 10 mailboxes × IMAP, log level {level}{threads}: RSS (peak)"),
+            format!(
+                "run, {WHOLE_MAILBOXES} mailboxes × IMAP, log level {level}{threads}: RSS (peak)"
+            ),
             format!(
                 "{} ({})",
                 mib(status_kib(pid, "VmRSS:")),
@@ -1214,9 +1239,9 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![10, 1000, 10_000, 30_000]);
-    // BENCH_BIN runs the service through another program (a script that starts it under
-    // heaptrack, say); BENCH_INTERVAL (seconds) replaces the service part's interval, for
-    // a quicker steady state while looking into memory.
+    // BENCH_BIN measures another build of the binary (another profile or allocator, say;
+    // BENCH_WRAP, below, runs it under a profiler); BENCH_INTERVAL (seconds) replaces the
+    // service part's interval, for a quicker steady state while looking into memory.
     let bin = std::env::var_os("BENCH_BIN").map_or_else(
         || PathBuf::from(env!("CARGO_BIN_EXE_mail-oauth-exporter")),
         PathBuf::from,

@@ -1,7 +1,7 @@
 //! One probe's connection: resolve, connect, TLS (implicit or upgraded), a bounded line
 //! reader, the phase clock and the redacted transcript. Shared by the three protocols.
 
-use super::tls::{TlsClient, earliest_not_after, is_certificate_error};
+use super::tls::{TlsClient, is_certificate_error};
 use super::transcript::{Direction, Transcript};
 use super::{Phase, Phases, ProbeError, ProbeSpec};
 use crate::protocol::TlsMode;
@@ -235,7 +235,9 @@ impl<'a> Session<'a> {
             Ok(Ok(tls)) => tls,
         };
         let (_, conn) = tls.get_ref();
-        self.tls_not_after = conn.peer_certificates().and_then(earliest_not_after);
+        self.tls_not_after = conn
+            .peer_certificates()
+            .and_then(|chain| self.tls.chain_not_after(chain));
         // rustls names versions `TLSv1_3`; operators read `TLSv1.3` (as openssl prints it).
         self.tls_version = conn
             .protocol_version()

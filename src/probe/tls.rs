@@ -6,7 +6,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -30,7 +30,17 @@ pub enum TlsSetupError {
 pub struct TlsClient {
     connector: TlsConnector,
     config: Arc<ClientConfig>,
+    /// The last chains servers presented and their earliest notAfter: a fleet's servers
+    /// present a handful of chains, and parsing one costs more than the rest of a probe's
+    /// certificate handling.
+    not_after: Arc<Mutex<Vec<KnownChain>>>,
 }
+
+/// A chain as presented (DER, in order) and its earliest notAfter.
+type KnownChain = (Vec<CertificateDer<'static>>, Option<i64>);
+
+/// Chains remembered by [`TlsClient::chain_not_after`]; the oldest is forgotten first.
+const KNOWN_CHAINS: usize = 16;
 
 impl std::fmt::Debug for TlsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,7 +113,24 @@ impl TlsClient {
         Ok(TlsClient {
             connector: TlsConnector::from(config.clone()),
             config,
+            not_after: Arc::default(),
         })
+    }
+
+    /// [`earliest_not_after`] of `chain`, parsed only the first time this exact chain
+    /// (byte for byte) is seen among the last [`KNOWN_CHAINS`].
+    pub fn chain_not_after(&self, chain: &[CertificateDer<'_>]) -> Option<i64> {
+        let lock = || self.not_after.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, at)) = lock().iter().find(|(known, _)| known.as_slice() == chain) {
+            return *at;
+        }
+        let at = earliest_not_after(chain);
+        let mut known = lock();
+        if known.len() >= KNOWN_CHAINS {
+            known.remove(0);
+        }
+        known.push((chain.iter().map(|c| c.clone().into_owned()).collect(), at));
+        at
     }
 
     pub fn config(&self) -> &Arc<ClientConfig> {
@@ -151,4 +178,37 @@ pub(crate) fn is_certificate_error(e: &io::Error) -> bool {
                 rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::TestCa;
+
+    #[test]
+    fn remembered_chains_give_their_own_not_after_also_past_the_bound() {
+        let ca = TestCa::new().unwrap();
+        let good = ca.issue_server(&["good.example.test"]).unwrap();
+        let expired = ca.issue_expired_server(&[]).unwrap();
+        let tls = TlsClient::with_ca_pem(ca.ca_pem().as_bytes()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(tls.chain_not_after(&good.chain), Some(good.not_after));
+            assert_eq!(tls.chain_not_after(&expired.chain), Some(expired.not_after));
+        }
+        // The leaf alone is another chain, with the same answer; the CA alone another.
+        assert_eq!(tls.chain_not_after(&good.chain[..1]), Some(good.not_after));
+        let ca_only = earliest_not_after(&good.chain[1..]);
+        assert!(ca_only > Some(good.not_after));
+        assert_eq!(tls.chain_not_after(&good.chain[1..]), ca_only);
+        // More chains than are remembered: the first ones are parsed again, still right.
+        let others: Vec<_> = (0..KNOWN_CHAINS)
+            .map(|i| ca.issue_server(&[&format!("m{i}.example.test")]).unwrap())
+            .collect();
+        for c in &others {
+            assert_eq!(tls.chain_not_after(&c.chain), Some(c.not_after));
+        }
+        assert_eq!(tls.not_after.lock().unwrap().len(), KNOWN_CHAINS);
+        assert_eq!(tls.chain_not_after(&expired.chain), Some(expired.not_after));
+        assert_eq!(tls.chain_not_after(&[]), None);
+    }
 }

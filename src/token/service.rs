@@ -8,7 +8,7 @@ use super::grant::{self, Granted};
 use super::http::{HttpClient, HttpClientError};
 use super::observer::{NoopObserver, TokenInfo, TokenObserver};
 use super::store::{RefreshTokenStore, SaveStatus};
-use super::token_file::read_token_file_async;
+use super::token_file::TokenFileCache;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -168,6 +168,8 @@ struct Inner {
     /// never be sent twice.
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     stats: Mutex<HashMap<String, Stats>>,
+    /// `token_file` grants: each file's last value, re-read when the file changes.
+    token_files: TokenFileCache,
 }
 
 /// Obtains, rotates and caches access tokens. Cheap to clone; clones share everything.
@@ -192,6 +194,7 @@ impl TokenService {
                 entries: Mutex::new(HashMap::new()),
                 refresh_locks: Mutex::new(HashMap::new()),
                 stats: Mutex::new(HashMap::new()),
+                token_files: TokenFileCache::default(),
             }),
         })
     }
@@ -242,7 +245,7 @@ impl TokenService {
         budget: TokenBudget,
     ) -> Result<AccessToken, TokenError> {
         if let Grant::TokenFile { path } = &cred.grant {
-            let token = read_token_file_async(path).await?;
+            let token = self.inner.token_files.read_async(path).await?;
             let mut stats = lock(&self.inner.stats);
             let s = stats.entry(cred.name.clone()).or_default();
             s.expires_at = token.expires_at;
