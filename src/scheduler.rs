@@ -40,6 +40,7 @@ pub struct Key {
 }
 
 impl Key {
+    /// The key of `mailbox` (its name in the config) on `protocol`.
     pub fn new(mailbox: &str, protocol: Protocol) -> Key {
         Key {
             mailbox: Arc::from(mailbox),
@@ -58,13 +59,16 @@ impl fmt::Display for Key {
 /// One scheduled probe: what to run and how often.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job<T> {
+    /// The mailbox and protocol: at most one run of a key is in flight.
     pub key: Key,
+    /// Slot spacing: runs start at `first + n × interval` (plus jitter).
     pub interval: Duration,
     /// What the executor needs (the service puts the mailbox and credential here).
     pub payload: T,
 }
 
 impl<T> Job<T> {
+    /// A copy of the job's key (an `Arc` clone).
     pub fn key(&self) -> Key {
         self.key.clone()
     }
@@ -135,6 +139,8 @@ struct Apply<T> {
 }
 
 impl<T: Send + Sync + 'static> Scheduler<T> {
+    /// A scheduler that runs jobs with `executor`, at most `max_concurrent` at once. Its
+    /// driver task starts with the first [`Scheduler::apply`].
     pub fn new(executor: Arc<dyn Execute<T>>, max_concurrent: usize) -> Scheduler<T> {
         let (stop_tx, _) = watch::channel(None);
         Scheduler {
@@ -153,6 +159,7 @@ impl<T: Send + Sync + 'static> Scheduler<T> {
         self.len
     }
 
+    /// No job scheduled.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
