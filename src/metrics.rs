@@ -1,14 +1,14 @@
 //! The contract's metrics. Two sources, one body:
 //! - the per-row families (`mail_oauth_probe_*`, `mail_oauth_tls_*`), rendered at scrape
-//!   time from the status board's rows ([`render_rows`]): the board is their only store,
+//!   time from the status board's rows ([`Metrics::render`]): the board is their only store,
 //!   so a row has one `mail_oauth_probe_result` series because it holds one reason, and a
 //!   removed row has no series because it is no longer on the board;
 //! - everything else in the exporter's own `prometheus::Registry`: the fleet latency
 //!   histogram, the per-credential token metrics (fed by [`TokenObserver`]), the reload
 //!   status, build info and the `process_*` collector.
 //!
-//! Both are written by [`text`] in the format the scraper asks for, gzip-compressed when
-//! it accepts that.
+//! Both are written by the `text` module in the format the scraper asks for,
+//! gzip-compressed when it accepts that.
 
 mod text;
 

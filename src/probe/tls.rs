@@ -118,7 +118,7 @@ impl TlsClient {
     }
 
     /// [`earliest_not_after`] of `chain`, parsed only the first time this exact chain
-    /// (byte for byte) is seen among the last [`KNOWN_CHAINS`].
+    /// (byte for byte) is seen among the last 16 distinct chains.
     pub fn chain_not_after(&self, chain: &[CertificateDer<'_>]) -> Option<i64> {
         let lock = || self.not_after.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, at)) = lock().iter().find(|(known, _)| known.as_slice() == chain) {
