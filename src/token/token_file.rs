@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Reads the token file at `path` (blocking; capped at 64 KiB, never a FIFO or device:
-/// see `crate::fsread`). [`read_token_file_async`] is the same off the runtime.
+/// see `crate::fsread`). The service reads through [`TokenFileCache`].
 pub fn read_token_file(path: &Path) -> Result<AccessToken, TokenError> {
     let value = fsread::read_trimmed(path, FileKind::Token).map_err(|e| TokenError::TokenFile {
         path: path.display().to_string(),
@@ -33,21 +33,6 @@ pub fn read_token_file(path: &Path) -> Result<AccessToken, TokenError> {
     Ok(AccessToken {
         value: Secret::new(value),
         expires_at,
-    })
-}
-
-/// [`read_token_file`] on tokio's blocking pool.
-pub async fn read_token_file_async(path: &Path) -> Result<AccessToken, TokenError> {
-    let owned = path.to_owned();
-    tokio::task::spawn_blocking(move || read_token_file(&owned))
-        .await
-        .unwrap_or_else(|e| reader_failed(path, e))
-}
-
-fn reader_failed(path: &Path, e: tokio::task::JoinError) -> Result<AccessToken, TokenError> {
-    Err(TokenError::TokenFile {
-        path: path.display().to_string(),
-        detail: format!("reader task failed: {e}"),
     })
 }
 
@@ -177,7 +162,12 @@ impl TokenFileCache {
         let owned = path.to_owned();
         tokio::task::spawn_blocking(move || this.read(&owned))
             .await
-            .unwrap_or_else(|e| reader_failed(path, e))
+            .unwrap_or_else(|e| {
+                Err(TokenError::TokenFile {
+                    path: path.display().to_string(),
+                    detail: format!("reader task failed: {e}"),
+                })
+            })
     }
 }
 
